@@ -1,163 +1,328 @@
-"""Outcome check: target loss after the same training with three mixtures.
+"""Outcome: the target loss a mixture method reaches, against the baselines users would pick.
 
-    python bench/outcome.py [--seeds 3] [--steps 1000]
+    python bench/outcome.py [--seeds 3] [--steps 400] [--suite NAME ...]
 
-The demo's job (tiny GPT-2, the demo tasks, every task registered from the
-start) is trained by the real `gradmix-train` against a real server, once per
-policy and seed:
+Every run trains the same tiny GPT-2 (the trainer's model builder and char
+tokenizer) from scratch with AdamW (warm-up, linear decay, clipping: the demo's
+schedule) on one task per step drawn from a mixture, and ends with the token
+cross-entropy on 256 held-out target examples. Runs differ only in how the
+mixture is chosen:
 
-- ``gradmix``: the server's ``ensemble`` policy (GradEx random ensemble),
-  with the demo's settings (temperature 1, floor 0.01, λ 1);
-- ``uniform``: the uniform mixture;
-- ``gradient_similarity``: the LESS-style baseline (cosine of the task's and
-  the target's mean loss gradients), same temperature and floor.
+- ``gradmix``: the server's **default** policy settings, untouched. At each
+  anchor (every `--anchor-every` steps from `--first-anchor`) the target and
+  every task are sketched with the trainer's own sketch code and default
+  sketch settings, and the mixture comes from the server's own composition
+  code (`gradmix.server.compose`), as a live job would get it. Before the
+  first anchor the mixture is uniform, as on a live server.
+- ``gradient_similarity``: the same loop and sketches with the server's
+  LESS-style cosine policy, at its **own** temperature, tuned on a separate
+  seed (`--tune-seed`, never scored) over `--similarity-temperatures`.
+- ``uniform`` and ``proportional`` (to each task's pool size): fixed mixtures.
+- ``best single task``: every task trained alone, the best one per seed in
+  hindsight (an oracle, reported, not counted).
 
-Every run has the same steps, batch, learning rate, sketch points and seeds;
-only the policy differs. The target loss is token cross-entropy on every
-target example after the last step (the trainer's own `eval` measurement).
-``--value-kind`` picks the sketched value of every run. The last line gives
-the mean over seeds per policy.
+Scored seeds are 0..`--seeds`-1; the tuning seed is separate. A win or loss
+against a baseline counts only when the mean difference exceeds the seed
+spread (the larger of the two methods' standard deviations over seeds).
+
+Last line: ``outcome: suites=<n> beats_uniform=<k> beats_proportional=<k>
+beats_similarity=<k> loses_similarity=<k>`` over the suites run.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from gradmix.client import SelectionClient
-from gradmix.server.app import build_server
-from gradmix.server.config import ServerConfig
-from gradmix.trainer.demo_run import RunSettings, TrainerRun, target_losses, write_job
-from gradmix.trainer.demo_tasks import TASKS, write_tasks
-from gradmix.trainer.values import VALUE_KINDS
-from prometheus_client import CollectorRegistry
+import numpy as np
+import torch
+from gradmix.server.compose import compose_mixture
+from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.policies import PolicyConfig
+from gradmix.trainer.config import ModelConfig, SketchingConfig, TokenizerConfig
+from gradmix.trainer.data import TokenizedExample, collate, tokenize
+from gradmix.trainer.projectors import build_projector
+from gradmix.trainer.setup import build_model, build_tokenizer
+from gradmix.trainer.sketch import sketch_examples
+from gradmix.trainer.values import completion_loss
+from rich.console import Console
+from rich.table import Table
 
-POLICIES = {
-    "gradmix": {"policy": "ensemble", "temperature": 1.0, "floor": 0.01, "regularization": 1.0},
-    "uniform": {"policy": "uniform"},
-    "gradient_similarity": {"policy": "gradient_similarity", "temperature": 1.0, "floor": 0.01},
-}
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from suites import ALPHABET, SUITES, Suite
+
+MAX_LENGTH = 40
+EVAL_EXAMPLES = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What every run of one bench invocation shares."""
+
+    steps: int = 400
+    batch: int = 32
+    lr: float = 3e-3
+    warmup: int = 20
+    first_anchor: int = 40
+    anchor_every: int = 90
+    n_embd: int = 64
+    n_layer: int = 2
+    sketch: SketchingConfig = field(default_factory=SketchingConfig)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a run's mixture is chosen: a fixed vector, or a server policy at anchors."""
+
+    name: str
+    fixed: Mapping[str, float] | None = None
+    policy: PolicyConfig | None = None
+
+
+@dataclass
+class SuiteData:
+    """One suite's tokenised pools for one seed."""
+
+    pools: dict[str, list[TokenizedExample]]
+    target_sketch: list[TokenizedExample]
+    target_eval: list[TokenizedExample]
+
+
+def suite_data(suite: Suite, seed: int, sketch_rows: int) -> SuiteData:
+    tokenizer = build_tokenizer(TokenizerConfig(kind="char", alphabet=ALPHABET))
+
+    def tok(examples: Sequence[Any]) -> list[TokenizedExample]:
+        return [tokenize(e.prompt, e.completion, tokenizer, MAX_LENGTH) for e in examples]
+
+    pools = {t.name: tok(suite.examples(t.name, t.size, seed)) for t in suite.tasks}
+    target = tok(suite.examples(None, sketch_rows + EVAL_EXAMPLES, seed))
+    return SuiteData(pools, target[:sketch_rows], target[sketch_rows:])
+
+
+def new_model(settings: Settings, seed: int) -> torch.nn.Module:
+    tokenizer = build_tokenizer(TokenizerConfig(kind="char", alphabet=ALPHABET))
+    torch.manual_seed(seed)
+    config = {"model_type": "gpt2", "n_embd": settings.n_embd, "n_layer": settings.n_layer,
+              "n_head": 4, "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+              "attn_pdrop": 0.0}
+    return build_model(ModelConfig(config=config), tokenizer)
+
+
+def anchor_mixture(model: torch.nn.Module, data: SuiteData, policy: PolicyConfig,
+                   settings: Settings, anchor: int, previous: dict[str, float] | None
+                   ) -> dict[str, float]:
+    """Sketch the target and every task at the current weights; the server's mixture."""
+    sk = settings.sketch
+    projector = build_projector(model, kind=sk.projector, dim=sk.dim, seed=sk.seed,
+                                patterns=sk.parameters, factor_dim=sk.factor_dim or None)
+    estimator = SubsetEstimator(sk.dim, regularization=policy.regularization)
+    rng = np.random.default_rng(anchor)
+
+    def rows(examples: list[TokenizedExample]) -> tuple[np.ndarray, np.ndarray]:
+        chosen = rng.choice(len(examples), size=min(sk.examples_per_task, len(examples)),
+                            replace=False)
+        grads, values = sketch_examples(model, projector, [examples[i] for i in chosen],
+                                        batch_size=32, value_kind=sk.value_kind)
+        # The store keeps sketches in the job's dtype (float16 by default).
+        return (grads.numpy().astype(sk.dtype).astype(np.float64),
+                values.numpy().astype(np.float64))
+
+    estimator.add_target_rows(*rows(data.target_sketch))
+    for name, pool in data.pools.items():
+        estimator.add_task_rows(name, *rows(pool))
+    return compose_mixture(list(data.pools), estimator, policy, previous=previous).weights
+
+
+def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Settings,
+        trace: list[tuple[int, dict[str, float]]] | None = None, *, stop: int | None = None
+        ) -> float | torch.nn.Module:
+    """Train one model under `method`'s mixture; the final target cross-entropy.
+
+    With `stop`, training stops before that step and the model is returned.
+    """
+    model = new_model(settings, seed)
+    names = list(data.pools)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    decay = settings.steps - settings.warmup
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / settings.warmup, max(0.0, (settings.steps - s) / decay)))
+    weights = dict(method.fixed) if method.fixed else dict.fromkeys(names, 1 / len(names))
+    rng = np.random.default_rng(seed + 7919)
+    for step in range(settings.steps):
+        if step == stop:
+            return model
+        anchor_due = step >= settings.first_anchor and \
+            (step - settings.first_anchor) % settings.anchor_every == 0
+        if method.policy is not None and anchor_due:
+            weights = anchor_mixture(model, data, method.policy, settings, step,
+                                     weights if step > settings.first_anchor else None)
+            if trace is not None:
+                trace.append((step, weights))
+        p = np.array([weights[n] for n in names])
+        pool = data.pools[names[int(rng.choice(len(names), p=p / p.sum()))]]
+        batch = collate([pool[int(i)] for i in rng.integers(0, len(pool), settings.batch)], 0)
+        model.train()
+        loss = completion_loss(model(input_ids=batch.input_ids).logits, batch.input_ids,
+                               batch.loss_mask)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return evaluate(model, data.target_eval)
+
+
+def stability(suite: Suite, data: SuiteData, policy: PolicyConfig, settings: Settings,
+              draws: int = 4) -> float:
+    """Largest total variation between gradmix mixtures from `draws` redraws of the
+    sketched rows at one anchor model (uniform training up to the second anchor)."""
+    step = settings.first_anchor + settings.anchor_every
+    uniform = Method("uniform", fixed=dict.fromkeys(suite.names, 1 / len(suite.names)))
+    model = run(suite, data, uniform, 0, settings, stop=step)
+    assert isinstance(model, torch.nn.Module)
+    mixtures = [anchor_mixture(model, data, policy, settings, 1000 + k, None) for k in range(draws)]
+    return max(0.5 * sum(abs(a[t] - b[t]) for t in a)
+               for i, a in enumerate(mixtures) for b in mixtures[i + 1:])
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, examples: list[TokenizedExample]) -> float:
+    model.eval()
+    batch = collate(examples, 0)
+    return float(completion_loss(model(input_ids=batch.input_ids).logits, batch.input_ids,
+                                 batch.loss_mask))
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs for PolicyConfig (numbers parsed, the rest kept as strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        value: Any = raw
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--out", type=Path, help="keep runs here (default: a temporary folder)")
-    p.add_argument(
-        "--gradmix-policy",
-        default="ensemble",
-        choices=("ensemble", "surrogate", "simplex"),
-        help="the server policy of the gradmix runs",
-    )
-    p.add_argument(
-        "--value-kind",
-        default="log_odds",
-        choices=VALUE_KINDS,
-        help="the sketched value f(x) ([sketching].value_kind)",
-    )
-    p.add_argument(
-        "--only",
-        choices=tuple(POLICIES),
-        action="append",
-        help="run only these mixtures (repeatable)",
-    )
+    p.add_argument("--seeds", type=int, default=3, help="scored seeds 0..N-1")
+    p.add_argument("--tune-seed", type=int, default=100, help="seed for tuning (never scored)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--first-anchor", type=int, default=40)
+    p.add_argument("--anchor-every", type=int, default=90)
+    p.add_argument("--suite", action="append", choices=tuple(SUITES), help="repeatable")
+    p.add_argument("--similarity-temperatures", type=float, nargs="+",
+                   default=[0.1, 0.25, 0.5, 1.0, 2.0])
+    p.add_argument("--gradmix", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a policy setting of the gradmix runs (default: none)")
+    p.add_argument("--sketch", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [sketching] setting of every run (default: none)")
+    p.add_argument("--no-single", action="store_true", help="skip the best-single-task oracle")
+    p.add_argument("--trace", action="store_true", help="print gradmix's mixture at each anchor")
     return p.parse_args(argv)
 
 
-def run_one(
-    root: Path,
-    client: SelectionClient,
-    store: str,
-    policy: str,
-    seed: int,
-    args: argparse.Namespace,
-) -> float:
-    """Train one job to the end; its final target loss."""
-    steps = args.steps
-    settings = RunSettings(
-        steps=steps,
-        seed=seed,
-        n_embd=args.n_embd,
-        n_layer=args.n_layer,
-        first_anchor=steps // 10,
-        interval=steps // 30,
-        reanchor_every=steps // 5,
-        eval_every=steps,
-        value_kind=args.value_kind,
-    )
-    files = write_tasks(root / "tasks", count=3000, target_count=256, seed=0)
-    job = f"outcome-{policy.replace('_', '-')}-{seed}"
-    toml = root / "runs" / f"{job}.toml"
-    config = write_job(
-        toml,
-        job=job,
-        settings=settings,
-        files=files,
-        initial=list(TASKS),
-        server=client.target,
-        store=store,
-        policy=POLICIES[policy],
-    )
-    run = TrainerRun(toml, config, console=root / "runs" / f"{job}.console.log")
-    try:
-        run.finish()
-    except BaseException:
-        run.stop()
-        raise
-    return target_losses(config)[-1][1]
+def spread_beyond(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean(a) − mean(b), the seed spread: the larger standard deviation)."""
+    sd = max(statistics.stdev(a) if len(a) > 1 else 0.0, statistics.stdev(b) if len(b) > 1 else 0.0)
+    return statistics.fmean(a) - statistics.fmean(b), sd
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.out or Path(tmp)
-        store = str(root / "store")
-        server, port = build_server(
-            ServerConfig(store=store, port=0, metrics_port=0, log_level="WARNING"),
-            CollectorRegistry(),
-        )
-        chosen = args.only or list(POLICIES)
-        results: dict[str, list[float]] = {name: [] for name in chosen}
-        try:
-            with SelectionClient(f"127.0.0.1:{port}") as client:
-                for seed in range(args.seeds):
-                    for policy in chosen:
-                        started = time.monotonic()
-                        loss = run_one(root, client, store, policy, seed, args)
-                        results[policy].append(loss)
-                        print(
-                            f"seed {seed} {policy:<20} target loss {loss:.4f} "
-                            f"({time.monotonic() - started:.0f}s)",
-                            flush=True,
-                        )
-        finally:
-            server.stop()
-    print(
-        f"{args.steps} steps per run, batch 32, AdamW lr 3e-3, GPT-2 n_embd={args.n_embd} "
-        f"n_layer={args.n_layer}, value kind {args.value_kind}; "
-        "target loss = token CE on 256 target examples"
-    )
-    for policy, losses in results.items():
-        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        print(
-            f"{policy:<20} mean {statistics.fmean(losses):.4f} ± {spread:.4f}  "
-            + " ".join(f"{x:.4f}" for x in losses)
-        )
-    means = {p: statistics.fmean(v) for p, v in results.items()}
-    if set(means) != set(POLICIES):
-        return 0
-    print(
-        f"outcome: gradmix={means['gradmix']:.4f} uniform={means['uniform']:.4f} "
-        f"gradient_similarity={means['gradient_similarity']:.4f}"
-    )
+    torch.set_num_threads(1)
+    console = Console(width=120)
+    settings = Settings(steps=args.steps, first_anchor=args.first_anchor,
+                        anchor_every=args.anchor_every,
+                        sketch=SketchingConfig(**parse_overrides(args.sketch)))
+    gradmix_policy = PolicyConfig(**parse_overrides(args.gradmix))
+    chosen = args.suite or list(SUITES)
+    seeds = list(range(args.seeds))
+    counts = dict.fromkeys(("uniform", "proportional", "similarity", "loses"), 0)
+    started = time.monotonic()
+    console.print(f"gradmix policy: {gradmix_policy}")
+    console.print(f"sketching: {settings.sketch}")
+    for suite_name in chosen:
+        suite = SUITES[suite_name]
+        names = suite.names
+        total = sum(t.size for t in suite.tasks)
+        tune = suite_data(suite, args.tune_seed, settings.sketch.examples_per_task)
+        tuned: dict[float, float] = {}
+        for tau in args.similarity_temperatures:
+            method = Method("similarity", policy=PolicyConfig(policy="gradient_similarity",
+                                                              temperature=tau))
+            tuned[tau] = float(run(suite, tune, method, args.tune_seed, settings))
+        tau_best = min(tuned, key=lambda k: tuned[k])
+        console.print(f"[{suite_name}] gradient_similarity temperature on tune seed "
+                      f"{args.tune_seed}: " + ", ".join(f"{k:g}→{v:.4f}" for k, v in tuned.items())
+                      + f"; chosen {tau_best:g}")
+        methods = [
+            Method("gradmix", policy=gradmix_policy),
+            Method("gradient_similarity",
+                   policy=PolicyConfig(policy="gradient_similarity", temperature=tau_best)),
+            Method("uniform", fixed=dict.fromkeys(names, 1 / len(names))),
+            Method("proportional", fixed={t.name: t.size / total for t in suite.tasks}),
+        ]
+        if not args.no_single:
+            methods += [Method(f"only:{n}", fixed={m: float(m == n) for m in names})
+                        for n in names]
+        results: dict[str, list[float]] = {m.name: [] for m in methods}
+        for seed in seeds:
+            data = suite_data(suite, seed, settings.sketch.examples_per_task)
+            for method in methods:
+                trace: list[tuple[int, dict[str, float]]] = []
+                results[method.name].append(float(run(suite, data, method, seed, settings, trace)))
+                if args.trace and trace:
+                    for step, w in trace:
+                        console.print(f"  {suite_name} seed {seed} {method.name} step {step}: "
+                                      + " ".join(f"{k}={v:.2f}" for k, v in w.items()))
+        if not args.no_single:
+            singles = [n for n in results if n.startswith("only:")]
+            results["best single task"] = [min(results[n][i] for n in singles)
+                                           for i in range(len(seeds))]
+        report(console, suite, results)
+        tv = stability(suite, suite_data(suite, 0, settings.sketch.examples_per_task),
+                       gradmix_policy, settings)
+        console.print(f"[{suite_name}] stability: redrawing the sketched rows at one anchor "
+                      f"moves gradmix's mixture by total variation ≤ {tv:.3f}")
+        ours = results["gradmix"]
+        for key, name in (("uniform", "uniform"), ("proportional", "proportional"),
+                          ("similarity", "gradient_similarity")):
+            diff, sd = spread_beyond(ours, results[name])
+            if diff < -sd:
+                counts[key] += 1
+            if key == "similarity" and diff > sd:
+                counts["loses"] += 1
+        console.print(f"elapsed {time.monotonic() - started:.0f}s")
+    print(f"outcome: suites={len(chosen)} beats_uniform={counts['uniform']} "
+          f"beats_proportional={counts['proportional']} "
+          f"beats_similarity={counts['similarity']} loses_similarity={counts['loses']}")
     return 0
+
+
+def report(console: Console, suite: Suite, results: Mapping[str, list[float]]) -> None:
+    table = Table(title=f"{suite.name}: {suite.description}")
+    table.add_column("mixture")
+    table.add_column("mean target CE", justify="right")
+    table.add_column("± sd", justify="right")
+    table.add_column("per seed", justify="right")
+    for name, values in results.items():
+        sd = statistics.stdev(values) if len(values) > 1 else math.nan
+        table.add_row(name, f"{statistics.fmean(values):.4f}", f"{sd:.4f}",
+                      " ".join(f"{v:.4f}" for v in values))
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ def policy_to_pb(policy: PolicySettings) -> pb.PolicySettings:
         subset_fraction=policy.subset_fraction,
         prior_weight=policy.prior_weight,
         seed=policy.seed,
+        smoothing=policy.smoothing,
     )
 
 
@@ -111,6 +112,7 @@ def job_spec_from_pb(msg: pb.JobSpec) -> JobSpec:
         subset_fraction=p.subset_fraction,
         prior_weight=p.prior_weight,
         seed=p.seed,
+        smoothing=p.smoothing if p.HasField("smoothing") else None,
     )
     return JobSpec(sketch=sketch, policy=policy, target=msg.target)
 

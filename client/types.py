@@ -77,9 +77,14 @@ class PolicySettings:
     """Weight of a pending task, relative to the mean."""
     seed: int = 0
     """Subset-sampling seed."""
+    smoothing: float | None = None
+    """β in [0, 1): share of the previous anchor's mixture kept in a new
+    anchor's (None: the server default)."""
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
+        if self.smoothing is not None and not 0 <= self.smoothing < 1:
+            raise InvalidArgument(f"policy smoothing must be in [0, 1); got {self.smoothing}")
         for name in ("regularization", "temperature", "floor", "subset_fraction", "prior_weight"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:

@@ -1,7 +1,13 @@
 """Composing a job's mixture over all its tasks, pending ones included.
 
 Active tasks (sketched at the current anchor) are weighted by the job's
-policy: scores from `compute_scores`, then `scores_to_mixture`. A pending task
+policy: scores from `compute_scores`, bootstrap replicates of them from
+`bootstrap_scores`, then `scores_to_mixture` with the temperature in units of
+their standard error. Where the evidence is thin (a task
+with fewer than `THIN_ROWS` sketched rows) the task is capped at the uniform
+share 1/n of the active tasks. Given the mixture in force before the
+current anchor, the active weights are then smoothed towards it
+(`smooth_mixture`, policy setting `smoothing`). A pending task
 (registered, not yet sketched there) gets `prior_weight` times the mean active
 weight, i.e. with prior_weight = 1 it is sampled as often as an average active
 task; the whole vector is then renormalised to sum to 1. With no active task,
@@ -17,12 +23,19 @@ from dataclasses import dataclass
 import numpy as np
 from gradmix.server.convert import ACTIVE, PENDING
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.mixture import scores_to_mixture
-from gradmix.server.policies import PolicyConfig, compute_scores
+from gradmix.server.mixture import (
+    cap_weights,
+    scores_to_mixture,
+    smooth_mixture,
+    standard_error,
+)
+from gradmix.server.policies import PolicyConfig, bootstrap_scores, compute_scores
 from gradmix.store import MixtureRecord
 
 #: Policies that estimate `subset_count` random subsets to score the tasks.
 _SUBSET_POLICIES = ("ensemble", "surrogate")
+#: Active tasks with fewer sketched rows than this are capped at the uniform share.
+THIN_ROWS = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,16 +48,19 @@ class Composition:
     anchor_loss: float
     estimated_loss: float
     subsets_estimated: int
+    score_error: float = 0.0
 
 
 def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
-                    policy: PolicyConfig) -> Composition:
+                    policy: PolicyConfig,
+                    previous: Mapping[str, float] | None = None) -> Composition:
     """Weights over `tasks` (registration order) from what `estimator` holds.
 
     Args:
         tasks: every registered task of the job.
         estimator: the current anchor's estimator (None: no complete anchor).
         policy: the job's policy settings.
+        previous: the weights in force before the current anchor (None: none).
     """
     rows = {t: estimator.task_rows(t) if estimator and t in estimator.tasks else 0
             for t in tasks}
@@ -59,16 +75,30 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                            subsets_estimated=0)
     all_scores = compute_scores(estimator, policy)
     scores = {t: float(all_scores[t]) for t in active}
-    active_weights = scores_to_mixture(scores, temperature=policy.temperature, floor=policy.floor)
+    replicates = bootstrap_scores(estimator, policy)
+    columns = [estimator.tasks.index(t) for t in active]
+    error = standard_error(replicates[:, columns])
+    active_weights = scores_to_mixture(scores, temperature=policy.temperature, floor=policy.floor,
+                                       error=error)
+    thin = {t for t in active if rows[t] < THIN_ROWS}
+    active_weights = cap_weights(active_weights, thin, 1.0 / len(active))
+    if previous:
+        before = {t: previous[t] for t in active if t in previous}
+        total_before = sum(before.values())
+        if total_before > 0:
+            before = {t: w / total_before for t, w in before.items()}
+            active_weights = smooth_mixture(before, active_weights, policy.smoothing)
     estimated = _estimated_loss(estimator, active, active_weights)
     pending_weight = policy.prior_weight / len(active)
     raw = {t: active_weights[t] if states[t] == ACTIVE else pending_weight for t in tasks}
     total = sum(raw.values())
-    subsets = (policy.subset_count if policy.policy in _SUBSET_POLICIES else 0) + 1
+    per_round = policy.subset_count if policy.policy in _SUBSET_POLICIES else 0
+    rounds = 1 + len(replicates)
     return Composition(weights={t: w / total for t, w in raw.items()},
                        scores={t: scores.get(t, 0.0) for t in tasks}, states=states,
                        anchor_loss=estimator.anchor_loss(), estimated_loss=estimated,
-                       subsets_estimated=subsets)
+                       subsets_estimated=per_round * rounds + 1,
+                       score_error=error)
 
 
 def _estimated_loss(estimator: SubsetEstimator, active: Sequence[str],

@@ -72,6 +72,8 @@ class ServerConfig:
     """Default q: a subset has ceil(q·n) tasks."""
     prior_weight: float | None = None
     """Default weight of a pending task, relative to the mean task weight."""
+    smoothing: float | None = None
+    """Default β: share of the previous anchor's mixture kept in a new anchor's."""
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -98,7 +100,7 @@ class ServerConfig:
     def policy_defaults(self) -> dict[str, Any]:
         """The policy settings this server fills in, without the unset (None) ones."""
         names = ("regularization", "temperature", "floor", "subset_count",
-                 "subset_fraction", "prior_weight")
+                 "subset_fraction", "prior_weight", "smoothing")
         values = {name: getattr(self, name) for name in names}
         return {"policy": self.policy} | {k: v for k, v in values.items() if v is not None}
 

@@ -95,6 +95,8 @@ def requested_policy(settings: pb.PolicySettings) -> dict[str, Any]:
         value = getattr(settings, field)
         if value:
             requested[field] = value
+    if settings.HasField("smoothing"):
+        requested["smoothing"] = settings.smoothing
     return requested
 
 
@@ -126,7 +128,7 @@ def job_settings(policy: Mapping[str, Any], target: str) -> dict[str, Any]:
 def settings_to_pb(settings: Mapping[str, Any]) -> tuple[pb.PolicySettings, str]:
     policy = settings.get("policy", {})
     message = pb.PolicySettings(policy=policy_enum(policy.get("policy", "ensemble")))
-    for field in _POLICY_FIELDS:
+    for field in (*_POLICY_FIELDS, "smoothing"):
         if field in policy:
             setattr(message, field, policy[field])
     return message, str(settings.get("target", ""))

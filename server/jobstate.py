@@ -9,6 +9,10 @@ mixture, and, if the weights changed, persists the next version with
 The current anchor is the latest complete one (greatest step; on a tie, the
 later declared). When it changes the estimator is rebuilt from the new
 anchor's rows; tasks without rows there become pending again.
+
+Each anchor's mixture is smoothed towards the mixture that was in force when
+the anchor arrived (the last version estimated at an earlier anchor; policy
+setting `smoothing`), so that one anchor's sampling noise cannot swing it.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class JobState:
         self._rows: AnchorRows | None = None
         #: Rows per task at the current anchor as of the last refresh (read lock-free).
         self.task_rows: dict[str, int] = {}
+        #: (anchor, the weights in force when it arrived) for smoothing.
+        self._prior: tuple[str, dict[str, float] | None] | None = None
 
     @property
     def anchor(self) -> str:
@@ -104,7 +110,8 @@ class JobState:
             if self._rows is not None:
                 self._ingest(self._rows, dirty, full)
             estimator = self._rows.estimator if self._rows else None
-            composition = compose_mixture(tasks, estimator, self.policy)
+            composition = compose_mixture(tasks, estimator, self.policy,
+                                          previous=self._weights_before(anchor))
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
@@ -115,6 +122,18 @@ class JobState:
         self.store.append_mixture(self.name, record)
         self.last = record
         return Refreshed(record, composition.subsets_estimated, pending, active)
+
+    def _weights_before(self, anchor: str) -> dict[str, float] | None:
+        """The weights of the last version estimated at an anchor other than `anchor`."""
+        if self._prior is None or self._prior[0] != anchor:
+            last = self.last
+            if last is not None and last.anchor == anchor:
+                earlier = [r for r in self.store.read_mixtures(self.name)
+                           if r.anchor not in ("", anchor)]
+                last = earlier[-1] if earlier else None
+            weights = dict(last.weights) if last is not None and last.anchor else None
+            self._prior = (anchor, weights)
+        return self._prior[1]
 
     def _ingest(self, rows: AnchorRows, dirty: Collection[tuple[str, Source]],
                 full: bool) -> None:

@@ -8,7 +8,16 @@ into a mixture. Policies (DESIGN.md §4):
   of size k = ⌈q·n⌉ (q = `subset_fraction`, k clipped to [1, n-1]);
   score_t = mean L̂(S∋t) - mean L̂(S∌t). When C(n, k) ≤ `subset_count` every
   subset of size k is used instead of a random draw.
-* ``surrogate`` — ridge fit L̂(S) ≈ β₀ + Σ β_t·1[t∈S] over the same subsets;
+
+  Subsets are estimated *scale-normalised*: inside each subset the task
+  weights are α_t ∝ 1/‖b_t‖ (b_t the task's mean loss gradient in the
+  sketch), not uniform. The trainers gradmix serves take AdamW steps with
+  gradient clipping, whose size does not grow with a task's gradient; with
+  uniform α a high-loss task that is similar to the target but wrong (large
+  ‖b_t‖, partly aligned) looks far more helpful than a clean one, which is
+  what bench/outcome.py measured before this weighting.
+* ``surrogate`` — ridge fit L̂(S) ≈ β₀ + Σ β_t·1[t∈S] over the same
+  (scale-normalised) subsets;
   score_t = β_t (see `SURROGATE_RIDGE`). Subsets all of one size identify
   the β_t only up to a common shift; the ridge picks the smallest ‖β‖, which
   centres them near zero. Rankings and mixtures do not depend on the shift;
@@ -36,7 +45,7 @@ from typing import ClassVar
 import numpy as np
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.mixture import scores_to_mixture
+from gradmix.server.mixture import scores_to_mixture, standard_error
 from gradmix.server.simplex import optimize_simplex
 
 #: Ridge penalty of the surrogate fit, relative to the mean diagonal of XᵀX
@@ -54,9 +63,11 @@ class PolicyConfig:
         regularization: λ of the estimator's ridge on w. In units of the
             per-example Hessian σ(f)σ(-f)‖g‖²: λ = 1 keeps ‖w‖ moderate when
             sketch rows have norm ≈ 1; calibrate against a few fine-tunes.
-        temperature: τ of `scores_to_mixture`, in standard deviations of the
-            scores (scale-free); 0.5 gives a task one standard deviation better
-            e² ≈ 7.4 times the weight.
+        temperature: τ of `scores_to_mixture`, in standard errors of the
+            scores (their sampling noise, bootstrapped over the sketched
+            rows): a task whose score is one standard error better gets
+            exp(1/τ) times the weight. 4 keeps the mixture within a total
+            variation of 0.1 when the sketched rows are drawn again.
         floor: Least weight of any task, ε. Must be < 1/n at mixing time; the
             default 0.001 allows up to 999 tasks.
         subset_count: Subsets drawn by ``ensemble`` / ``surrogate`` (500:
@@ -65,17 +76,24 @@ class PolicyConfig:
         prior_weight: Weight of a registered task that has no sketch at the
             current anchor yet, relative to the uniform share 1/n (the server
             applies it).
-        seed: Seed of the subset draws.
+        seed: Seed of the subset draws (and of the bootstrap).
+        smoothing: β in [0, 1): a new anchor's mixture is (1-β)·new +
+            β·(the mixture in force before that anchor), so one anchor's
+            sampling noise cannot swing the mixture on its own.
+        bootstrap: Replicates of the bootstrap over sketched rows that gives
+            the scores' standard error (≥ 2).
     """
 
     policy: str = "ensemble"
     regularization: float = 1.0
-    temperature: float = 0.5
+    temperature: float = 4.0
     floor: float = 0.001
     subset_count: int = 500
     subset_fraction: float = 0.5
     prior_weight: float = 1.0
     seed: int = 0
+    smoothing: float = 0.3
+    bootstrap: int = 16
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -90,6 +108,8 @@ class PolicyConfig:
             "subset_fraction": 0 < self.subset_fraction < 1,
             "prior_weight": math.isfinite(self.prior_weight) and self.prior_weight >= 0,
             "seed": isinstance(self.seed, int) and self.seed >= 0,
+            "smoothing": 0 <= self.smoothing < 1,
+            "bootstrap": isinstance(self.bootstrap, int) and 2 <= self.bootstrap <= 1000,
         }
         for field, ok in checks.items():
             if not ok:
@@ -134,7 +154,8 @@ class EnsemblePolicy(Policy):
 
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
         subsets = draw_subsets(len(estimator.tasks), config)
-        losses = estimator.estimate(subsets, regularization=config.regularization)
+        losses = estimator.estimate(subsets, task_scales(estimator),
+                                    regularization=config.regularization)
         counts = subsets.sum(axis=0)
         varied = (counts > 0) & (counts < subsets.shape[0])
         result = np.empty(subsets.shape[1])
@@ -151,7 +172,8 @@ class SurrogatePolicy(Policy):
 
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
         subsets = draw_subsets(len(estimator.tasks), config)
-        losses = estimator.estimate(subsets, regularization=config.regularization)
+        losses = estimator.estimate(subsets, task_scales(estimator),
+                                    regularization=config.regularization)
         varied = subsets.any(axis=0) & ~subsets.all(axis=0)
         result = np.empty(subsets.shape[1])
         if not varied.all():
@@ -208,10 +230,58 @@ def compute_scores(estimator: SubsetEstimator, config: PolicyConfig) -> dict[str
 def compute_mixture(
     estimator: SubsetEstimator, config: PolicyConfig
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """(scores, mixture weights) of the estimator's tasks under `config`."""
+    """(scores, mixture weights) of the estimator's tasks under `config`.
+
+    The temperature is scaled by the scores' bootstrap standard error
+    (`score_error`).
+    """
     scores = compute_scores(estimator, config)
-    weights = scores_to_mixture(scores, temperature=config.temperature, floor=config.floor)
+    weights = scores_to_mixture(scores, temperature=config.temperature, floor=config.floor,
+                                error=score_error(estimator, config))
     return scores, weights
+
+
+def bootstrap_scores(estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
+    """The policy's scores on `config.bootstrap` resamplings of the sketched rows.
+
+    Every source's rows (target and tasks) are resampled with replacement
+    (seeded by `config.seed`) and scored again: (B, n_tasks) in
+    `estimator.tasks` order. (0, n) when the policy does not read the
+    sketches or there are fewer than two tasks (nothing to compare).
+    """
+    policy = POLICIES[config.policy]
+    n = len(estimator.tasks)
+    if not policy.needs_target or n < 2:
+        return np.zeros((0, n))
+    rng = np.random.default_rng(config.seed)
+    return np.array([policy.scores(resampled(estimator, rng), config)
+                     for _ in range(config.bootstrap)])
+
+
+def score_error(estimator: SubsetEstimator, config: PolicyConfig) -> float:
+    """σ, the scores' standard error from `bootstrap_scores` (0 without replicates)."""
+    return standard_error(bootstrap_scores(estimator, config))
+
+
+def resampled(estimator: SubsetEstimator, rng: np.random.Generator) -> SubsetEstimator:
+    """A copy of `estimator` whose every source's rows are drawn with replacement."""
+    replica = SubsetEstimator(estimator.dim, regularization=estimator.regularization)
+    for name in (None, *estimator.tasks):
+        stats = estimator.statistics(name)
+        rows = rng.integers(0, stats.rows, stats.rows)
+        grads, values = stats.grads()[rows], stats.values()[rows]
+        if name is None:
+            replica.add_target_rows(grads, values)
+        else:
+            replica.add_task_rows(name, grads, values)
+    return replica
+
+
+def task_scales(estimator: SubsetEstimator) -> np.ndarray:
+    """α_t ∝ 1/‖b_t‖ per task (1 for a task whose mean loss gradient is 0)."""
+    norms = np.array([np.linalg.norm(estimator.statistics(t).loss_gradient())
+                      for t in estimator.tasks])
+    return np.divide(1.0, norms, out=np.ones_like(norms), where=norms > 0)
 
 
 def draw_subsets(n: int, config: PolicyConfig) -> np.ndarray:
@@ -247,8 +317,12 @@ __all__ = [
     "SimplexPolicy",
     "SurrogatePolicy",
     "UniformPolicy",
+    "bootstrap_scores",
     "compute_mixture",
     "compute_scores",
     "draw_subsets",
+    "resampled",
+    "score_error",
     "singleton_effects",
+    "task_scales",
 ]

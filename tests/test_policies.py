@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 from gradmix.server.errors import InvalidArgumentError, NonFiniteError, PreconditionError
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.mixture import scores_to_mixture
+from gradmix.server.mixture import cap_weights, scores_to_mixture, smooth_mixture
 from gradmix.server.policies import (
     POLICIES,
     PolicyConfig,
     compute_mixture,
     compute_scores,
     draw_subsets,
+    score_error,
+    task_scales,
 )
 from gradmix.server.selection import forward_selection, select_threshold, select_top_k
 from gradmix.server.simplex import simplex_loss_and_gradient
@@ -59,7 +61,8 @@ def test_ensemble_and_surrogate_scores_follow_their_definitions_on_the_drawn_sub
     estimator, _ = planted_estimator(8, helpful=5, harmful=5, neutral=5)
     config = PolicyConfig(subset_count=300, seed=3)
     subsets = draw_subsets(15, config)
-    losses = estimator.estimate(subsets)
+    # Subsets are estimated with scale-normalised task weights α_t ∝ 1/‖b_t‖.
+    losses = estimator.estimate(subsets, task_scales(estimator))
     ensemble = compute_scores(estimator, config)
     for j, task in enumerate(estimator.tasks):
         inside = subsets[:, j]
@@ -155,6 +158,9 @@ def test_simplex_gradient_matches_finite_differences():
         {"subset_fraction": 1.0},
         {"prior_weight": -0.5},
         {"seed": -1},
+        {"smoothing": 1.0},
+        {"smoothing": -0.1},
+        {"bootstrap": 1},
     ],
 )
 def test_invalid_policy_configs_are_rejected(kwargs):
@@ -168,6 +174,71 @@ def test_mixture_sums_to_one_respects_the_floor_and_prefers_low_scores():
     assert sum(weights.values()) == pytest.approx(1.0)
     assert min(weights.values()) >= 0.05 - 1e-12
     assert weights["a"] > weights["b"] > weights["c"] >= weights["d"]
+
+
+def test_temperature_is_in_standard_errors_of_the_scores():
+    scores = {"a": 0.0, "b": 0.02, "c": 0.10}
+    weights = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.01)
+    # b is two standard errors behind a: e^-2 of its weight; c ten: e^-10.
+    assert weights["b"] / weights["a"] == pytest.approx(math.exp(-2))
+    assert weights["c"] / weights["a"] == pytest.approx(math.exp(-10))
+    # The same score gaps with ten times the noise give a much flatter mixture.
+    noisy = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.1)
+    assert noisy["b"] / noisy["a"] == pytest.approx(math.exp(-0.2))
+    with pytest.raises(InvalidArgumentError, match="error"):
+        scores_to_mixture(scores, temperature=1.0, floor=0.0, error=-1.0)
+
+
+def test_score_error_shrinks_with_more_sketched_rows():
+    def error(rows: int) -> float:
+        target_g, target_f, tasks, _ = planted_tasks(2, 2, 1, rows, 24, 3, noise=3.0)
+        estimator = SubsetEstimator(24)
+        estimator.add_target_rows(target_g, target_f)
+        for name, (g, f) in tasks.items():
+            estimator.add_task_rows(name, g, f)
+        config = PolicyConfig()
+        assert score_error(estimator, config) == score_error(estimator, config)  # seeded
+        return score_error(estimator, config)
+
+    few, many = error(40), error(640)
+    assert 0 < many < few / 2  # ≈ 1/√rows: a 16x larger sample, ≈ 4x smaller error
+    assert score_error(planted_estimator(0)[0], PolicyConfig(policy="uniform")) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_redrawing_the_sketched_rows_moves_the_mixture_by_at_most_a_tenth(seed):
+    # One anchor: a fixed pool of rows per source; two sketches draw 64 rows each.
+    target_g, target_f, tasks, _ = planted_tasks(3, 3, 2, 2000, 24, seed, noise=3.0)
+    rng = np.random.default_rng(seed + 100)
+
+    def mixture() -> dict[str, float]:
+        estimator = SubsetEstimator(24)
+        rows = rng.choice(2000, 64, replace=False)
+        estimator.add_target_rows(target_g[rows], target_f[rows])
+        for name, (g, f) in tasks.items():
+            rows = rng.choice(2000, 64, replace=False)
+            estimator.add_task_rows(name, g[rows], f[rows])
+        return compute_mixture(estimator, PolicyConfig())[1]
+
+    first, second = mixture(), mixture()
+    assert 0.5 * sum(abs(first[t] - second[t]) for t in first) <= 0.1
+
+
+def test_smoothing_blends_in_the_previous_mixture():
+    new = {"a": 0.8, "b": 0.2, "late": 0.5}
+    smoothed = smooth_mixture({"a": 0.2, "b": 0.8}, new, 0.25)
+    assert sum(smoothed.values()) == pytest.approx(1.0)
+    raw = {"a": 0.75 * 0.8 + 0.25 * 0.2, "b": 0.75 * 0.2 + 0.25 * 0.8, "late": 0.5}
+    total = sum(raw.values())
+    assert smoothed == pytest.approx({t: w / total for t, w in raw.items()})
+    assert smooth_mixture(None, {"a": 1.0}, 0.5) == {"a": 1.0}
+    assert smooth_mixture({"a": 0.5, "b": 0.5}, {"a": 0.9, "b": 0.1}, 0.0) == {"a": 0.9, "b": 0.1}
+
+
+def test_capped_tasks_give_their_excess_to_the_others_in_proportion():
+    capped = cap_weights({"thin": 0.7, "a": 0.2, "b": 0.1}, {"thin"}, 0.25)
+    assert capped == pytest.approx({"thin": 0.25, "a": 0.2 + 0.45 * 2 / 3, "b": 0.1 + 0.45 / 3})
+    assert cap_weights({"a": 0.6, "b": 0.4}, {"a", "b"}, 0.1) == {"a": 0.6, "b": 0.4}
 
 
 def test_mixture_temperature_is_scale_free():

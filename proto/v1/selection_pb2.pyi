@@ -246,6 +246,7 @@ class PolicySettings(_message.Message):
     SUBSET_FRACTION_FIELD_NUMBER: _builtins.int
     PRIOR_WEIGHT_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    SMOOTHING_FIELD_NUMBER: _builtins.int
     policy: Global___Policy.ValueType
     regularization: _builtins.float
     """λ of the subset regression"""
@@ -261,6 +262,10 @@ class PolicySettings(_message.Message):
     """pending task weight, relative to the mean"""
     seed: _builtins.int
     """subset-sampling seed"""
+    smoothing: _builtins.float
+    """β: a new anchor's mixture keeps this share of the mixture in force before
+    it (0 = none); unset takes the server default.
+    """
     def __init__(
         self,
         *,
@@ -272,12 +277,15 @@ class PolicySettings(_message.Message):
         subset_fraction: _builtins.float = ...,
         prior_weight: _builtins.float = ...,
         seed: _builtins.int = ...,
+        smoothing: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_smoothing", b"_smoothing", "smoothing", b"smoothing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["floor", b"floor", "policy", b"policy", "prior_weight", b"prior_weight", "regularization", b"regularization", "seed", b"seed", "subset_count", b"subset_count", "subset_fraction", b"subset_fraction", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_smoothing", b"_smoothing", "floor", b"floor", "policy", b"policy", "prior_weight", b"prior_weight", "regularization", b"regularization", "seed", b"seed", "smoothing", b"smoothing", "subset_count", b"subset_count", "subset_fraction", b"subset_fraction", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__smoothing: _TypeAlias = _typing.Literal["smoothing"]  # noqa: Y015
+    _WhichOneofArgType__smoothing: _TypeAlias = _typing.Literal["_smoothing", b"_smoothing"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__smoothing) -> _WhichOneofReturnType__smoothing | None: ...
 
 Global___PolicySettings: _TypeAlias = PolicySettings  # noqa: Y015
 
@@ -934,6 +942,8 @@ class Mixture(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ANCHOR_LOSS_FIELD_NUMBER: _builtins.int
     ESTIMATED_LOSS_FIELD_NUMBER: _builtins.int
+    SCORE_ERROR_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     version: _builtins.int
     """strictly increasing per job, from 1"""
@@ -944,6 +954,8 @@ class Mixture(_message.Message):
     """L̂(∅): the anchor's own target loss"""
     estimated_loss: _builtins.float
     """L̂ of the mixture's weights over active tasks"""
+    score_error: _builtins.float
+    """bootstrap standard error of the scores: the temperature's unit"""
     @_builtins.property
     def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskWeight]: ...
     @_builtins.property
@@ -952,6 +964,8 @@ class Mixture(_message.Message):
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def calibration(self) -> Global___Calibration: ...
     def __init__(
         self,
         *,
@@ -964,14 +978,53 @@ class Mixture(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         anchor_loss: _builtins.float = ...,
         estimated_loss: _builtins.float = ...,
+        score_error: _builtins.float = ...,
+        calibration: Global___Calibration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "anchor_loss", b"anchor_loss", "created_at", b"created_at", "estimated_loss", b"estimated_loss", "job", b"job", "pending_tasks", b"pending_tasks", "policy", b"policy", "version", b"version", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "anchor_loss", b"anchor_loss", "calibration", b"calibration", "created_at", b"created_at", "estimated_loss", b"estimated_loss", "job", b"job", "pending_tasks", b"pending_tasks", "policy", b"policy", "score_error", b"score_error", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Mixture: _TypeAlias = Mixture  # noqa: Y015
+
+@_typing.final
+class Calibration(_message.Message):
+    """How the estimate's horizon λ was set for a mixture version, from what the
+    run realised since the previous anchor.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGULARIZATION_FIELD_NUMBER: _builtins.int
+    PREDICTED_CHANGE_FIELD_NUMBER: _builtins.int
+    REALIZED_CHANGE_FIELD_NUMBER: _builtins.int
+    OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    regularization: _builtins.float
+    """λ this version was estimated with"""
+    predicted_change: _builtins.float
+    """At the previous anchor: L̂(mixture in force) − L̂(∅), and what happened
+    since: the target loss here minus there (both in the value's units).
+    """
+    realized_change: _builtins.float
+    observations: _builtins.int
+    """anchor intervals that corrected λ so far"""
+    def __init__(
+        self,
+        *,
+        regularization: _builtins.float = ...,
+        predicted_change: _builtins.float = ...,
+        realized_change: _builtins.float = ...,
+        observations: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["observations", b"observations", "predicted_change", b"predicted_change", "realized_change", b"realized_change", "regularization", b"regularization"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
 
 @_typing.final
 class GetMixtureRequest(_message.Message):
