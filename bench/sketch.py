@@ -4,8 +4,10 @@ Measures, in one run and on the same model and examples:
   - train: seconds per example of a training step (forward, backward, AdamW step);
   - dense: seconds per example to sketch all trainable parameters with the
     dense projector (torch.func per-sample gradients + blocked Rademacher);
-  - structured: seconds per example to sketch the linear layers with the
-    structured projector (hooks + Kronecker factors + CountSketch).
+  - structured: seconds per example to sketch all trainable parameters with
+    the structured projector (forward hooks; Kronecker factors + CountSketch
+    for the linear weights, the tied wte/lm_head weight and wpe; dense
+    projections of the biases and LayerNorm parameters).
 Last line: `sketch: dense_ratio=<...> structured_ratio=<...>` (sketch time per
 example / train time per example).
 

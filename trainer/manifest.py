@@ -1,10 +1,22 @@
 """The sketched parameter manifest and its stable hash.
 
 A manifest lists, in module order, every parameter a sketch covers: its name,
-shape and how it is projected ("dense" over the flattened gradient, or
-"kronecker" for the weight of a linear layer). Together with the projector's
-options it fixes the sketch coordinates, so its hash goes into the job spec
-(`manifest_hash`) and sketches made with different settings are never mixed.
+shape and how it is projected. Together with the projector's options it fixes
+the sketch coordinates, so its hash goes into the job spec (`manifest_hash`)
+and sketches made with different settings are never mixed.
+
+Entry kinds (see `gradmix.trainer.projectors` for the math):
+
+- "dense": the flattened gradient, blocked Rademacher projection. Every entry
+  of the dense projector; for the structured one, the biases of linear layers
+  and the parameters of normalization layers (LayerNorm, RMSNorm, ...).
+- "kronecker": the weight of a linear layer (nn.Linear, or GPT-2's `Conv1D`
+  stored transposed), projected with Kronecker factors over (out, in).
+- "embedding": the weight of an nn.Embedding (num × dim), projected with
+  Kronecker factors over (num, dim). When the same parameter object is also
+  the weight of output linear layers (`tied`, e.g. GPT-2's lm_head), its
+  gradient is the sum of both uses' parts, and both are projected with the
+  entry's factors.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from gradmix.trainer.errors import SketchError
 from torch import nn
 
 #: How a manifest entry is projected.
-ENTRY_KINDS = ("dense", "kronecker")
+ENTRY_KINDS = ("dense", "kronecker", "embedding")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,11 +41,15 @@ class ParamEntry:
     Attributes:
         name: the parameter's name in `module.named_parameters()`.
         shape: its shape.
-        kind: "dense" (flattened gradient, blocked Rademacher) or "kronecker"
-            (weight of a linear layer, factored projection).
+        kind: "dense" (flattened gradient, blocked Rademacher), "kronecker"
+            (weight of a linear layer) or "embedding" (weight of an embedding
+            table), the last two projected with Kronecker factors.
         transposed: for "kronecker": the weight is stored (in, out), as in
             transformers' GPT-2 `Conv1D`, instead of nn.Linear's (out, in).
-        module: for "kronecker" and linear biases: the owning module's name.
+        module: structured only: the module whose forward uses the parameter
+            (the linear layer, embedding or normalization layer owning it).
+        tied: for "embedding": the output linear layers (weight stored
+            (out, in) = (num, dim)) that share the parameter object.
     """
 
     name: str
@@ -41,12 +57,15 @@ class ParamEntry:
     kind: str = "dense"
     transposed: bool = False
     module: str = ""
+    tied: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ENTRY_KINDS:
             raise SketchError(f"manifest entry {self.name!r}: unknown kind {self.kind!r}")
-        if self.kind == "kronecker" and len(self.shape) != 2:
-            raise SketchError(f"kronecker entry {self.name!r} must be 2-D, got {self.shape}")
+        if self.kind != "dense" and len(self.shape) != 2:
+            raise SketchError(f"{self.kind} entry {self.name!r} must be 2-D, got {self.shape}")
+        if self.tied and self.kind != "embedding":
+            raise SketchError(f"only embedding entries can be tied, not {self.name!r}")
 
     @property
     def numel(self) -> int:
@@ -124,25 +143,88 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def linear_roles(module: nn.Module) -> dict[str, tuple[str, str]]:
-    """Map each linear-layer parameter name to (module name, "weight" | "bias").
+def is_embedding(module: nn.Module) -> bool:
+    """An nn.Embedding whose gradient is the plain scatter of its output gradients.
 
-    Parameters shared with any other module (tied embeddings) are left out:
-    a hook on one of its uses would see only part of its gradient.
+    `max_norm` (renormalizes rows in the forward) and `scale_grad_by_freq`
+    (scales by in-batch counts, so examples interact) do not qualify.
     """
-    users: dict[int, int] = {}
-    for _, mod in module.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            users[id(p)] = users.get(id(p), 0) + 1
-    roles: dict[str, tuple[str, str]] = {}
-    for mod_name, mod in module.named_modules():
-        if not is_linear(mod):
-            continue
-        for role in ("weight", "bias"):
-            p = getattr(mod, role, None)
-            if isinstance(p, nn.Parameter) and users.get(id(p), 0) == 1:
-                roles[f"{mod_name}.{role}" if mod_name else role] = (mod_name, role)
-    return roles
+    return (
+        isinstance(module, nn.Embedding)
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+    )
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer: a leaf module named "...Norm" with 1-D parameters only.
+
+    Covers nn.LayerNorm, nn.RMSNorm and transformers' RMSNorm variants
+    (LlamaRMSNorm, T5LayerNorm, ...). The sketch differentiates the module
+    itself per example, so the exact normalization formula does not matter.
+    """
+    params = list(module.parameters(recurse=False))
+    return (
+        type(module).__name__.endswith("Norm")
+        and next(module.children(), None) is None
+        and bool(params)
+        and all(p.dim() == 1 for p in params)
+    )
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One module attribute that holds a parameter."""
+
+    name: str
+    module: nn.Module
+    attr: str
+
+
+def _parameter_uses(module: nn.Module) -> dict[int, list[_Use]]:
+    """id(parameter) → every (module name, module, attribute) holding it, shared modules
+    listed once per name."""
+    uses: dict[int, list[_Use]] = {}
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for attr, p in mod.named_parameters(recurse=False):
+            uses.setdefault(id(p), []).append(_Use(mod_name, mod, attr))
+    return uses
+
+
+def _single_use_entry(name: str, shape: tuple[int, ...], use: _Use) -> ParamEntry | None:
+    """The structured entry of a parameter held by one module, or None if unsupported."""
+    mod = use.module
+    if is_linear(mod) and use.attr == "weight":
+        transposed = not isinstance(mod, nn.Linear)
+        return ParamEntry(
+            name=name, shape=shape, kind="kronecker", transposed=transposed, module=use.name
+        )
+    if (is_linear(mod) and use.attr == "bias") or is_norm(mod):
+        return ParamEntry(name=name, shape=shape, kind="dense", module=use.name)
+    if is_embedding(mod) and use.attr == "weight":
+        return ParamEntry(name=name, shape=shape, kind="embedding", module=use.name)
+    return None
+
+
+def _tied_entry(name: str, shape: tuple[int, ...], uses: list[_Use]) -> ParamEntry | None:
+    """An embedding weight that is also the (out, in) weight of output linear layers.
+
+    Anything else shared between modules (or one module registered under
+    several names) is unsupported: a hook per use must see each use once.
+    """
+    if len({id(u.module) for u in uses}) != len(uses):
+        return None
+    embeddings = [u for u in uses if is_embedding(u.module) and u.attr == "weight"]
+    outputs = [u for u in uses if isinstance(u.module, nn.Linear) and u.attr == "weight"]
+    if len(embeddings) != 1 or len(outputs) != len(uses) - 1:
+        return None
+    return ParamEntry(
+        name=name,
+        shape=shape,
+        kind="embedding",
+        module=embeddings[0].name,
+        tied=tuple(u.name for u in outputs),
+    )
 
 
 def build_manifest(
@@ -155,8 +237,9 @@ def build_manifest(
     """The manifest of `module`'s parameters matching `patterns` for a projector kind.
 
     "dense" covers every selected parameter. "structured" covers the selected
-    weights (kronecker) and biases (dense) of linear layers; other selected
-    parameters (embeddings, layer norms, tied weights) are listed in `excluded`.
+    weights (kronecker) and biases (dense) of linear layers, embedding tables
+    (embedding, with the output layers tied to them), and normalization-layer
+    parameters (dense); any other selected parameter is listed in `excluded`.
 
     Raises:
         SketchError: unknown projector, or no parameter left to sketch.
@@ -167,29 +250,24 @@ def build_manifest(
         return Manifest(projector=projector, entries=tuple(entries), options=tuple(options))
     if projector != "structured":
         raise SketchError(f"unknown projector {projector!r} (expected 'dense' or 'structured')")
-    roles = linear_roles(module)
-    entries, excluded = [], []
+    uses = _parameter_uses(module)
+    structured, excluded = [], []
     for name, p in selected:
-        if name not in roles:
-            excluded.append(name)
-            continue
-        mod_name, role = roles[name]
-        transposed = not isinstance(module.get_submodule(mod_name), nn.Linear)
-        kind = "kronecker" if role == "weight" else "dense"
-        entries.append(
-            ParamEntry(
-                name=name,
-                shape=tuple(p.shape),
-                kind=kind,
-                transposed=transposed and kind == "kronecker",
-                module=mod_name,
-            )
+        shape, held = tuple(p.shape), uses[id(p)]
+        entry = (
+            _single_use_entry(name, shape, held[0])
+            if len(held) == 1
+            else _tied_entry(name, shape, held)
         )
-    if not entries:
-        raise SketchError(f"no linear-layer parameter matches {list(patterns)} (structured)")
+        if entry is None:
+            excluded.append(name)
+        else:
+            structured.append(entry)
+    if not structured:
+        raise SketchError(f"no sketchable parameter matches {list(patterns)} (structured)")
     return Manifest(
         projector=projector,
-        entries=tuple(entries),
+        entries=tuple(structured),
         options=tuple(options),
         excluded=tuple(excluded),
     )

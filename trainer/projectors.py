@@ -33,6 +33,30 @@ stage gives ⟨R_out u, R_out x⟩⟨R_in v, R_in y⟩, a product of two
 independent JL estimates, so its relative error is about
 √(1/k_o + 1/k_i) (instead of √(1/d)), and the CountSketch adds a dense-like
 (‖z‖²‖z'‖² + ⟨z,z'⟩²)/d term. Sums over many tokens average part of this out.
+
+The same scheme covers the rest of a transformer:
+
+- Embedding tables. For E ∈ R^{V×D} (rows indexed by token ids, or by
+  positions for a position embedding) the per-sample gradient is
+  G = Σ_t e_{id_t} δ_tᵀ (δ_t: gradient at the embedding output, e_i the i-th
+  unit vector), a sum of rank-one terms like a linear layer's with the one-hot
+  e_{id_t} as the "output" side. With factors R_V (k_V×V) and R_D (k_D×D),
+  Z = R_V G R_Dᵀ = Σ_t R_V[:, id_t] (R_D δ_t)ᵀ: the vocabulary side is a
+  column gather of R_V, no V-sized product.
+- Tied output layers. When E is also the weight of output linear layers
+  (logits = h Eᵀ, as GPT-2's lm_head), that use adds Σ_t δ'_t h_tᵀ (δ'_t at
+  the logits, h_t the final hidden state) in the same (V, D) layout, so the
+  parameter's per-sample gradient is the sum of both parts. Each part is
+  projected with E's own R_V, R_D and CountSketch and the results are added:
+  by linearity, the projection of the sum. The vocabulary side of the output
+  part is one (n·T, V) @ (V, k_V) product; no V×D matrix is formed.
+- Normalization layers (LayerNorm, RMSNorm). Their per-sample gradients are
+  D-dimensional (LayerNorm: weight Σ_t δ_t ⊙ x̂_t, bias Σ_t δ_t, x̂_t the
+  normalized input) and are projected densely, like linear biases.
+
+Every parameter has its own factors and CountSketch (or dense blocks), seeded
+by (seed, name, ...), so the cross terms between parameters have mean zero and
+the estimate stays unbiased.
 """
 
 from __future__ import annotations
@@ -139,10 +163,11 @@ class DenseProjector(Projector):
 
 
 class StructuredProjector(Projector):
-    """Per-linear-layer Kronecker projection folded by CountSketch (see module docstring).
+    """Per-weight Kronecker projection folded by CountSketch (see module docstring).
 
     Args:
-        manifest: a "structured" manifest (kronecker weights, dense biases).
+        manifest: a "structured" manifest (kronecker linear weights, embedding
+            tables, dense biases and normalization parameters).
         dim: projection dimension d.
         seed: projection seed.
     """
@@ -168,7 +193,7 @@ class StructuredProjector(Projector):
             if entry.kind == "dense":
                 self._dense.accumulate(out, entry.name, g.reshape(n, -1))
                 continue
-            g = g.transpose(1, 2) if entry.transposed else g  # (n, out, in)
+            g = g.transpose(1, 2) if entry.transposed else g  # (n, out, in) or (n, V, D)
             f = self._layer_factors(entry, g.device)
             z = f.apply_out(g.transpose(1, 2)).transpose(1, 2)  # R_out G: (n, k_o, in)
             z = f.apply_in(z)  # (R_out G) R_inᵀ: (n, k_o, k_i)
@@ -179,6 +204,8 @@ class StructuredProjector(Projector):
         self, name: str, inputs: torch.Tensor, output_grads: torch.Tensor, out: torch.Tensor
     ) -> None:
         """Add the projection of a linear weight's per-sample gradient to `out`.
+
+        Also the output-layer part of a tied embedding weight (same factors).
 
         Args:
             name: the weight's manifest name.
@@ -192,9 +219,31 @@ class StructuredProjector(Projector):
         z = torch.einsum("nto,nti->noi", rd, ra)
         f.fold(out, z.reshape(z.shape[0], -1))
 
+    def project_embedding(
+        self, name: str, ids: torch.Tensor, output_grads: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Add the projection of an embedding weight's per-sample gradient to `out`.
+
+        Args:
+            name: the weight's manifest name.
+            ids: (n, T) row indices looked up (token ids or positions).
+            output_grads: (n, T, D) gradients δ_t of Σ f at the embedding output
+                (zero where a row gets no gradient, e.g. at padding_idx).
+            out: (n, dim) float32 accumulator.
+        """
+        f = self._layer_factors(self._entries[name], out.device)
+        rv = f.gather_out(ids)  # (n, T, k_V)
+        rd = f.apply_in(output_grads.float())  # (n, T, k_D)
+        z = torch.einsum("nto,nti->noi", rv, rd)
+        f.fold(out, z.reshape(z.shape[0], -1))
+
     def project_bias(self, name: str, output_grads: torch.Tensor, out: torch.Tensor) -> None:
         """Add the projection of a linear bias's per-sample gradient Σ_t δ_t to `out`."""
         self._dense.accumulate(out, name, output_grads.float().sum(1))
+
+    def project_dense(self, name: str, grads: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the dense projection of an explicit (n, *shape) per-sample gradient to `out`."""
+        self._dense.accumulate(out, name, grads.reshape(grads.shape[0], -1))
 
     def _layer_factors(self, entry: ParamEntry, device: torch.device) -> _Factors:
         key = (entry.name, str(device))
@@ -208,15 +257,21 @@ class StructuredProjector(Projector):
 
 
 class _Factors:
-    """R_out, R_in and the CountSketch of one linear weight (small, cached)."""
+    """R_out, R_in and the CountSketch of one 2-D weight (small, cached).
+
+    For an embedding weight (V, D), "out" is the vocabulary side V and "in" the
+    embedding side D.
+    """
 
     def __init__(
         self,
+        n_out: int,
         r_out: torch.Tensor | None,
         r_in: torch.Tensor | None,
         buckets: torch.Tensor,
         signs: torch.Tensor,
     ) -> None:
+        self.n_out = n_out
         self.r_out, self.r_in, self.buckets, self.signs = r_out, r_in, buckets, signs
 
     @classmethod
@@ -232,11 +287,19 @@ class _Factors:
         gen = torch.Generator().manual_seed(derive_seed(seed, name, "countsketch"))
         buckets = torch.randint(0, dim, (k_out * k_in,), generator=gen)
         signs = torch.randint(0, 2, (k_out * k_in,), generator=gen, dtype=torch.float32) * 2 - 1
-        return cls(factor("out", n_out), factor("in", n_in), buckets.to(device), signs.to(device))
+        return cls(
+            n_out, factor("out", n_out), factor("in", n_in), buckets.to(device), signs.to(device)
+        )
 
     def apply_out(self, x: torch.Tensor) -> torch.Tensor:
         """(..., out) → (..., k_o)."""
         return x if self.r_out is None else x @ self.r_out.T
+
+    def gather_out(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...) indices i → (..., k_o) columns R_out[:, i] (R_out e_i without the one-hot)."""
+        if self.r_out is None:
+            return torch.nn.functional.one_hot(ids, self.n_out).float()
+        return self.r_out.T[ids]
 
     def apply_in(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in) → (..., k_i)."""

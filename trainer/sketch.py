@@ -8,11 +8,18 @@ Two paths, one per projector:
   `engine.module` under ZeRO 0–2 (ZeRO-3 partitions parameters and cannot be
   vmapped).
 - `StructuredProjector`: one batched forward and a backward of Σ_i f(x_i) to
-  the linear layers' outputs only (no weight gradients are formed), with
-  forward hooks capturing each layer's input a and output. Examples do not
-  interact in a causal LM without batch statistics, so the gradient at row i's
-  outputs is row i's δ; the projector turns (a, δ) into the sketch without
-  forming per-sample gradients.
+  the outputs of the modules that use the manifest's parameters only (no
+  weight gradients are formed), with forward hooks capturing each module's
+  input and output. Examples do not interact in a causal LM without batch
+  statistics, so the gradient at row i's outputs is row i's δ; an output
+  shared by the whole batch (GPT-2's position embeddings, computed once for
+  positions (1, T)) is expanded to the batch in its hook so that its gradient
+  stays per row. The projector turns each linear layer's (a, δ) and each
+  embedding's (ids, δ) into the sketch without forming per-sample gradients;
+  a tied output layer's (h, δ) goes into its embedding weight's projection.
+  Normalization layers are differentiated per example with torch.func on the
+  module alone (their D-sized gradients are then projected densely), exact
+  for any normalization formula.
 
 Both sketch the value of the job's value kind (`gradmix.trainer.values`,
 default "log_odds"). Sketching runs the module in eval mode (no dropout) and
@@ -28,10 +35,11 @@ from typing import Any
 import torch
 from gradmix.trainer.data import Batch, TokenizedExample, collate
 from gradmix.trainer.errors import SketchError
+from gradmix.trainer.manifest import ParamEntry, is_linear
 from gradmix.trainer.projectors import Projector, StructuredProjector
 from gradmix.trainer.values import values_of
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 
 def model_logits(output: Any) -> torch.Tensor:
@@ -161,50 +169,116 @@ def _sketch_per_sample(
 def _sketch_factored(
     module: nn.Module, projector: StructuredProjector, batch: Batch, value_kind: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    layers = _linear_entries(projector)
+    n = batch.input_ids.shape[0]
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = [
-        module.get_submodule(mod_name).register_forward_hook(_capture(captured, mod_name))
-        for mod_name in layers
+        module.get_submodule(name).register_forward_hook(_capture(captured, name, n))
+        for name in _hooked_modules(projector)
     ]
     try:
         with torch.enable_grad():
             ids = batch.input_ids
             logits = model_logits(module(input_ids=ids, attention_mask=torch.ones_like(ids)))
             values = values_of(value_kind, logits, batch.input_ids, batch.loss_mask)
-            outputs = [captured[m][1] for m in layers]
+            outputs = [y for _, y in captured.values()]
             deltas = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    n = batch.input_ids.shape[0]
+    seen = {
+        name: (x, torch.zeros_like(y) if d is None else d.detach())
+        for (name, (x, y)), d in zip(captured.items(), deltas, strict=True)
+    }
     out = torch.zeros(n, projector.dim, dtype=torch.float32, device=logits.device)
-    for (mod_name, (weight, bias)), delta in zip(layers.items(), deltas, strict=True):
-        inputs = captured[mod_name][0]
-        delta = torch.zeros_like(captured[mod_name][1]) if delta is None else delta
-        a, d = inputs.reshape(n, -1, inputs.shape[-1]), delta.reshape(n, -1, delta.shape[-1])
-        if weight:
-            projector.project_layer(weight, a, d, out)
-        if bias:
-            projector.project_bias(bias, d, out)
+    for entry in projector.manifest.entries:  # a module the forward never ran adds nothing
+        if entry.module in seen:
+            _project_use(module, projector, entry, seen[entry.module], out)
+        for tied in (m for m in entry.tied if m in seen):
+            hidden, d_logits = seen[tied]
+            projector.project_layer(entry.name, _tokens(hidden, n), _tokens(d_logits, n), out)
     return out, values.detach().float()
 
 
-def _linear_entries(projector: StructuredProjector) -> dict[str, tuple[str, str]]:
-    """Module name → (weight entry name or "", bias entry name or "")."""
-    layers: dict[str, tuple[str, str]] = {}
+def _hooked_modules(projector: StructuredProjector) -> list[str]:
+    """Names of the modules whose inputs and output gradients the sketch needs."""
+    names: dict[str, None] = {}
     for e in projector.manifest.entries:
-        weight, bias = layers.get(e.module, ("", ""))
-        if e.name.endswith(".bias") or e.name == "bias":
-            bias = e.name
-        else:
-            weight = e.name
-        layers[e.module] = (weight, bias)
-    return layers
+        names.update(dict.fromkeys((e.module, *e.tied)))
+    return list(names)
 
 
-def _capture(store: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str) -> Any:
-    def hook(_mod: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-        store[name] = (args[0].detach(), output)
+def _project_use(
+    module: nn.Module,
+    projector: StructuredProjector,
+    entry: ParamEntry,
+    input_and_delta: tuple[torch.Tensor, torch.Tensor],
+    out: torch.Tensor,
+) -> None:
+    """Add to `out` the projection of an entry's gradient through its owning module,
+    from that module's captured input and output gradient."""
+    n = out.shape[0]
+    owner = module.get_submodule(entry.module)
+    x, delta = input_and_delta
+    if entry.kind == "kronecker":
+        projector.project_layer(entry.name, _tokens(x, n), _tokens(delta, n), out)
+    elif entry.kind == "embedding":
+        ids = x.reshape(n, -1)
+        projector.project_embedding(entry.name, ids, _embedding_grads(owner, ids, delta), out)
+    elif is_linear(owner):
+        projector.project_bias(entry.name, _tokens(delta, n), out)
+    else:
+        attr = entry.name.rsplit(".", 1)[-1]
+        grads = _norm_grads(owner, attr, _tokens(x, n), _tokens(delta, n))
+        projector.project_dense(entry.name, grads, out)
+
+
+def _tokens(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, ..., features) → (n, tokens, features)."""
+    return t.reshape(n, -1, t.shape[-1])
+
+
+def _embedding_grads(owner: nn.Module, ids: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(n, T, D) output gradients of an embedding, zeroed where it looked up padding_idx
+    (nn.Embedding gives that row no gradient)."""
+    delta = _tokens(delta, ids.shape[0])
+    padding_idx = getattr(owner, "padding_idx", None)
+    if padding_idx is None:
+        return delta
+    return delta.masked_fill((ids == padding_idx).unsqueeze(-1), 0.0)
+
+
+def _norm_grads(owner: nn.Module, attr: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients (n, *shape) of parameter `attr` of a normalization layer.
+
+    For example i it is ∇_p Σ_t ⟨norm_p(x_it), δ_it⟩, taken with torch.func on
+    the module alone from its captured inputs x (n, T, D) and output gradients δ.
+    """
+    params = {attr: getattr(owner, attr).detach()}
+
+    def contribution(
+        p: dict[str, torch.Tensor], x_i: torch.Tensor, delta_i: torch.Tensor
+    ) -> torch.Tensor:
+        return (functional_call(owner, p, (x_i,)).float() * delta_i.float()).sum()
+
+    return vmap(grad(contribution), in_dims=(None, 0, 0))(params, x, delta)[attr]
+
+
+def _capture(store: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, n: int) -> Any:
+    """A forward hook storing (input, output) of module `name` for a batch of n rows.
+
+    An output with batch size 1 in a batch of n > 1 is shared by all rows: it is
+    expanded to n rows (same values) so that its gradient is per row.
+    """
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+        if name in store:
+            raise SketchError(f"module {name!r} ran twice in one forward: cannot sketch it")
+        if len(args) != 1 or not isinstance(output, torch.Tensor):
+            raise SketchError(f"module {name!r} must map one tensor to one tensor")
+        x, y = args[0], output
+        if n > 1 and y.shape[0] == 1:
+            x, y = x.expand(n, *x.shape[1:]), y.expand(n, *y.shape[1:])
+        store[name] = (x.detach(), y)
+        return y
 
     return hook
