@@ -13,7 +13,9 @@ from gradmix.client.sampler import MixtureSampler
 from gradmix.client.sketch_writer import SketchWriter
 from gradmix.client.types import (
     Anchor,
+    Calibration,
     EstimateResult,
+    Horizon,
     Job,
     JobSpec,
     Mixture,
@@ -26,7 +28,9 @@ from gradmix.client.watch import MixtureWatch
 
 __all__ = [
     "Anchor",
+    "Calibration",
     "EstimateResult",
+    "Horizon",
     "Job",
     "JobSpec",
     "Mixture",

@@ -22,6 +22,7 @@ from gradmix.client.retry import RETRYABLE_CODES, RetryPolicy
 from gradmix.client.types import (
     Anchor,
     EstimateResult,
+    Horizon,
     Job,
     JobSpec,
     Mixture,
@@ -159,9 +160,19 @@ class SelectionClient:
         response = self._call("ListTasks", pb.ListTasksRequest(job=job))
         return [convert.task_from_pb(t) for t in response.tasks]
 
-    def declare_anchor(self, job: str, anchor: str, step: int) -> Anchor:
-        """Declare an anchor (idempotent; AlreadyExists if declared at another step)."""
+    def declare_anchor(
+        self, job: str, anchor: str, step: int, horizon: Horizon | None = None
+    ) -> Anchor:
+        """Declare an anchor (idempotent; AlreadyExists if declared at another step).
+
+        Args:
+            horizon: How far training will move from it (learning rate, steps to
+                the next anchor, optimizer, sketched parameters): the server sets
+                the estimate's prior λ₀ from it. The first declaration's counts.
+        """
         request = pb.DeclareAnchorRequest(job=job, anchor=anchor, step=step)
+        if horizon is not None:
+            request.horizon.CopyFrom(convert.horizon_to_pb(horizon))
         return convert.anchor_from_pb(self._call("DeclareAnchor", request))
 
     def complete_anchor(self, job: str, anchor: str) -> Anchor:

@@ -15,7 +15,9 @@ from gradmix.client.types import (
     METHODS,
     MODES,
     Anchor,
+    Calibration,
     EstimateResult,
+    Horizon,
     Job,
     JobSpec,
     Mixture,
@@ -141,6 +143,26 @@ def task_from_pb(msg: pb.Task) -> Task:
     )
 
 
+def horizon_to_pb(horizon: Horizon) -> pb.Horizon:
+    """Horizon -> message."""
+    return pb.Horizon(
+        learning_rate=horizon.learning_rate,
+        steps=horizon.steps,
+        optimizer=horizon.optimizer,
+        parameters=horizon.parameters,
+    )
+
+
+def horizon_from_pb(msg: pb.Horizon) -> Horizon:
+    """Message -> Horizon."""
+    return Horizon(
+        learning_rate=msg.learning_rate,
+        steps=msg.steps,
+        optimizer=msg.optimizer,
+        parameters=msg.parameters,
+    )
+
+
 def anchor_from_pb(msg: pb.Anchor) -> Anchor:
     """Message -> Anchor."""
     return Anchor(
@@ -150,6 +172,22 @@ def anchor_from_pb(msg: pb.Anchor) -> Anchor:
         state=_enum_name(pb.AnchorState, "ANCHOR_STATE_", msg.state, "unspecified"),
         target_rows=msg.target_rows,
         declared_at=_time(msg.declared_at),
+        horizon=horizon_from_pb(msg.horizon) if msg.HasField("horizon") else None,
+    )
+
+
+def calibration_from_pb(msg: pb.Calibration) -> Calibration:
+    """Message -> Calibration."""
+    return Calibration(
+        regularization=msg.regularization,
+        prior_regularization=msg.prior_regularization,
+        prior_source=msg.prior_source,
+        factor=msg.factor,
+        observations=msg.observations,
+        predicted_change=msg.predicted_change,
+        realized_change=msg.realized_change,
+        ratio=msg.ratio,
+        note=msg.note,
     )
 
 
@@ -167,6 +205,8 @@ def mixture_from_pb(msg: pb.Mixture) -> Mixture:
         created_at=_time(msg.created_at),
         anchor_loss=msg.anchor_loss,
         estimated_loss=msg.estimated_loss,
+        score_error=msg.score_error,
+        calibration=calibration_from_pb(msg.calibration) if msg.HasField("calibration") else None,
     )
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from gradmix.client.types import Anchor, EstimateResult, Job, Mixture, Selection, Task
+from gradmix.client.types import (
+    Anchor,
+    Calibration,
+    EstimateResult,
+    Job,
+    Mixture,
+    Selection,
+    Task,
+)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -44,8 +52,18 @@ def tasks_table(tasks: Sequence[Task]) -> str:
 
 def anchors_table(anchors: Sequence[Anchor]) -> str:
     """One line per anchor."""
-    rows = [(a.name, a.step, a.state, a.target_rows, _when(a.declared_at)) for a in anchors]
-    return table(("ANCHOR", "STEP", "STATE", "TARGET_ROWS", "DECLARED"), rows)
+    rows = [
+        (a.name, a.step, a.state, a.target_rows, _when(a.declared_at), _horizon(a))
+        for a in anchors
+    ]
+    return table(("ANCHOR", "STEP", "STATE", "TARGET_ROWS", "DECLARED", "HORIZON"), rows)
+
+
+def _horizon(anchor: Anchor) -> str:
+    h = anchor.horizon
+    if h is None:
+        return "-"
+    return f"{h.optimizer} lr={h.learning_rate:.3g} steps={h.steps} p={h.parameters}"
 
 
 def mixture_table(mixture: Mixture) -> str:
@@ -61,7 +79,23 @@ def mixture_table(mixture: Mixture) -> str:
          mixture.states.get(t, "-"))
         for t in order
     ]
-    return head + "\n" + table(("TASK", "WEIGHT", "SCORE", "STATE"), rows)
+    body = head + "\n" + table(("TASK", "WEIGHT", "SCORE", "STATE"), rows)
+    if mixture.calibration is not None:
+        body += "\n" + calibration_line(mixture.calibration)
+    return body
+
+
+def calibration_line(c: Calibration) -> str:
+    """λ = λ₀ × c and what the last anchor interval said about it, on one line."""
+    line = (
+        f"lambda {c.regularization:.4g} = prior {c.prior_regularization:.4g} "
+        f"[{c.prior_source}] x factor {c.factor:.4g}  observations {c.observations}"
+    )
+    if c.predicted_change or c.realized_change:
+        line += (
+            f"  predicted {c.predicted_change:+.4f}  realized {c.realized_change:+.4f}"
+        )
+    return line + (f"  ({c.note})" if c.note else "")
 
 
 def history_table(mixtures: Sequence[Mixture]) -> str:

@@ -135,6 +135,35 @@ class Task:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Horizon:
+    """How far training moves from an anchor before the next one, as the trainer plans
+    it: the server derives the estimate's prior λ₀ from it."""
+
+    learning_rate: float
+    """The optimizer's learning rate at the anchor (> 0)."""
+    steps: int
+    """Optimizer steps until the next anchor (>= 1)."""
+    optimizer: str = "adamw"
+    """"adamw", "adam" or "sgd" (another name: the server uses the job's λ)."""
+    parameters: int = 0
+    """p, the number of sketched parameters (needed for Adam-type optimizers)."""
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InvalidArgument(
+                f"horizon learning_rate must be finite and > 0; got {self.learning_rate}"
+            )
+        if not 1 <= self.steps < 2**64:
+            raise InvalidArgument(f"horizon steps must be in [1, 2**64); got {self.steps}")
+        if not self.optimizer:
+            raise InvalidArgument("horizon optimizer must be named")
+        if not 0 <= self.parameters < 2**64:
+            raise InvalidArgument(
+                f"horizon parameters must be in [0, 2**64); got {self.parameters}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Anchor:
     """A checkpoint of the job's model that sketches are taken at."""
 
@@ -145,6 +174,32 @@ class Anchor:
     """"open" or "complete"."""
     target_rows: int
     declared_at: float
+    horizon: Horizon | None = None
+    """The horizon it was declared with (None: none)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """How a mixture version's λ (the estimate's horizon) was set: λ = prior × factor."""
+
+    regularization: float
+    """λ the version was estimated with."""
+    prior_regularization: float
+    """λ₀, from the anchor's horizon or the job's λ setting."""
+    prior_source: str
+    """Where λ₀ came from: "sgd", "adam" or "configured (<reason>)"."""
+    factor: float
+    """c, the correction learnt from the target loss changes the run realised."""
+    observations: int
+    """Anchor intervals that corrected c so far."""
+    predicted_change: float
+    """At the previous anchor: L̂(mixture in force) − L̂(∅) (0 if none)."""
+    realized_change: float
+    """The target loss here minus there (0 if none)."""
+    ratio: float
+    """Realized / predicted (realized rescaled to the planned steps); 0 if not observed."""
+    note: str
+    """Whether this anchor corrected the factor, and why not if it did not."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,6 +223,10 @@ class Mixture:
     """L̂(∅): the anchor's own target loss."""
     estimated_loss: float
     """L̂ of this mixture's weights over the active tasks."""
+    score_error: float = 0.0
+    """Bootstrap standard error of the scores (the temperature's unit)."""
+    calibration: Calibration | None = None
+    """How the estimate's λ was set (None before the first anchor, or from older servers)."""
 
 
 @dataclass(frozen=True, kw_only=True)

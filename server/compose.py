@@ -88,7 +88,7 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
         if total_before > 0:
             before = {t: w / total_before for t, w in before.items()}
             active_weights = smooth_mixture(before, active_weights, policy.smoothing)
-    estimated = _estimated_loss(estimator, active, active_weights)
+    estimated = _estimated_loss(estimator, active, active_weights, policy.regularization)
     pending_weight = policy.prior_weight / len(active)
     raw = {t: active_weights[t] if states[t] == ACTIVE else pending_weight for t in tasks}
     total = sum(raw.values())
@@ -102,12 +102,12 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
 
 
 def _estimated_loss(estimator: SubsetEstimator, active: Sequence[str],
-                    weights: Mapping[str, float]) -> float:
-    """L̂ of the mixture's weights over the active tasks."""
+                    weights: Mapping[str, float], regularization: float) -> float:
+    """L̂ of the mixture's weights over the active tasks, at the policy's λ."""
     columns = estimator.tasks
     subset = np.array([[t in weights for t in columns]], dtype=bool)
     alpha = np.array([weights.get(t, 0.0) for t in columns], dtype=np.float64)
-    return float(estimator.estimate(subset, alpha)[0])
+    return float(estimator.estimate(subset, alpha, regularization=regularization)[0])
 
 
 def mixture_changed(last: MixtureRecord | None, anchor: str, new: Composition,

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.policies import PolicyConfig
-from gradmix.store import AnchorInfo, JobSpec, MixtureRecord
+from gradmix.store import AnchorInfo, CalibrationRecord, Horizon, JobSpec, MixtureRecord
 
 PENDING = "pending"
 ACTIVE = "active"
@@ -134,10 +134,32 @@ def settings_to_pb(settings: Mapping[str, Any]) -> tuple[pb.PolicySettings, str]
     return message, str(settings.get("target", ""))
 
 
+def horizon_from_pb(request: pb.DeclareAnchorRequest) -> Horizon | None:
+    """The request's horizon (None if unset).
+
+    Raises:
+        InvalidSpecError: (store) a horizon with a non-positive rate or steps, or no
+            optimizer name.
+    """
+    if not request.HasField("horizon"):
+        return None
+    h = request.horizon
+    return Horizon(learning_rate=h.learning_rate, steps=h.steps, optimizer=h.optimizer,
+                   parameters=h.parameters)
+
+
+def horizon_to_pb(horizon: Horizon) -> pb.Horizon:
+    return pb.Horizon(learning_rate=horizon.learning_rate, steps=horizon.steps,
+                      optimizer=horizon.optimizer, parameters=horizon.parameters)
+
+
 def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
-    return pb.Anchor(job=job, name=anchor.name, step=anchor.step,
-                     state=_ANCHOR_STATES.get(anchor.state, pb.ANCHOR_STATE_UNSPECIFIED),
-                     target_rows=target_rows, declared_at=timestamp(anchor.declared_at))
+    message = pb.Anchor(job=job, name=anchor.name, step=anchor.step,
+                        state=_ANCHOR_STATES.get(anchor.state, pb.ANCHOR_STATE_UNSPECIFIED),
+                        target_rows=target_rows, declared_at=timestamp(anchor.declared_at))
+    if anchor.horizon is not None:
+        message.horizon.CopyFrom(horizon_to_pb(anchor.horizon))
+    return message
 
 
 def task_state(state: str) -> pb.TaskState.ValueType:
@@ -152,11 +174,25 @@ def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:
                              state=task_state(record.states.get(task, ACTIVE)))
                for task in tasks]
     pending = [task for task in tasks if record.states.get(task) == PENDING]
-    return pb.Mixture(job=job, version=record.version, anchor=record.anchor,
-                      policy=policy_enum(record.policy) if record.policy else pb.POLICY_UNSPECIFIED,
-                      weights=weights, pending_tasks=pending,
-                      created_at=timestamp(record.created_at),
-                      anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss)
+    message = pb.Mixture(
+        job=job, version=record.version, anchor=record.anchor,
+        policy=policy_enum(record.policy) if record.policy else pb.POLICY_UNSPECIFIED,
+        weights=weights, pending_tasks=pending, created_at=timestamp(record.created_at),
+        anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss,
+        score_error=record.score_error)
+    if record.calibration is not None:
+        message.calibration.CopyFrom(calibration_to_pb(record.calibration))
+    return message
+
+
+def calibration_to_pb(calibration: CalibrationRecord) -> pb.Calibration:
+    return pb.Calibration(
+        regularization=calibration.regularization,
+        predicted_change=calibration.predicted_change,
+        realized_change=calibration.realized_change,
+        observations=calibration.observations,
+        prior_regularization=calibration.prior, prior_source=calibration.prior_source,
+        factor=calibration.factor, ratio=calibration.ratio, note=calibration.note)
 
 
 def scores_to_pb(scores: Mapping[str, float], weights: Mapping[str, float],

@@ -27,7 +27,7 @@ from gradmix.server.errors import AlreadyExistsError
 from gradmix.server.jobstate import JobState, Refreshed, Source
 from gradmix.server.metrics import TARGET_LABEL, ServerMetrics
 from gradmix.server.publisher import MixturePublisher
-from gradmix.store import JobInfo, JobSpec, NotFoundError, SketchStore
+from gradmix.store import JobInfo, JobSpec, MixtureRecord, NotFoundError, SketchStore
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ class JobRuntime:
             return
         self._publisher.publish(self.name, mixture_to_pb(self.name, record))
         metrics.set_mixture(self.name, record.version, record.created_at, record.weights)
+        set_calibration(metrics, self.name, record)
         if committed_at is not None:
             metrics.commit_to_publish.labels(self.name).observe(time.monotonic() - committed_at)
         log.info("job %r: published mixture version %d at anchor %r", self.name,
@@ -206,12 +207,23 @@ class JobRegistry:
         self._jobs[info.name] = runtime
         if last is not None:
             self._metrics.set_mixture(info.name, last.version, last.created_at, last.weights)
+            set_calibration(self._metrics, info.name, last)
         runtime.request(full=True)
         return runtime
 
     async def close(self) -> None:
         for runtime in list(self._jobs.values()):
             await runtime.close()
+
+
+def set_calibration(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
+    """The calibration gauges from a published version (none before its first anchor)."""
+    calibration = record.calibration
+    if calibration is None:
+        return
+    metrics.set_calibration(job, regularization=calibration.regularization,
+                            factor=calibration.factor, observations=calibration.observations,
+                            ratio=calibration.ratio if calibration.ratio else None)
 
 
 def _check_same(info: JobInfo, spec: JobSpec, policy: Mapping[str, Any], target: str) -> None:

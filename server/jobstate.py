@@ -13,21 +13,31 @@ anchor's rows; tasks without rows there become pending again.
 Each anchor's mixture is smoothed towards the mixture that was in force when
 the anchor arrived (the last version estimated at an earlier anchor; policy
 setting `smoothing`), so that one anchor's sampling noise cannot swing it.
+
+Each anchor's mixture is estimated with a calibrated λ = λ₀·c
+(`gradmix.server.calibration`): λ₀ from the anchor's declared horizon, c
+corrected by comparing that same earlier version's predicted loss change with
+the change the run realised. The policy handed to `compose_mixture` is the
+job's with `regularization` replaced by it; the estimator's own default λ
+stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from gradmix.server.calibration import calibrate, gradient_norms, interval_scale
 from gradmix.server.compose import Composition, compose_mixture, mixture_changed
 from gradmix.server.convert import ACTIVE, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.store import (
     AnchorInfo,
+    CalibrationRecord,
     JobInfo,
     MixtureRecord,
     NotFoundError,
@@ -83,8 +93,8 @@ class JobState:
         self._rows: AnchorRows | None = None
         #: Rows per task at the current anchor as of the last refresh (read lock-free).
         self.task_rows: dict[str, int] = {}
-        #: (anchor, the weights in force when it arrived) for smoothing.
-        self._prior: tuple[str, dict[str, float] | None] | None = None
+        #: (anchor, the last version at an earlier anchor): smoothing and calibration.
+        self._before: tuple[str, MixtureRecord | None] | None = None
 
     @property
     def anchor(self) -> str:
@@ -103,37 +113,63 @@ class JobState:
         """
         with self.lock:
             tasks = [t.name for t in self.store.list_tasks(self.name)]
-            anchor = current_anchor(self.store.list_anchors(self.name))
+            anchors = self.store.list_anchors(self.name)
+            anchor = current_anchor(anchors)
             if anchor != self.anchor:
                 self._rows = AnchorRows(anchor, self.new_estimator()) if anchor else None
                 full = True
             if self._rows is not None:
                 self._ingest(self._rows, dirty, full)
             estimator = self._rows.estimator if self._rows else None
-            composition = compose_mixture(tasks, estimator, self.policy,
-                                          previous=self._weights_before(anchor))
+            before = self._record_before(anchor)
+            calibration = self._calibration(anchors, anchor, estimator, before)
+            policy = self.policy if calibration is None else dataclasses.replace(
+                self.policy, regularization=calibration.regularization)
+            previous = dict(before.weights) if before is not None else None
+            composition = compose_mixture(tasks, estimator, policy, previous=previous)
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
         pending = len(composition.states) - active
         if not mixture_changed(self.last, anchor, composition, self.tolerance):
             return Refreshed(None, composition.subsets_estimated, pending, active)
-        record = self._record(anchor, composition)
+        record = self._record(anchor, composition, calibration)
         self.store.append_mixture(self.name, record)
         self.last = record
         return Refreshed(record, composition.subsets_estimated, pending, active)
 
-    def _weights_before(self, anchor: str) -> dict[str, float] | None:
-        """The weights of the last version estimated at an anchor other than `anchor`."""
-        if self._prior is None or self._prior[0] != anchor:
+    def _record_before(self, anchor: str) -> MixtureRecord | None:
+        """The last version estimated at an anchor other than `anchor` (None: none).
+
+        It is the mixture that was in force when `anchor` arrived.
+        """
+        if self._before is None or self._before[0] != anchor:
             last = self.last
             if last is not None and last.anchor == anchor:
                 earlier = [r for r in self.store.read_mixtures(self.name)
                            if r.anchor not in ("", anchor)]
                 last = earlier[-1] if earlier else None
-            weights = dict(last.weights) if last is not None and last.anchor else None
-            self._prior = (anchor, weights)
-        return self._prior[1]
+            self._before = (anchor, last if last is not None and last.anchor else None)
+        return self._before[1]
+
+    def _calibration(self, anchors: Sequence[AnchorInfo], anchor: str,
+                     estimator: SubsetEstimator | None,
+                     before: MixtureRecord | None) -> CalibrationRecord | None:
+        """λ for the current anchor (None while there is none), from its horizon and the
+        interval since `before` (recomputed on every refresh: a pure function of them)."""
+        if not anchor:
+            return None
+        infos = {a.name: a for a in anchors}
+        here = infos[anchor]
+        scale = 1.0
+        there = infos.get(before.anchor) if before is not None else None
+        if there is not None and there.horizon is not None:
+            scale = interval_scale(there.horizon.steps, here.step - there.step)
+        loss = estimator.anchor_loss() if estimator is not None and estimator.has_target \
+            else None
+        return calibrate(configured=self.policy.regularization, horizon=here.horizon,
+                         norms=gradient_norms(estimator), previous=before, anchor_loss=loss,
+                         scale=scale)
 
     def _ingest(self, rows: AnchorRows, dirty: Collection[tuple[str, Source]],
                 full: bool) -> None:
@@ -151,13 +187,15 @@ class JobState:
                     rows.estimator.add_task_rows(source, new.grads, new.values)
             rows.cursors[source] = cursor
 
-    def _record(self, anchor: str, composition: Composition) -> MixtureRecord:
+    def _record(self, anchor: str, composition: Composition,
+                calibration: CalibrationRecord | None) -> MixtureRecord:
         version = (self.last.version if self.last else 0) + 1
         return MixtureRecord(
             version=version, created_at=time.time(), anchor=anchor,
             policy=self.policy.policy, weights=composition.weights,
             scores=composition.scores, states=composition.states,
-            anchor_loss=composition.anchor_loss, estimated_loss=composition.estimated_loss)
+            anchor_loss=composition.anchor_loss, estimated_loss=composition.estimated_loss,
+            score_error=composition.score_error, calibration=calibration)
 
     def estimator_at(self, anchor: str) -> tuple[str, SubsetEstimator]:
         """The estimator at `anchor` ("" = current), for queries; call with `lock` held.

@@ -50,6 +50,18 @@ class ServerMetrics:
         self.mixture_last_published = Gauge(
             "gradmix_mixture_last_published_timestamp_seconds",
             "Unix time the latest mixture version was created.", ["job"], registry=registry)
+        self.regularization = Gauge(
+            "gradmix_regularization", "λ the latest mixture version was estimated with: "
+            "the prior λ₀ times the calibration factor.", ["job"], registry=registry)
+        self.calibration_factor = Gauge(
+            "gradmix_calibration_factor", "Correction c of the prior λ₀ learnt from the target "
+            "loss changes the run realised (λ = λ₀·c).", ["job"], registry=registry)
+        self.calibration_ratio = Gauge(
+            "gradmix_calibration_ratio", "Realized / predicted target loss change over the "
+            "last anchor interval observed.", ["job"], registry=registry)
+        self.calibration_observations = Gauge(
+            "gradmix_calibration_observations", "Anchor intervals that corrected the "
+            "calibration factor.", ["job"], registry=registry)
         self.watchers = Gauge(
             "gradmix_watchers", "Open WatchMixture streams.", ["job"], registry=registry)
         self.commit_to_publish = Histogram(
@@ -77,6 +89,16 @@ class ServerMetrics:
             self.mixture_weight.remove(job, task)
         for task, weight in weights.items():
             self.mixture_weight.labels(job, task).set(weight)
+
+    def set_calibration(self, job: str, *, regularization: float, factor: float,
+                        observations: int, ratio: float | None) -> None:
+        """Record a published version's λ and calibration (`ratio` None: none observed
+        at its anchor, the last observed value stays)."""
+        self.regularization.labels(job).set(regularization)
+        self.calibration_factor.labels(job).set(factor)
+        self.calibration_observations.labels(job).set(observations)
+        if ratio is not None:
+            self.calibration_ratio.labels(job).set(ratio)
 
     def set_task_counts(self, job: str, pending: int, active: int) -> None:
         self.tasks.labels(job, "pending").set(pending)

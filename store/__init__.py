@@ -18,6 +18,8 @@ from gradmix.store.names import validate_name
 from gradmix.store.records import (
     AnchorInfo,
     AppendResult,
+    CalibrationRecord,
+    Horizon,
     JobInfo,
     JobSpec,
     MixtureRecord,
@@ -31,6 +33,8 @@ from gradmix.store.writer import RowWriter
 __all__ = [
     "AnchorInfo",
     "AppendResult",
+    "CalibrationRecord",
+    "Horizon",
     "InvalidNameError",
     "InvalidRowsError",
     "InvalidSpecError",

@@ -4,7 +4,7 @@
 zarr.json                                       root group
 jobs/<job>/                                     attrs: spec, settings, created_at
   tasks/<task>/                                 attrs: metadata, registered_at (the task registry)
-  anchors/<anchor>/                             attrs: step, state, declared_at
+  anchors/<anchor>/                             attrs: step, state, declared_at[, horizon]
     target/writers/<writer>/
       grads (n, d)  values (n,)  example_ids (n,)
       commits/<count, 15 digits>                the commit marker (an object named by the count)

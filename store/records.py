@@ -88,14 +88,79 @@ class TaskInfo:
     registered_at: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class Horizon:
+    """How far training moves from an anchor before the next one, as the trainer plans it.
+
+    The server derives the estimate's a-priori ridge weight λ₀ from it
+    (`gradmix.server.calibration`).
+
+    Attributes:
+        learning_rate: the optimizer's learning rate at the anchor (> 0).
+        steps: optimizer steps until the next anchor (>= 1).
+        optimizer: the optimizer's name, lower case ("adamw", "adam", "sgd", ...).
+        parameters: p, the number of sketched parameters (0: not given).
+    """
+
+    learning_rate: float
+    steps: int
+    optimizer: str
+    parameters: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.learning_rate, bool) or not isinstance(
+            self.learning_rate, int | float | np.number
+        ):
+            raise InvalidSpecError(
+                f"horizon learning_rate must be a number, got {self.learning_rate!r}"
+            )
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise InvalidSpecError(
+                f"horizon learning_rate must be positive and finite, got {self.learning_rate!r}"
+            )
+        if not _is_int(self.steps) or self.steps < 1:
+            raise InvalidSpecError(f"horizon steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.optimizer, str) or not self.optimizer.strip():
+            raise InvalidSpecError(
+                f"horizon optimizer must be a non-empty name, got {self.optimizer!r}"
+            )
+        if not _is_int(self.parameters) or self.parameters < 0:
+            raise InvalidSpecError(
+                f"horizon parameters must be a non-negative integer, got {self.parameters!r}"
+            )
+        object.__setattr__(self, "learning_rate", float(self.learning_rate))
+        object.__setattr__(self, "steps", int(self.steps))
+        object.__setattr__(self, "optimizer", self.optimizer.strip().lower())
+        object.__setattr__(self, "parameters", int(self.parameters))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The horizon as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Horizon:
+        """Rebuild a horizon stored with :meth:`to_dict`."""
+        return cls(
+            learning_rate=float(doc["learning_rate"]),
+            steps=int(doc["steps"]),
+            optimizer=str(doc["optimizer"]),
+            parameters=int(doc.get("parameters", 0)),
+        )
+
+
 @dataclass(frozen=True)
 class AnchorInfo:
-    """An anchor (checkpoint sketches are taken at) of a job."""
+    """An anchor (checkpoint sketches are taken at) of a job.
+
+    `horizon` is None when the anchor was declared without one (and for
+    anchors declared before horizons existed).
+    """
 
     name: str
     step: int
     state: str
     declared_at: float
+    horizon: Horizon | None = None
 
 
 @dataclass(frozen=True)
@@ -159,8 +224,78 @@ class ReadCursor:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CalibrationRecord:
+    """How a mixture version's ridge weight λ was set (`gradmix.server.calibration`).
+
+    Attributes:
+        regularization: λ = prior × factor, the λ the version was estimated with.
+        prior: λ₀, from the anchor's horizon or the job's λ setting.
+        prior_source: where λ₀ came from ("sgd", "adam", or "configured ...").
+        factor: c, the correction learnt from the run so far.
+        observations: anchor intervals that corrected c so far.
+        predicted_change: at the previous anchor, L̂(mixture in force) − L̂(∅)
+            (0 if there was none).
+        realized_change: the target loss here minus there (0 if none).
+        ratio: realized / predicted, the realized change rescaled to the
+            planned horizon's steps (0 if not observed).
+        note: whether this anchor corrected c, and why not if it did not.
+    """
+
+    regularization: float
+    prior: float
+    prior_source: str = "configured"
+    factor: float = 1.0
+    observations: int = 0
+    predicted_change: float = 0.0
+    realized_change: float = 0.0
+    ratio: float = 0.0
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("regularization", "prior", "factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float | np.number) or not (
+                math.isfinite(value) and value > 0
+            ):
+                raise InvalidSpecError(
+                    f"calibration {name} must be positive and finite, got {value!r}"
+                )
+        if not _is_int(self.observations) or self.observations < 0:
+            raise InvalidSpecError(
+                "calibration observations must be a non-negative integer, "
+                f"got {self.observations!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-serialisable dict (non-finite floats become strings)."""
+        doc = asdict(self)
+        for name in ("predicted_change", "realized_change", "ratio"):
+            doc[name] = _encode_float(doc[name])
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> CalibrationRecord:
+        """Rebuild a record stored with :meth:`to_dict`."""
+        return cls(
+            regularization=float(doc["regularization"]),
+            prior=float(doc["prior"]),
+            prior_source=str(doc.get("prior_source", "configured")),
+            factor=float(doc.get("factor", 1.0)),
+            observations=int(doc.get("observations", 0)),
+            predicted_change=float(doc.get("predicted_change", 0.0)),
+            realized_change=float(doc.get("realized_change", 0.0)),
+            ratio=float(doc.get("ratio", 0.0)),
+            note=str(doc.get("note", "")),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class MixtureRecord:
-    """One published mixture version of a job."""
+    """One published mixture version of a job.
+
+    `score_error` and `calibration` came later: records stored before them
+    read back as 0.0 and None.
+    """
 
     version: int
     created_at: float
@@ -171,6 +306,8 @@ class MixtureRecord:
     states: dict[str, str]
     anchor_loss: float
     estimated_loss: float
+    score_error: float = 0.0
+    calibration: CalibrationRecord | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.version) or self.version < 1:
@@ -191,6 +328,11 @@ class MixtureRecord:
         doc["scores"] = {k: _encode_float(v) for k, v in self.scores.items()}
         doc["anchor_loss"] = _encode_float(self.anchor_loss)
         doc["estimated_loss"] = _encode_float(self.estimated_loss)
+        doc["score_error"] = _encode_float(self.score_error)
+        if self.calibration is None:
+            del doc["calibration"]
+        else:
+            doc["calibration"] = self.calibration.to_dict()
         return doc
 
     @classmethod
@@ -206,6 +348,9 @@ class MixtureRecord:
             states=dict(doc["states"]),
             anchor_loss=float(doc["anchor_loss"]),
             estimated_loss=float(doc["estimated_loss"]),
+            score_error=float(doc.get("score_error", 0.0)),
+            calibration=(CalibrationRecord.from_dict(doc["calibration"])
+                         if doc.get("calibration") else None),
         )
 
 

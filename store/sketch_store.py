@@ -34,6 +34,7 @@ from gradmix.store.reader import (
 )
 from gradmix.store.records import (
     AnchorInfo,
+    Horizon,
     JobInfo,
     JobSpec,
     MixtureRecord,
@@ -167,13 +168,23 @@ class SketchStore:
 
     # --- anchors --------------------------------------------------------------
 
-    def declare_anchor(self, job: str, anchor: str, step: int) -> AnchorInfo:
-        """Declare an anchor at a training step; idempotent. Another step is a SpecMismatchError."""
+    def declare_anchor(
+        self, job: str, anchor: str, step: int, horizon: Horizon | None = None
+    ) -> AnchorInfo:
+        """Declare an anchor at a training step; idempotent. Another step is a SpecMismatchError.
+
+        `horizon` (optional) is kept with the anchor; the first declaration
+        fixes it, a repeated declaration's horizon is ignored.
+        """
         self.get_job(job)
         validate_name(anchor, "anchor")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InvalidSpecError(f"anchor step must be a non-negative integer, got {step!r}")
-        doc = {"step": step, "state": "open", "declared_at": time.time()}
+        if horizon is not None and not isinstance(horizon, Horizon):
+            raise InvalidSpecError(f"horizon must be a Horizon, got {type(horizon).__name__}")
+        doc: dict[str, Any] = {"step": step, "state": "open", "declared_at": time.time()}
+        if horizon is not None:
+            doc["horizon"] = horizon.to_dict()
         info = _anchor_info(anchor, self._docs.create(layout.anchor_dir(job, anchor), doc))
         if info.step != step:
             raise SpecMismatchError("step", info.step, step, what=f"anchor {anchor}")
@@ -184,8 +195,11 @@ class SketchStore:
         info = self._anchor(job, anchor)
         if info.state == "complete":
             return info
-        done = AnchorInfo(anchor, info.step, "complete", info.declared_at)
-        doc = {"step": done.step, "state": done.state, "declared_at": done.declared_at}
+        done = AnchorInfo(anchor, info.step, "complete", info.declared_at, info.horizon)
+        doc: dict[str, Any] = {"step": done.step, "state": done.state,
+                               "declared_at": done.declared_at}
+        if done.horizon is not None:
+            doc["horizon"] = done.horizon.to_dict()
         self._docs.write(layout.anchor_dir(job, anchor), doc)
         return done
 
@@ -339,4 +353,6 @@ def _task_info(task: str, attrs: dict[str, Any]) -> TaskInfo:
 
 
 def _anchor_info(anchor: str, attrs: dict[str, Any]) -> AnchorInfo:
-    return AnchorInfo(anchor, int(attrs["step"]), str(attrs["state"]), float(attrs["declared_at"]))
+    horizon = attrs.get("horizon")
+    return AnchorInfo(anchor, int(attrs["step"]), str(attrs["state"]), float(attrs["declared_at"]),
+                      Horizon.from_dict(horizon) if horizon else None)

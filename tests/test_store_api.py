@@ -17,6 +17,8 @@ import pytest
 import zarr
 from gradmix.store import (
     AppendResult,
+    CalibrationRecord,
+    Horizon,
     InvalidNameError,
     InvalidRowsError,
     InvalidSpecError,
@@ -450,6 +452,24 @@ def test_listing_orders_and_anchor_completion(tmp_path: Path) -> None:
     assert reopened.get_job("job").created_at <= time.time()
 
 
+def test_an_anchors_horizon_is_kept_through_completion_and_reopen(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    store = prepared(url)  # a0 declared without a horizon, as anchors were before them
+    horizon = Horizon(learning_rate=2e-4, steps=40, optimizer="AdamW", parameters=1000)
+    assert horizon.optimizer == "adamw"
+    assert store.declare_anchor("job", "h", 5, horizon).horizon == horizon
+    # The first declaration's horizon stays.
+    assert store.declare_anchor("job", "h", 5, Horizon(learning_rate=1.0, steps=1,
+                                                       optimizer="sgd")).horizon == horizon
+    assert store.complete_anchor("job", "h").horizon == horizon
+    anchors = {a.name: a for a in SketchStore.open(url).list_anchors("job")}
+    assert anchors["h"].horizon == horizon and anchors["h"].state == "complete"
+    assert anchors["a0"].horizon is None
+    for bad in ({"learning_rate": 0.0}, {"steps": 0}, {"optimizer": " "}, {"parameters": -1}):
+        with pytest.raises(InvalidSpecError):
+            Horizon(**{"learning_rate": 1e-3, "steps": 10, "optimizer": "sgd", **bad})
+
+
 def test_rows_may_be_added_to_a_complete_anchor_for_a_later_task(tmp_path: Path) -> None:
     store = prepared(str(tmp_path / "s"))
     store.complete_anchor("job", "a0")
@@ -488,3 +508,25 @@ def test_mixture_history_round_trips_in_order_across_reopen(url: str) -> None:
     assert [r.version for r in reopened.read_mixtures("job", after_version=2)] == [5, 11]
     reopened.append_mixture("job", record(12, alpha=1.0))
     assert [r.version for r in store.read_mixtures("job", after_version=5)] == [11, 12]
+
+
+def test_calibration_round_trips_and_older_records_still_load(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    store = prepared(url)
+    calibration = CalibrationRecord(regularization=0.5, prior=1.0, prior_source="sgd",
+                                    factor=0.5, observations=2, predicted_change=-0.1,
+                                    realized_change=-0.4, ratio=4.0, note="corrected")
+    calibrated = MixtureRecord(
+        version=1, created_at=1.0, anchor="a0", policy="ensemble", weights={"alpha": 1.0},
+        scores={"alpha": -0.1}, states={"alpha": "active"}, anchor_loss=0.7,
+        estimated_loss=0.6, score_error=0.02, calibration=calibration)
+    store.append_mixture("job", calibrated)
+    assert SketchStore.open(url).read_mixtures("job") == [calibrated]
+    # A record written before score_error and calibration existed.
+    old = record(2, alpha=1.0).to_dict()
+    del old["score_error"]
+    assert "calibration" not in old  # None is not written
+    loaded = MixtureRecord.from_dict(old)
+    assert (loaded.score_error, loaded.calibration) == (0.0, None)
+    with pytest.raises(InvalidSpecError):
+        CalibrationRecord(regularization=0.0, prior=1.0)

@@ -174,6 +174,13 @@ def test_two_ranks_sketch_follow_mixtures_and_take_a_new_task(
     )
     anchors = store.list_anchors("arith")
     assert [a.step for a in anchors] == [0, 30] and all(a.state == "complete" for a in anchors)
+    # Each anchor was declared with its horizon: AdamW at the configured lr (no
+    # schedule), 30 steps to the next anchor (and from 30, to the end), p sketched.
+    for anchor in anchors:
+        assert anchor.horizon is not None
+        assert (anchor.horizon.optimizer, anchor.horizon.steps) == ("adamw", 30)
+        assert anchor.horizon.learning_rate == pytest.approx(0.003)
+        assert anchor.horizon.parameters > 0
     first = anchors[0].name
     for source in (None, "add", "mul"):
         assert store.committed_rows("arith", first, source) == 8  # de-duplicated, all writers
@@ -186,6 +193,12 @@ def test_two_ranks_sketch_follow_mixtures_and_take_a_new_task(
         mixtures = client.list_mixtures("arith")
     rev_active = [m.version for m in mixtures if m.states.get("rev") == "active"]
     assert rev_active, [m.states for m in mixtures]
+    # Their λ came from the Adam horizon prior (times the calibration factor).
+    calibrated = [m.calibration for m in mixtures
+                  if m.calibration is not None and "active" in m.states.values()]
+    assert calibrated and all(c.prior_source == "adam" for c in calibrated)
+    assert all(c.regularization == pytest.approx(c.prior_regularization * c.factor)
+               for c in calibrated)
 
     # Both ranks switched to each version at the same step; the rev version was applied.
     switches = _switches(out, 0)

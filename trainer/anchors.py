@@ -14,6 +14,11 @@ At a sketch point (a collective call on every rank at the same step):
    completes the anchor once the target and every planned source are in
    (a task whose file cannot be read is set aside for this anchor instead).
 
+Each anchor is declared with its horizon (`anchor_horizon`): the learning
+rate, the steps until the next planned anchor, the optimizer and the number of
+sketched parameters, from which the server sets the estimate's prior λ
+(`gradmix.server.calibration`).
+
 Anything that fails for a passing reason (the server or store away) leaves
 the source unsketched and the anchor open: the next sketch point retries,
 and training never stops. Rows are keyed by example id, so a retry never
@@ -24,6 +29,7 @@ anchor is complete.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,10 +37,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from gradmix.client import PolicySettings, SelectionClient, SketchSpec, SketchWriter, Task
-from gradmix.client.errors import AlreadyExists, GradmixError
+from gradmix.client import (
+    Horizon,
+    PolicySettings,
+    SelectionClient,
+    SketchSpec,
+    SketchWriter,
+    Task,
+)
+from gradmix.client.errors import AlreadyExists, GradmixError, InvalidArgument
 from gradmix.store import SketchStore, StoreError
-from gradmix.trainer.config import TrainConfig
+from gradmix.trainer.config import SketchingConfig, TrainConfig
 from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import DataError, TrainerError
@@ -78,6 +91,8 @@ class AnchorProtocol:
         log: this rank's run log.
         files: rank 0's task file directory.
         reachable: rank 0's view of whether the server is reachable.
+        learning_rate: the optimizer's current learning rate (None, or a callable
+            returning None or 0: the configured one), for anchor horizons.
     """
 
     def __init__(
@@ -92,8 +107,10 @@ class AnchorProtocol:
         log: RunLog,
         files: TaskFiles,
         reachable: Callable[[], bool],
+        learning_rate: Callable[[], float | None] | None = None,
     ) -> None:
         self.files, self.reachable = files, reachable
+        self.learning_rate = learning_rate
         self.config, self.cfg = config, config.sketching
         self.dist, self.module, self.projector, self.pool = dist, module, projector, pool
         self.client, self.store, self.log = client, store, log
@@ -144,11 +161,16 @@ class AnchorProtocol:
             tasks = self.client.list_tasks(self.config.job)
             if self._needs_new_anchor(step):
                 name = f"anchor-{step:08d}"
-                self.client.declare_anchor(self.config.job, name, step)
+                horizon = self._horizon(step)
+                self.client.declare_anchor(self.config.job, name, step, horizon=horizon)
                 self.state = AnchorState(name=name, step=step)
                 self._reference = self._snapshot()
                 self.log.event(
-                    "anchor", f"declared anchor {name} at step {step}", anchor=name, step=step
+                    "anchor",
+                    f"declared anchor {name} at step {step}",
+                    anchor=name,
+                    step=step,
+                    horizon=asdict(horizon) if horizon is not None else None,
                 )
         except GradmixError as error:
             self.log.event("sketch_point_skipped", step=step, error=f"{error}")
@@ -161,6 +183,21 @@ class AnchorProtocol:
         if not todo and self.state.complete:
             return None
         return {"state": self.state.to_dict(), "sources": todo, "paths": paths}
+
+    def _horizon(self, step: int) -> Horizon | None:
+        """Rank 0: the horizon to declare an anchor at `step` with (None if it cannot be
+        made: the anchor is declared without one)."""
+        current = None
+        if self.learning_rate is not None:
+            try:
+                current = self.learning_rate()
+            except Exception as error:  # an engine without an lr: use the configured one
+                self.log.event("horizon_lr_unavailable", step=step, error=f"{error}")
+        try:
+            return anchor_horizon(self.config, step, self.projector.manifest.numel, current)
+        except InvalidArgument as error:
+            self.log.event("horizon_invalid", step=step, error=f"{error}")
+            return None
 
     def _needs_new_anchor(self, step: int) -> bool:
         if not self.state.name:
@@ -291,6 +328,59 @@ class AnchorProtocol:
             manifest_hash=manifest.hash(),
             manifest=manifest.to_json(),
         )
+
+
+def optimizer_name(kind: str) -> str:
+    """The horizon's optimizer name for a DeepSpeed/torch optimizer type: "adamw", "adam"
+    (any Adam variant: FusedAdam, OneBitAdam, ...), "sgd", else the type in lower case."""
+    name = kind.lower()
+    if "adamw" in name:
+        return "adamw"
+    if "adam" in name:
+        return "adam"
+    if "sgd" in name:
+        return "sgd"
+    return name
+
+
+def planned_steps(cfg: SketchingConfig, step: int, total_steps: int) -> int:
+    """Steps from an anchor declared at `step` to the next planned one: the first sketch
+    point at least `reanchor_every` steps later, or the end of training if none is
+    planned (a drift-triggered anchor may come earlier; the server rescales)."""
+    remaining = max(total_steps - step, 1)
+    if not cfg.reanchor_every or not cfg.interval:
+        return remaining
+    due = step + cfg.reanchor_every
+    late = (due - cfg.first_anchor) % cfg.interval
+    if late:
+        due += cfg.interval - late
+    return max(1, min(due - step, remaining))
+
+
+def anchor_horizon(
+    config: TrainConfig, step: int, parameters: int, current_lr: float | None = None
+) -> Horizon:
+    """The horizon of an anchor declared at `step`.
+
+    The learning rate is the optimizer's current one when given and positive
+    (a schedule's value at the anchor), else the configured one (the DeepSpeed
+    config's optimizer lr, else [training].lr). The optimizer is the DeepSpeed
+    config's, else AdamW (what `trainer.setup` builds).
+
+    Raises:
+        InvalidArgument: the configured learning rate is not positive.
+    """
+    named = config.deepspeed.get("optimizer") or {}
+    optimizer = optimizer_name(str(named.get("type", "adamw")))
+    configured = float((named.get("params") or {}).get("lr", config.training.lr))
+    usable = current_lr is not None and math.isfinite(current_lr) and current_lr > 0
+    lr = float(current_lr) if usable and current_lr is not None else configured
+    return Horizon(
+        learning_rate=lr,
+        steps=planned_steps(config.sketching, step, config.training.steps),
+        optimizer=optimizer,
+        parameters=parameters,
+    )
 
 
 class TaskFiles:

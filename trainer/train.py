@@ -85,6 +85,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         log,
         files,
         reachable=lambda: sync.reachable,
+        learning_rate=lambda: _current_lr(engine),
     )
 
     # ---- resume, or start from the server's first mixture
@@ -137,6 +138,12 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     client.close()
     log.close()
     return TrainResult(config.training.steps, sync.applied_version, anchors.state.name)
+
+
+def _current_lr(engine: Any) -> float | None:
+    """The optimizer's learning rate now (its first parameter group's; None if unknown)."""
+    rates = engine.get_lr()
+    return float(rates[0]) if rates else None
 
 
 def _readable_file(files: TaskFiles, pool: TaskPool) -> Callable[[str], str | None]:

@@ -581,9 +581,46 @@ class ListTasksResponse(_message.Message):
 Global___ListTasksResponse: _TypeAlias = ListTasksResponse  # noqa: Y015
 
 @_typing.final
-class Anchor(_message.Message):
-    """---------------------------------------------------------------- anchors"""
+class Horizon(_message.Message):
+    """---------------------------------------------------------------- anchors
 
+    How far training moves from an anchor before the next one, as the trainer
+    plans it: the server's a-priori horizon λ₀ of the estimate
+    (server/calibration.py).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    learning_rate: _builtins.float
+    """the optimizer's learning rate at the anchor (> 0)"""
+    steps: _builtins.int
+    """optimizer steps until the next anchor (> 0)"""
+    optimizer: _builtins.str
+    """"adamw" | "adam" | "sgd" (others: λ₀ = the job's λ)"""
+    parameters: _builtins.int
+    """p, the number of sketched parameters (Adam-type: needed)"""
+    def __init__(
+        self,
+        *,
+        learning_rate: _builtins.float = ...,
+        steps: _builtins.int = ...,
+        optimizer: _builtins.str = ...,
+        parameters: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["learning_rate", b"learning_rate", "optimizer", b"optimizer", "parameters", b"parameters", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Horizon: _TypeAlias = Horizon  # noqa: Y015
+
+@_typing.final
+class Anchor(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
@@ -592,6 +629,7 @@ class Anchor(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     TARGET_ROWS_FIELD_NUMBER: _builtins.int
     DECLARED_AT_FIELD_NUMBER: _builtins.int
+    HORIZON_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     name: _builtins.str
     step: _builtins.int
@@ -599,6 +637,10 @@ class Anchor(_message.Message):
     target_rows: _builtins.int
     @_builtins.property
     def declared_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def horizon(self) -> Global___Horizon:
+        """unset when the declaration gave none"""
+
     def __init__(
         self,
         *,
@@ -608,10 +650,11 @@ class Anchor(_message.Message):
         state: Global___AnchorState.ValueType = ...,
         target_rows: _builtins.int = ...,
         declared_at: _timestamp_pb2.Timestamp | None = ...,
+        horizon: Global___Horizon | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "job", b"job", "name", b"name", "state", b"state", "step", b"step", "target_rows", b"target_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon", "job", b"job", "name", b"name", "state", b"state", "step", b"step", "target_rows", b"target_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -624,19 +667,27 @@ class DeclareAnchorRequest(_message.Message):
     JOB_FIELD_NUMBER: _builtins.int
     ANCHOR_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    HORIZON_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     anchor: _builtins.str
     step: _builtins.int
+    @_builtins.property
+    def horizon(self) -> Global___Horizon:
+        """Optional. The first declaration of an anchor fixes it; a repeated
+        declaration's horizon is ignored.
+        """
+
     def __init__(
         self,
         *,
         job: _builtins.str = ...,
         anchor: _builtins.str = ...,
         step: _builtins.int = ...,
+        horizon: Global___Horizon | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["horizon", b"horizon"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "job", b"job", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "horizon", b"horizon", "job", b"job", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1001,6 +1052,11 @@ class Calibration(_message.Message):
     PREDICTED_CHANGE_FIELD_NUMBER: _builtins.int
     REALIZED_CHANGE_FIELD_NUMBER: _builtins.int
     OBSERVATIONS_FIELD_NUMBER: _builtins.int
+    PRIOR_REGULARIZATION_FIELD_NUMBER: _builtins.int
+    PRIOR_SOURCE_FIELD_NUMBER: _builtins.int
+    FACTOR_FIELD_NUMBER: _builtins.int
+    RATIO_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     regularization: _builtins.float
     """λ this version was estimated with"""
     predicted_change: _builtins.float
@@ -1010,6 +1066,19 @@ class Calibration(_message.Message):
     realized_change: _builtins.float
     observations: _builtins.int
     """anchor intervals that corrected λ so far"""
+    prior_regularization: _builtins.float
+    """λ = prior_regularization × factor: λ₀ from the anchor's horizon (or the
+    job's λ setting), and the correction learnt from the run so far.
+    """
+    prior_source: _builtins.str
+    """"sgd" | "adam" | "configured" (with the reason)"""
+    factor: _builtins.float
+    ratio: _builtins.float
+    """realized / predicted over the interval that ended at this anchor, the
+    realized change rescaled to the planned horizon's steps; 0 if none.
+    """
+    note: _builtins.str
+    """whether this anchor corrected the factor, and why"""
     def __init__(
         self,
         *,
@@ -1017,10 +1086,15 @@ class Calibration(_message.Message):
         predicted_change: _builtins.float = ...,
         realized_change: _builtins.float = ...,
         observations: _builtins.int = ...,
+        prior_regularization: _builtins.float = ...,
+        prior_source: _builtins.str = ...,
+        factor: _builtins.float = ...,
+        ratio: _builtins.float = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["observations", b"observations", "predicted_change", b"predicted_change", "realized_change", b"realized_change", "regularization", b"regularization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factor", b"factor", "note", b"note", "observations", b"observations", "predicted_change", b"predicted_change", "prior_regularization", b"prior_regularization", "prior_source", b"prior_source", "ratio", b"ratio", "realized_change", b"realized_change", "regularization", b"regularization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
