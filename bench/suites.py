@@ -10,11 +10,13 @@ a mixture has to do more than find a copy of the target (no suite holds one):
   miss: only the units column and the answer's last digit are wrong, so it
   is labelled apart. Cosine similarity with the target's gradient is high
   for all of them, since they share prompts and most tokens.
-- ``complementary``: the target asks for a sum written backwards
-  (``172+459<`` → ``136``). No task teaches it: one task adds and writes the
-  sum forwards (``172+459=631``), another reverses digit strings; only the
-  two together cover the target. A distractor adds with carries dropped and
-  writes backwards (the target's format, the wrong sum).
+- ``complementary``: the target has two kinds of examples, 3-digit worked
+  addition and reversing long digit strings. One task teaches addition at
+  other digit counts, another reverses short strings: each covers half the
+  target, so only a mixture of both does well, and a mixture that goes all
+  in on the single best task loses. Distractors: copying strings (the
+  reversal's format, the wrong skill), addition with carries dropped, and
+  random labels.
 - ``sizes-and-noise``: the target is 3-digit worked addition; the tasks are
   correct addition at other digit counts at several sizes (one of 48
   examples) and noise levels (a fraction of completion characters replaced
@@ -133,25 +135,18 @@ def copy(rng: random.Random) -> Example:
     return Example(prompt=f"{s}>", completion=s)
 
 
-def _plain_sum(a: int, b: int, *, carries: bool = True) -> str:
-    if carries:
-        return str(a + b)
-    return "".join(str((int(x) + int(y)) % 10) for x, y in zip(str(a), str(b), strict=True))
+def reverse_long(rng: random.Random) -> Example:
+    s = "".join(str(rng.randrange(10)) for _ in range(rng.randint(6, 8)))
+    return Example(prompt=f"{s}<", completion=s[::-1])
 
 
-def backwards_sum(*, carries: bool = True) -> Maker:
-    """``a+b<`` → the sum's digits written backwards (carries dropped if not `carries`)."""
+def either(first: Maker, second: Maker) -> Maker:
+    """Half the examples from `first`, half from `second`."""
 
     def make(rng: random.Random) -> Example:
-        a, b = _digits(rng, 3), _digits(rng, 3)
-        return Example(prompt=f"{a}+{b}<", completion=_plain_sum(a, b, carries=carries)[::-1])
+        return first(rng) if rng.random() < 0.5 else second(rng)
 
     return make
-
-
-def forwards_sum(rng: random.Random) -> Example:
-    a, b = _digits(rng, 3), _digits(rng, 3)
-    return Example(prompt=f"{a}+{b}=", completion=str(a + b))
 
 
 SUITES: dict[str, Suite] = {
@@ -177,15 +172,16 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             name="complementary",
-            description="a sum written backwards; one task adds, one reverses",
-            target=backwards_sum(),
+            description="half addition, half reversal; one task adds, one reverses",
+            target=either(addition(3), reverse_long),
             tasks=(
-                SuiteTask(name="sum-forwards", label="helpful", size=2000, make=forwards_sum),
-                SuiteTask(name="reverse", label="helpful", size=1000, make=reverse),
+                SuiteTask(name="add2-4", label="helpful", size=2000, make=addition((2, 4))),
+                SuiteTask(name="reverse-short", label="helpful", size=1000, make=reverse),
                 SuiteTask(name="copy", label="neutral", size=2000, make=copy),
-                SuiteTask(name="no-carry-backwards", label="harmful", size=1500,
-                          make=backwards_sum(carries=False)),
-                SuiteTask(name="add2-worked", label="neutral", size=1000, make=addition(2)),
+                SuiteTask(name="add3-no-carry", label="harmful", size=1500,
+                          make=wrong_addition(carries=False)),
+                SuiteTask(name="add3-random-labels", label="harmful", size=1000,
+                          make=random_labels),
             ),
         ),
         Suite(

@@ -1,28 +1,29 @@
 """Per-task scores (lower = more helpful) turned into a mixture.
 
-The temperature is in units of the scores' *standard error* σ, their
-sampling noise (a bootstrap over the sketched rows, see
-`gradmix.server.policies.score_error`), so the mixture is sharp exactly where
-the evidence is:
+Scores are compared in units of their *standard error* σ, their sampling
+noise (a bootstrap over the sketched rows, `gradmix.server.policies.
+score_error`), so the mixture is sharp exactly where the evidence is:
 
     z_t = (score_t - min score) / σ
-    p_t ∝ exp(-z_t / τ)
+    p_t ∝ exp(-max(0, z_t - m) / τ)
 
-A task one standard error better than another gets exp(1/τ) times its
-weight. Differences inside the noise barely move the mixture; a task many
-standard errors worse than the best falls to the floor.
+Tasks within the margin m of the best score cannot be told apart from it
+and share the weight equally; each standard error beyond the margin costs a
+factor e^(1/τ). With the defaults (m = 2, τ = 0.5) a task 4 standard errors
+behind the best gets e⁻⁴ ≈ 2% of its weight, one 6 behind e⁻⁸.
 
-The default τ = 4 keeps a mixture stable when its sketched rows are drawn
-again (total variation ≤ 0.1 between two draws, tests/test_policies.py):
-near-tied tasks, equally helpful ones say, share their weight instead of one
-of them taking it by chance (at τ = 1 two draws differed by up to 0.26),
-while a task whose score stands 20 standard errors behind still gets e⁻⁵ of
-the best task's weight. An earlier version
-divided by the scores' spread across tasks instead; that capped how sharp a
-mixture could get (with τ = 0.5 the best of six tasks got ≈ 30%) and let
-noise between near-tied tasks swing it. When σ is 0 (a policy that does not
-read the sketches, or rows with no spread) the spread is used instead; when
-all scores are equal (or there is one task) the mixture is uniform.
+Why a margin: two equally helpful tasks' scores differ by noise alone, and
+a plain softmax at a temperature sharp enough to drop the harmful tasks
+hands most of the weight to whichever of the two the draw favoured (at one
+anchor of bench/outcome.py, redrawing the sketched rows moved such a
+mixture by a total variation of 0.6–0.9; with the margin by ≤ 0.05). An
+earlier version divided the scores by their spread across tasks instead of
+σ; that capped how sharp a mixture could get (the best of six tasks got
+≈ 30% at τ = 0.5) and let noise between near-tied tasks swing it.
+
+When σ is 0 (a policy that does not read the sketches, or rows with no
+spread) the spread across tasks stands in for it; when all scores are equal
+(or there is one task) the mixture is uniform.
 
 The floor ε then guarantees every task at least ε: tasks below it are raised
 to ε and the others rescaled to fill the remaining mass, repeated until none
@@ -39,10 +40,17 @@ from gradmix.server.errors import InvalidArgumentError, NonFiniteError
 
 #: Spreads below this (relative to the score magnitude) count as "all equal".
 _EQUAL_SCORES = 1e-12
+#: m: tasks within this many standard errors of the best share its weight.
+TIE_MARGIN = 2.0
 
 
 def scores_to_mixture(
-    scores: Mapping[str, float], *, temperature: float, floor: float, error: float = 0.0
+    scores: Mapping[str, float],
+    *,
+    temperature: float,
+    floor: float,
+    error: float = 0.0,
+    margin: float = TIE_MARGIN,
 ) -> dict[str, float]:
     """Maps scores to mixture weights that sum to 1 (see the module docstring).
 
@@ -51,6 +59,7 @@ def scores_to_mixture(
         temperature: τ > 0, in units of `error`.
         floor: ε ≥ 0, the least weight of any task; ε·n < 1.
         error: σ ≥ 0, the scores' standard error; 0 uses their spread.
+        margin: m ≥ 0, in units of σ: tasks this close to the best tie with it.
 
     Raises:
         InvalidArgumentError: τ ≤ 0, ε < 0 or ε·n ≥ 1.
@@ -69,12 +78,16 @@ def scores_to_mixture(
         raise NonFiniteError("scores contain NaN or Inf")
     if not math.isfinite(error) or error < 0:
         raise InvalidArgumentError(f"error must be finite and >= 0, got {error}")
+    if not math.isfinite(margin) or margin < 0:
+        raise InvalidArgumentError(f"margin must be finite and >= 0, got {margin}")
     spread = float(values.std())
     scale = error if error > 0 else spread
     if spread <= _EQUAL_SCORES * max(1.0, float(np.abs(values).max())):
         weights = np.full(n, 1.0 / n)
     else:
-        logits = -(values - values.min()) / (scale * temperature)
+        tied = margin if error > 0 else 0.0
+        behind = np.maximum(0.0, (values - values.min()) / scale - tied)
+        logits = -behind / temperature
         weights = np.exp(logits - logits.max())
         weights /= weights.sum()
     weights = apply_floor(weights, floor)

@@ -65,9 +65,8 @@ class PolicyConfig:
             sketch rows have norm ≈ 1; calibrate against a few fine-tunes.
         temperature: τ of `scores_to_mixture`, in standard errors of the
             scores (their sampling noise, bootstrapped over the sketched
-            rows): a task whose score is one standard error better gets
-            exp(1/τ) times the weight. 4 keeps the mixture within a total
-            variation of 0.1 when the sketched rows are drawn again.
+            rows): beyond the tie margin (`TIE_MARGIN` standard errors of
+            the best), each standard error costs a task a factor e^(1/τ).
         floor: Least weight of any task, ε. Must be < 1/n at mixing time; the
             default 0.001 allows up to 999 tasks.
         subset_count: Subsets drawn by ``ensemble`` / ``surrogate`` (500:
@@ -86,7 +85,7 @@ class PolicyConfig:
 
     policy: str = "ensemble"
     regularization: float = 1.0
-    temperature: float = 4.0
+    temperature: float = 0.5
     floor: float = 0.001
     subset_count: int = 500
     subset_fraction: float = 0.5

@@ -178,13 +178,17 @@ def test_mixture_sums_to_one_respects_the_floor_and_prefers_low_scores():
 
 def test_temperature_is_in_standard_errors_of_the_scores():
     scores = {"a": 0.0, "b": 0.02, "c": 0.10}
-    weights = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.01)
+    weights = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.01, margin=0.0)
     # b is two standard errors behind a: e^-2 of its weight; c ten: e^-10.
     assert weights["b"] / weights["a"] == pytest.approx(math.exp(-2))
     assert weights["c"] / weights["a"] == pytest.approx(math.exp(-10))
     # The same score gaps with ten times the noise give a much flatter mixture.
-    noisy = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.1)
+    noisy = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.1, margin=0.0)
     assert noisy["b"] / noisy["a"] == pytest.approx(math.exp(-0.2))
+    # Within the margin a task ties with the best; beyond it, each σ costs e^(1/τ).
+    tied = scores_to_mixture(scores, temperature=0.5, floor=0.0, error=0.01, margin=2.0)
+    assert tied["b"] == pytest.approx(tied["a"])
+    assert tied["c"] / tied["a"] == pytest.approx(math.exp(-(10 - 2) / 0.5))
     with pytest.raises(InvalidArgumentError, match="error"):
         scores_to_mixture(scores, temperature=1.0, floor=0.0, error=-1.0)
 

@@ -142,11 +142,14 @@ def test_task_pool_loads_lazily_and_draws_reproducibly(tmp_path: Path) -> None:
         found.append(task)
         return tmp_path / f"{task}.jsonl" if task == "a" else None
 
-    pool = TaskPool(CharTokenizer(), max_length=16, seed=3, paths={}, resolve=resolve)
+    pool = TaskPool(CharTokenizer(), max_length=16, seed=3, paths={None: tmp_path / "a.jsonl"},
+                    resolve=resolve)
     assert found == []  # nothing read before it is needed
     draw = pool.sketch_draw("a", "anchor-1", 8)
     assert found == ["a"] and len(set(draw)) == 8 and draw == pool.sketch_draw("a", "anchor-1", 8)
     assert draw != pool.sketch_draw("a", "anchor-2", 8)
+    # The target's rows are the same at every anchor (its loss is compared across them).
+    assert pool.sketch_draw(None, "anchor-1", 8) == pool.sketch_draw(None, "anchor-2", 8)
     assert pool.sketch_draw("a", "anchor-1", 100) == list(range(20))
     batch = pool.train_batch("a", step=4, rank=1, batch_size=5)
     assert torch.equal(batch.input_ids, pool.train_batch("a", 4, 1, 5).input_ids)

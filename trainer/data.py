@@ -194,8 +194,14 @@ class TaskPool:
 
     def sketch_draw(self, task: str | None, anchor: str, count: int) -> list[int]:
         """Example ids (file indices) sketched for a task at an anchor: a seeded draw
-        without replacement of min(count, size) examples, the same in every rank."""
+        without replacement of min(count, size) examples, the same in every rank.
+
+        The target's draw is the same at every anchor, so the change of its
+        loss between anchors (what calibrates the estimate's horizon) is not
+        blurred by a change of examples; each task's draw changes with the anchor.
+        """
         size = len(self.examples(task))
         key = "<target>" if task is None else task
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "sketch", key, anchor))
+        round_ = "" if task is None else anchor
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "sketch", key, round_))
         return sorted(torch.randperm(size, generator=gen)[: min(count, size)].tolist())
