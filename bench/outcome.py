@@ -37,14 +37,16 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+from gradmix.server.calibration import calibrate, gradient_norms
 from gradmix.server.compose import compose_mixture
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.policies import PolicyConfig
+from gradmix.store import Horizon, MixtureRecord
 from gradmix.trainer.config import ModelConfig, SketchingConfig, TokenizerConfig
 from gradmix.trainer.data import TokenizedExample, collate, tokenize
 from gradmix.trainer.projectors import build_projector
@@ -114,10 +116,23 @@ def new_model(settings: Settings, seed: int) -> torch.nn.Module:
     return build_model(ModelConfig(config=config), tokenizer)
 
 
+@dataclass
+class LiveJob:
+    """What the server keeps between anchors for one run: the last version."""
+
+    last: MixtureRecord | None = None
+
+
 def anchor_mixture(model: torch.nn.Module, data: SuiteData, policy: PolicyConfig,
-                   settings: Settings, anchor: int, previous: dict[str, float] | None
+                   settings: Settings, anchor: int, job: LiveJob, lr: float
                    ) -> dict[str, float]:
-    """Sketch the target and every task at the current weights; the server's mixture."""
+    """Sketch the target and every task at the current weights; the server's mixture.
+
+    As on a live server: λ is calibrated from the trainer's horizon (AdamW at
+    the current learning rate until the next anchor) and from the target loss
+    change since the previous anchor (`gradmix.server.calibration`), and the
+    mixture is smoothed towards the one in force.
+    """
     sk = settings.sketch
     projector = build_projector(model, kind=sk.projector, dim=sk.dim, seed=sk.seed,
                                 patterns=sk.parameters, factor_dim=sk.factor_dim or None)
@@ -136,11 +151,24 @@ def anchor_mixture(model: torch.nn.Module, data: SuiteData, policy: PolicyConfig
     estimator.add_target_rows(*rows(data.target_sketch))
     for name, pool in data.pools.items():
         estimator.add_task_rows(name, *rows(pool))
-    return compose_mixture(list(data.pools), estimator, policy, previous=previous).weights
+    horizon = Horizon(learning_rate=lr, steps=settings.anchor_every, optimizer="adamw",
+                      parameters=projector.manifest.numel)
+    calibration = calibrate(configured=policy.regularization, horizon=horizon,
+                            norms=gradient_norms(estimator), previous=job.last,
+                            anchor_loss=estimator.anchor_loss())
+    live = replace(policy, regularization=calibration.regularization)
+    previous = job.last.weights if job.last is not None else None
+    composition = compose_mixture(list(data.pools), estimator, live, previous=previous)
+    job.last = MixtureRecord(
+        version=(job.last.version + 1) if job.last else 1, created_at=0.0, anchor=str(anchor),
+        policy=policy.policy, weights=composition.weights, scores=composition.scores,
+        states=composition.states, anchor_loss=composition.anchor_loss,
+        estimated_loss=composition.estimated_loss, calibration=calibration)
+    return composition.weights
 
 
 def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Settings,
-        trace: list[tuple[int, dict[str, float]]] | None = None, *, stop: int | None = None
+        trace: list[tuple[int, dict[str, float], float]] | None = None, *, stop: int | None = None
         ) -> float | torch.nn.Module:
     """Train one model under `method`'s mixture; the final target cross-entropy.
 
@@ -154,16 +182,17 @@ def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Sett
         optimizer, lambda s: min((s + 1) / settings.warmup, max(0.0, (settings.steps - s) / decay)))
     weights = dict(method.fixed) if method.fixed else dict.fromkeys(names, 1 / len(names))
     rng = np.random.default_rng(seed + 7919)
+    job = LiveJob()
     for step in range(settings.steps):
         if step == stop:
             return model
         anchor_due = step >= settings.first_anchor and \
             (step - settings.first_anchor) % settings.anchor_every == 0
         if method.policy is not None and anchor_due:
-            weights = anchor_mixture(model, data, method.policy, settings, step,
-                                     weights if step > settings.first_anchor else None)
-            if trace is not None:
-                trace.append((step, weights))
+            weights = anchor_mixture(model, data, method.policy, settings, step, job,
+                                     schedule.get_last_lr()[0])
+            if trace is not None and job.last is not None and job.last.calibration:
+                trace.append((step, weights, job.last.calibration.regularization))
         p = np.array([weights[n] for n in names])
         pool = data.pools[names[int(rng.choice(len(names), p=p / p.sum()))]]
         batch = collate([pool[int(i)] for i in rng.integers(0, len(pool), settings.batch)], 0)
@@ -186,7 +215,8 @@ def stability(suite: Suite, data: SuiteData, policy: PolicyConfig, settings: Set
     uniform = Method("uniform", fixed=dict.fromkeys(suite.names, 1 / len(suite.names)))
     model = run(suite, data, uniform, 0, settings, stop=step)
     assert isinstance(model, torch.nn.Module)
-    mixtures = [anchor_mixture(model, data, policy, settings, 1000 + k, None) for k in range(draws)]
+    mixtures = [anchor_mixture(model, data, policy, settings, 1000 + k, LiveJob(), settings.lr)
+                for k in range(draws)]
     return max(0.5 * sum(abs(a[t] - b[t]) for t in a)
                for i, a in enumerate(mixtures) for b in mixtures[i + 1:])
 
@@ -282,11 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             data = suite_data(suite, seed, settings.sketch.examples_per_task)
             for method in methods:
-                trace: list[tuple[int, dict[str, float]]] = []
+                trace: list[tuple[int, dict[str, float], float]] = []
                 results[method.name].append(float(run(suite, data, method, seed, settings, trace)))
                 if args.trace and trace:
-                    for step, w in trace:
-                        console.print(f"  {suite_name} seed {seed} {method.name} step {step}: "
+                    for step, w, lam in trace:
+                        console.print(f"  {suite_name} seed {seed} {method.name} step {step} "
+                                      f"λ={lam:.3g}: "
                                       + " ".join(f"{k}={v:.2f}" for k, v in w.items()))
         if not args.no_single:
             singles = [n for n in results if n.startswith("only:")]

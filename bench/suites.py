@@ -11,7 +11,7 @@ a mixture has to do more than find a copy of the target (no suite holds one):
   is labelled apart. Cosine similarity with the target's gradient is high
   for all of them, since they share prompts and most tokens.
 - ``complementary``: the target has two kinds of examples, 3-digit worked
-  addition and reversing long digit strings. One task teaches addition at
+  addition and reversing digit strings of 5–7 digits. One task teaches addition at
   other digit counts, another reverses short strings: each covers half the
   target, so only a mixture of both does well, and a mixture that goes all
   in on the single best task loses. Distractors: copying strings (the
@@ -126,7 +126,7 @@ def shuffled_answers(rng: random.Random) -> Example:
 
 
 def reverse(rng: random.Random) -> Example:
-    s = "".join(str(rng.randrange(10)) for _ in range(rng.randint(3, 5)))
+    s = "".join(str(rng.randrange(10)) for _ in range(rng.randint(3, 6)))
     return Example(prompt=f"{s}<", completion=s[::-1])
 
 
@@ -136,7 +136,7 @@ def copy(rng: random.Random) -> Example:
 
 
 def reverse_long(rng: random.Random) -> Example:
-    s = "".join(str(rng.randrange(10)) for _ in range(rng.randint(6, 8)))
+    s = "".join(str(rng.randrange(10)) for _ in range(rng.randint(5, 7)))
     return Example(prompt=f"{s}<", completion=s[::-1])
 
 

@@ -33,7 +33,7 @@ flags. Relative paths in the file are resolved against the file's directory.
     [sketching]
     dim = 256
     projector = "structured"
-    value_kind = "log_odds"            # or "geometric_log_odds": see SketchingConfig
+    value_kind = "geometric_log_odds"  # the default; or "log_odds": see SketchingConfig
     reanchor_every = 100               # re-anchor rule: see SketchingConfig
 """
 
@@ -172,19 +172,18 @@ class SketchingConfig:
     """Projection seed."""
     projector: str = "structured"
     """"dense" (blocked Rademacher over all selected parameters, the reference) or
-    "structured" (Kronecker per linear layer; embeddings and norms left out)."""
-    value_kind: str = "log_odds"
-    """The sketched value f(x) (DESIGN.md §4; `gradmix.trainer.values`): "log_odds",
-    the mean over completion tokens of logit(p_t), or "geometric_log_odds",
-    logit(p̄) with p̄ the tokens' geometric-mean probability, for which
-    softplus(−f) is the example's mean token cross-entropy, the loss the trainer
-    trains on. Recorded in the job's sketch spec: a job's sketches never mix kinds.
-    The default stays "log_odds": on the demo tasks the geometric kind was not
-    clearly better. bench/outcome.py (3 seeds, run twice): gradmix target loss
-    0.683 / 0.672 against 0.760 / 0.710, a gap well inside the seed spread (±0.2);
-    bench/fidelity.py (seeds 0-3): Spearman of the estimate with the true
-    fine-tuned cross-entropy 0.60 on average against 0.66; the shortened demo
-    (240 steps): target loss 1.62 against 1.40."""
+    "structured" (Kronecker factors per linear layer, embedding and tied output
+    layer; norms projected densely: every parameter, at a fraction of the cost)."""
+    value_kind: str = "geometric_log_odds"
+    """The sketched value f(x) (DESIGN.md §4; `gradmix.trainer.values`):
+    "geometric_log_odds", logit(p̄) with p̄ the completion tokens' geometric-mean
+    probability, for which softplus(−f) is the example's mean token
+    cross-entropy, the loss the trainer trains on; or "log_odds", the mean over
+    completion tokens of logit(p_t), the method paper's value, which counts a
+    confidently predicted token as much as any other and so makes tasks that
+    share the target's prompts but answer wrongly look like it. Recorded in the
+    job's sketch spec: a job's sketches never mix kinds. The README's benchmark
+    section has the measurements behind the default."""
     factor_dim: int = 0
     """Structured projector's Kronecker factor size k (0: 2⌈√d⌉, at least 32)."""
     parameters: tuple[str, ...] = ("*",)

@@ -67,15 +67,8 @@ class DemoConfig:
     """Examples written per task."""
     target_examples: int = 256
     """Target (validation) examples."""
-    policy: dict[str, Any] = field(
-        default_factory=lambda: {
-            "policy": "ensemble",
-            "temperature": 1.0,
-            "floor": 0.01,
-            "regularization": 1.0,
-        }
-    )
-    """PolicySettings of the gradmix run's job."""
+    policy: dict[str, Any] = field(default_factory=dict)
+    """PolicySettings of the gradmix run's job (empty: the server's defaults)."""
     interactive: bool | None = None
     """Redraw the table in place (default: when stdout is a terminal)."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradmix.trainer.config import TrainConfig, load_config
+from gradmix.trainer.config import SketchingConfig, TrainConfig, load_config
 from gradmix.trainer.demo_tasks import VOCABULARY, TaskFiles
 from gradmix.trainer.runlog import log_path, read_log
 
@@ -47,8 +47,8 @@ class RunSettings:
     reanchor_every: int = 300
     eval_every: int = 150
     """Steps between target-loss measurements (on every target example)."""
-    value_kind: str = "log_odds"
-    """The sketched value (`[sketching].value_kind`)."""
+    value_kind: str = SketchingConfig().value_kind
+    """The sketched value (`[sketching].value_kind`; the trainer's default)."""
     max_length: int = 48
 
     def __post_init__(self) -> None:
