@@ -29,11 +29,15 @@ from gradmix.server.mixture import (
     smooth_mixture,
     standard_error,
 )
-from gradmix.server.policies import PolicyConfig, bootstrap_scores, compute_scores
+from gradmix.server.policies import (
+    PolicyConfig,
+    bootstrap_config,
+    bootstrap_scores,
+    compute_scores,
+    subsets_scored,
+)
 from gradmix.store import MixtureRecord
 
-#: Policies that estimate `subset_count` random subsets to score the tasks.
-_SUBSET_POLICIES = ("ensemble", "surrogate")
 #: Active tasks with fewer sketched rows than this are capped at the uniform share.
 THIN_ROWS = 16
 
@@ -92,12 +96,12 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     pending_weight = policy.prior_weight / len(active)
     raw = {t: active_weights[t] if states[t] == ACTIVE else pending_weight for t in tasks}
     total = sum(raw.values())
-    per_round = policy.subset_count if policy.policy in _SUBSET_POLICIES else 0
-    rounds = 1 + len(replicates)
+    counted = subsets_scored(len(estimator.tasks), policy)
+    counted += len(replicates) * subsets_scored(len(estimator.tasks), bootstrap_config(policy))
     return Composition(weights={t: w / total for t, w in raw.items()},
                        scores={t: scores.get(t, 0.0) for t in tasks}, states=states,
                        anchor_loss=estimator.anchor_loss(), estimated_loss=estimated,
-                       subsets_estimated=per_round * rounds + 1,
+                       subsets_estimated=counted + 1,
                        score_error=error)
 
 

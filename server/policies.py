@@ -260,9 +260,29 @@ def bootstrap_scores(estimator: SubsetEstimator, config: PolicyConfig) -> np.nda
     if not policy.needs_target or n < 2:
         return np.zeros((0, n))
     rng = np.random.default_rng(config.seed)
-    lighter = replace(config, subset_count=max(BOOTSTRAP_MIN_SUBSETS, config.subset_count // 4))
+    lighter = bootstrap_config(config)
     return np.array([policy.scores(resampled(estimator, rng), lighter)
                      for _ in range(config.bootstrap)])
+
+
+def bootstrap_config(config: PolicyConfig) -> PolicyConfig:
+    """The settings a bootstrap replicate is scored with (a quarter of the subsets)."""
+    return replace(config, subset_count=max(BOOTSTRAP_MIN_SUBSETS, config.subset_count // 4))
+
+
+def subsets_scored(n: int, config: PolicyConfig) -> int:
+    """How many subset losses one scoring of `n` tasks under `config` estimates.
+
+    ``ensemble``/``surrogate``: the subsets `draw_subsets` gives (and n
+    singletons when a task is in all or none of them); ``simplex``: 0 (it
+    solves over the simplex, not subsets); the others: 0.
+    """
+    if config.policy not in ("ensemble", "surrogate") or n == 0:
+        return 0
+    subsets = draw_subsets(n, config)
+    counts = subsets.sum(axis=0)
+    fallback = n if ((counts == 0) | (counts == subsets.shape[0])).any() else 0
+    return subsets.shape[0] + fallback
 
 
 def score_error(estimator: SubsetEstimator, config: PolicyConfig) -> float:
@@ -324,6 +344,7 @@ __all__ = [
     "SimplexPolicy",
     "SurrogatePolicy",
     "UniformPolicy",
+    "bootstrap_config",
     "bootstrap_scores",
     "compute_mixture",
     "compute_scores",
@@ -331,5 +352,6 @@ __all__ = [
     "resampled",
     "score_error",
     "singleton_effects",
+    "subsets_scored",
     "task_scales",
 ]

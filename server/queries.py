@@ -14,8 +14,12 @@ from gradmix.server.convert import estimate_mode, scores_to_pb
 from gradmix.server.errors import InvalidArgumentError, PreconditionError, UnknownTaskError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.jobstate import JobState
-from gradmix.server.mixture import scores_to_mixture
-from gradmix.server.policies import compute_scores
+from gradmix.server.policies import (
+    POLICIES,
+    bootstrap_config,
+    compute_mixture,
+    subsets_scored,
+)
 from gradmix.server.selection import forward_selection, select_threshold, select_top_k
 
 
@@ -76,12 +80,15 @@ def select_tasks(state: JobState, request: pb.SelectTasksRequest) -> QueryResult
         if not estimator.tasks:
             raise PreconditionError(
                 f"no task of job {state.name!r} has sketch rows at anchor {anchor!r} yet")
-        scores = {t: float(s) for t, s in compute_scores(estimator, policy).items()}
-        counted = policy.subset_count if policy.policy in ("ensemble", "surrogate") else 0
+        scores, weights = compute_mixture(estimator, policy)
+        n = len(estimator.tasks)
+        rounds = policy.bootstrap if n > 1 and POLICIES[policy.policy].needs_target else 0
+        counted = subsets_scored(n, policy) + rounds * subsets_scored(n, bootstrap_config(policy))
         if method == pb.SELECTION_METHOD_FORWARD:
-            selected, estimated = forward_selection(estimator, mode=mode)
-            n = len(estimator.tasks)
-            counted += n * (n + 1) // 2  # forward stepwise evaluates at most this many
+            evaluated: list[int] = []
+            selected, estimated = forward_selection(estimator, mode=mode,
+                                                    on_estimate=evaluated.append)
+            counted += sum(evaluated)
         else:
             if method == pb.SELECTION_METHOD_TOP_K:
                 selected = select_top_k(scores, int(request.k))
@@ -91,7 +98,6 @@ def select_tasks(state: JobState, request: pb.SelectTasksRequest) -> QueryResult
             counted += 1
         anchor_loss = estimator.anchor_loss()
         order = list(estimator.tasks)
-    weights = scores_to_mixture(scores, temperature=policy.temperature, floor=policy.floor)
     response = pb.SelectTasksResponse(
         anchor=anchor, selected=list(selected), estimated_loss=float(estimated),
         anchor_loss=anchor_loss, scores=scores_to_pb(scores, weights, order))

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from gradmix.server.errors import InvalidArgumentError, NonFiniteError
@@ -43,8 +43,18 @@ def select_top_k(scores: Mapping[str, float], k: int) -> list[str]:
     return [name for _, name in _ranked(scores)[:k]]
 
 
-def forward_selection(estimator: SubsetEstimator, *, mode: str = "fast") -> tuple[list[str], float]:
+def forward_selection(
+    estimator: SubsetEstimator,
+    *,
+    mode: str = "fast",
+    on_estimate: Callable[[int], None] | None = None,
+) -> tuple[list[str], float]:
     """Greedy forward stepwise selection on L̂ (see the module docstring).
+
+    Args:
+        estimator: the anchor's estimator.
+        mode: "fast" or "exact".
+        on_estimate: called with the number of subsets of each round it estimates.
 
     Returns:
         (selected tasks in the order they were added, L̂ of that subset).
@@ -59,6 +69,8 @@ def forward_selection(estimator: SubsetEstimator, *, mode: str = "fast") -> tupl
         subsets = np.tile(chosen, (candidates.size, 1))
         subsets[np.arange(candidates.size), candidates] = True
         losses = estimator.estimate(subsets, mode=mode)
+        if on_estimate is not None:
+            on_estimate(len(subsets))
         pick = int(np.argmin(losses))
         if not losses[pick] < best:
             break
