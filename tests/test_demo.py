@@ -74,11 +74,16 @@ def test_late_tasks_are_registered_sketched_and_weighted(demo) -> None:  # type:
 
 def test_noisy_tasks_end_below_the_helpful_ones(demo) -> None:  # type: ignore[no-untyped-def]
     _, result, _ = demo
+    # The final estimate scores both noisy tasks worse than the target's own
+    # distribution and the late helpful task. (Their weights can both sit near
+    # the floor in this short run, where 0.01 either way is noise.)
+    scores = result.final.scores
+    assert min(scores[t] for t in NOISY) > max(scores[t] for t in ("add3-extra", "add-mixed"))
     weights = result.final.weights
-    assert max(weights[t] for t in NOISY) < min(weights[t] for t in ("add3-extra", "add-mixed"))
     assert sum(weights[t] for t in NOISY) / len(NOISY) < sum(weights[t] for t in HELPFUL) / len(
         HELPFUL
     )
+    assert sum(weights[t] for t in NOISY) < 0.1
 
 
 def test_both_runs_are_measured_and_the_plot_and_summary_written(demo) -> None:  # type: ignore[no-untyped-def]

@@ -51,7 +51,7 @@ def test_load_config_resolves_paths_against_the_file_and_validates(tmp_path: Pat
     assert config.training.lr == 1.0  # an int where a float is expected is accepted
     assert config.sketching.parameters == ("transformer.h.*",)
     assert config.sketching.projector == "structured"  # default
-    assert config.sketching.value_kind == "log_odds"  # default
+    assert config.sketching.value_kind == "geometric_log_odds"  # default
     assert config.deepspeed == {"zero_optimization": {"stage": 2}}
 
 
