@@ -42,5 +42,23 @@ def test_quick_run_prints_a_finite_last_line(capsys: pytest.CaptureFixture[str])
     assert math.isclose(skill, 1 - rel_err / nothing, abs_tol=0.01)  # one run: exact up to rounding
     # both regimes and both projectors are reported, and forward selection ran
     text = "\n".join(out)
-    for word in ("matched", "trainer", "structured", "dense", "selection"):
+    for word in ("matched", "trainer", "structured", "dense", "selection", "c.skill"):
         assert word in text
+    # the matched horizon's first-order check (the ceiling's skill per shape) is printed
+    assert "first order at the matched horizon" in text
+    assert any(line.strip().startswith("gpt2-tied:") for line in out)
+
+
+def test_defaults_follow_the_trainer() -> None:
+    from gradmix.trainer.config import SketchingConfig
+
+    bench = load_bench()
+    args = bench.parse_args([])
+    trainer = SketchingConfig()
+    assert (args.value_kind, args.projector, args.dim) == (
+        trainer.value_kind,
+        trainer.projector,
+        trainer.dim,
+    )
+    # the last line's value kind follows the trainer's too
+    assert args.value_kind in args.value_kinds
