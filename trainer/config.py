@@ -185,7 +185,7 @@ class SketchingConfig:
     job's sketch spec: a job's sketches never mix kinds. The README's benchmark
     section has the measurements behind the default."""
     factor_dim: int = 0
-    """Structured projector's Kronecker factor size k (0: 2⌈√d⌉, at least 32)."""
+    """Structured projector's Kronecker factor size k (0: 4⌈√d⌉, at least 64)."""
     parameters: tuple[str, ...] = ("*",)
     """fnmatch patterns over parameter names (default: all trainable)."""
     examples_per_task: int = 64
