@@ -57,7 +57,8 @@ class Composition:
 
 def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                     policy: PolicyConfig,
-                    previous: Mapping[str, float] | None = None) -> Composition:
+                    previous: Mapping[str, float] | None = None,
+                    error: float | None = None) -> Composition:
     """Weights over `tasks` (registration order) from what `estimator` holds.
 
     Args:
@@ -65,6 +66,8 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
         estimator: the current anchor's estimator (None: no complete anchor).
         policy: the job's policy settings.
         previous: the weights in force before the current anchor (None: none).
+        error: the scores' standard error if already known for these rows
+            (the bootstrap, the costly part, is then skipped); None: bootstrap.
     """
     rows = {t: estimator.task_rows(t) if estimator and t in estimator.tasks else 0
             for t in tasks}
@@ -79,9 +82,12 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                            subsets_estimated=0)
     all_scores = compute_scores(estimator, policy)
     scores = {t: float(all_scores[t]) for t in active}
-    replicates = bootstrap_scores(estimator, policy)
-    columns = [estimator.tasks.index(t) for t in active]
-    error = standard_error(replicates[:, columns])
+    bootstraps = 0
+    if error is None:
+        replicates = bootstrap_scores(estimator, policy)
+        columns = [estimator.tasks.index(t) for t in active]
+        error = standard_error(replicates[:, columns])
+        bootstraps = len(replicates)
     active_weights = scores_to_mixture(scores, temperature=policy.temperature, floor=policy.floor,
                                        error=error)
     thin = {t for t in active if rows[t] < THIN_ROWS}
@@ -97,7 +103,7 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     raw = {t: active_weights[t] if states[t] == ACTIVE else pending_weight for t in tasks}
     total = sum(raw.values())
     counted = subsets_scored(len(estimator.tasks), policy)
-    counted += len(replicates) * subsets_scored(len(estimator.tasks), bootstrap_config(policy))
+    counted += bootstraps * subsets_scored(len(estimator.tasks), bootstrap_config(policy))
     return Composition(weights={t: w / total for t, w in raw.items()},
                        scores={t: scores.get(t, 0.0) for t in tasks}, states=states,
                        anchor_loss=estimator.anchor_loss(), estimated_loss=estimated,

@@ -25,6 +25,7 @@ stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -77,6 +78,34 @@ class Refreshed:
     active: int
 
 
+#: σ is bootstrapped again once the rows grew by more than this factor (or λ moved by it).
+ERROR_REUSE_GROWTH = 1.25
+
+
+@dataclass(frozen=True)
+class ScoreError:
+    """The scores' bootstrap standard error σ and the rows it was computed on.
+
+    The bootstrap costs several scorings, while σ, one number of the rows'
+    spread, hardly moves when a commit adds a few rows. A re-estimate at the
+    same anchor, with the same active tasks, fewer than `ERROR_REUSE_GROWTH`
+    times the rows and about the same λ reuses it.
+    """
+
+    anchor: str
+    tasks: frozenset[str]
+    rows: int
+    regularization: float
+    error: float
+
+    @classmethod
+    def of(cls, anchor: str, estimator: SubsetEstimator, regularization: float,
+           error: float) -> ScoreError:
+        rows = estimator.statistics(None).rows + sum(estimator.task_rows(t)
+                                                    for t in estimator.tasks)
+        return cls(anchor, frozenset(estimator.tasks), rows, regularization, error)
+
+
 class JobState:
     """One job's ingested rows, estimator and latest mixture version."""
 
@@ -93,6 +122,8 @@ class JobState:
         self._rows: AnchorRows | None = None
         #: Rows per task at the current anchor as of the last refresh (read lock-free).
         self.task_rows: dict[str, int] = {}
+        #: The last bootstrap's σ, reused while it describes the rows.
+        self._error: ScoreError | None = None
         #: (anchor, the last version at an earlier anchor): smoothing and calibration.
         self._before: tuple[str, MixtureRecord | None] | None = None
 
@@ -126,7 +157,12 @@ class JobState:
             policy = self.policy if calibration is None else dataclasses.replace(
                 self.policy, regularization=calibration.regularization)
             previous = dict(before.weights) if before is not None else None
-            composition = compose_mixture(tasks, estimator, policy, previous=previous)
+            known = self._known_error(anchor, estimator, policy.regularization)
+            composition = compose_mixture(tasks, estimator, policy, previous=previous,
+                                          error=known.error if known else None)
+            if known is None and estimator is not None and composition.subsets_estimated:
+                self._error = ScoreError.of(anchor, estimator, policy.regularization,
+                                            composition.score_error)
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
@@ -137,6 +173,20 @@ class JobState:
         self.store.append_mixture(self.name, record)
         self.last = record
         return Refreshed(record, composition.subsets_estimated, pending, active)
+
+    def _known_error(self, anchor: str, estimator: SubsetEstimator | None,
+                     regularization: float) -> ScoreError | None:
+        """The last bootstrap's σ if it still describes `estimator`'s rows (see `ScoreError`)."""
+        known = self._error
+        if known is None or estimator is None or not estimator.has_target:
+            return None
+        current = ScoreError.of(anchor, estimator, regularization, known.error)
+        if (current.anchor != known.anchor or current.tasks != known.tasks
+                or current.rows > ERROR_REUSE_GROWTH * known.rows
+                or abs(math.log(current.regularization / known.regularization))
+                > math.log(ERROR_REUSE_GROWTH)):
+            return None
+        return known
 
     def _record_before(self, anchor: str) -> MixtureRecord | None:
         """The last version estimated at an anchor other than `anchor` (None: none).

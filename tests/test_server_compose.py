@@ -68,3 +68,25 @@ def test_a_new_version_only_when_weights_states_tasks_or_anchor_change() -> None
     assert mixture_changed(last, "a0", pending, 1e-6)
     grown = compose_mixture(["a", "b", "c"], estimator_with(["a", "b"]), config)
     assert mixture_changed(last, "a0", grown, 1e-6)
+
+
+def test_a_known_standard_error_skips_the_bootstrap_and_counts_what_was_estimated() -> None:
+    estimator = estimator_with(["a", "b", "c", "d"])
+    config = PolicyConfig(subset_count=16, bootstrap=4)
+    fresh = compose_mixture(["a", "b", "c", "d"], estimator, config)
+    # C(4, 2) = 6 subsets scored once, then 4 replicates of the same 6, plus L̂ of the mixture.
+    assert fresh.subsets_estimated == 6 + 4 * 6 + 1
+    assert fresh.score_error > 0
+    reused = compose_mixture(["a", "b", "c", "d"], estimator, config, error=fresh.score_error)
+    assert reused.subsets_estimated == 6 + 1
+    assert reused.weights == pytest.approx(fresh.weights)
+
+
+def test_smoothing_blends_the_mixture_in_force_into_the_active_weights() -> None:
+    estimator = estimator_with(["a", "b", "c", "d"])
+    sharp = compose_mixture(["a", "b", "c", "d"], estimator, PolicyConfig(subset_count=16))
+    before = {"a": 0.25, "b": 0.25, "c": 0.25, "d": 0.25, "gone": 0.5}
+    config = PolicyConfig(subset_count=16, smoothing=0.5)
+    smoothed = compose_mixture(["a", "b", "c", "d"], estimator, config, previous=before)
+    for task, weight in sharp.weights.items():
+        assert smoothed.weights[task] == pytest.approx(0.5 * weight + 0.125)
