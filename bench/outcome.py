@@ -37,12 +37,12 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from gradmix.server.calibration import calibrate, gradient_norms
+from gradmix.server.calibration import calibrated_policy
 from gradmix.server.compose import compose_mixture
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.policies import PolicyConfig
@@ -153,10 +153,8 @@ def anchor_mixture(model: torch.nn.Module, data: SuiteData, policy: PolicyConfig
         estimator.add_task_rows(name, *rows(pool))
     horizon = Horizon(learning_rate=lr, steps=settings.anchor_every, optimizer="adamw",
                       parameters=projector.manifest.numel)
-    calibration = calibrate(configured=policy.regularization, horizon=horizon,
-                            norms=gradient_norms(estimator), previous=job.last,
-                            anchor_loss=estimator.anchor_loss())
-    live = replace(policy, regularization=calibration.regularization)
+    live, calibration = calibrated_policy(policy, horizon=horizon, estimator=estimator,
+                                          previous=job.last)
     previous = job.last.weights if job.last is not None else None
     composition = compose_mixture(list(data.pools), estimator, live, previous=previous)
     job.last = MixtureRecord(
@@ -274,10 +272,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     console = Console(width=120)
-    settings = Settings(steps=args.steps, first_anchor=args.first_anchor,
-                        anchor_every=args.anchor_every,
-                        sketch=SketchingConfig(**parse_overrides(args.sketch)))
-    gradmix_policy = PolicyConfig(**parse_overrides(args.gradmix))
+    try:
+        settings = Settings(steps=args.steps, first_anchor=args.first_anchor,
+                            anchor_every=args.anchor_every,
+                            sketch=SketchingConfig(**parse_overrides(args.sketch)))
+        gradmix_policy = PolicyConfig(**parse_overrides(args.gradmix))
+    except (TypeError, ValueError) as exc:  # unknown key, or a value the config refuses
+        print(f"outcome: bad --sketch/--gradmix setting: {exc}", file=sys.stderr)
+        return 2
+    if not settings.warmup < settings.steps or not 0 <= settings.first_anchor < settings.steps \
+            or settings.anchor_every < 1 or args.seeds < 1:
+        print(f"outcome: need --steps > {settings.warmup} (the warm-up), 0 <= --first-anchor < "
+              "--steps, --anchor-every >= 1 and --seeds >= 1", file=sys.stderr)
+        return 2
     chosen = args.suite or list(SUITES)
     seeds = list(range(args.seeds))
     counts = dict.fromkeys(("uniform", "proportional", "similarity", "loses"), 0)

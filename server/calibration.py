@@ -62,12 +62,14 @@ not move when the run's calibration does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.policies import PolicyConfig
 from gradmix.store import CalibrationRecord, Horizon, MixtureRecord
 
 __all__ = [
@@ -77,6 +79,7 @@ __all__ = [
     "Prior",
     "adam_prior",
     "calibrate",
+    "calibrated_policy",
     "correct",
     "gradient_norms",
     "harmonic_mean",
@@ -264,3 +267,22 @@ def calibrate(*, configured: float, horizon: Horizon | None, norms: Iterable[flo
         factor=correction.factor, observations=correction.observations,
         predicted_change=predicted, realized_change=realized, ratio=correction.ratio,
         note=correction.note)
+
+
+def calibrated_policy(policy: PolicyConfig, *, horizon: Horizon | None,
+                      estimator: SubsetEstimator | None, previous: MixtureRecord | None,
+                      scale: float = 1.0) -> tuple[PolicyConfig, CalibrationRecord]:
+    """The job's policy with λ calibrated for the current anchor, and how λ was set.
+
+    Args:
+        policy: the job's settings (its `regularization` is the configured λ).
+        horizon: the current anchor's horizon (None: none declared).
+        estimator: the current anchor's rows (None: none yet).
+        previous: the last version estimated at the previous anchor (None: none).
+        scale: `interval_scale` of the interval from the previous anchor.
+    """
+    loss = estimator.anchor_loss() if estimator is not None and estimator.has_target else None
+    calibration = calibrate(configured=policy.regularization, horizon=horizon,
+                            norms=gradient_norms(estimator), previous=previous,
+                            anchor_loss=loss, scale=scale)
+    return dataclasses.replace(policy, regularization=calibration.regularization), calibration

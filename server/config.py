@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gradmix.server.errors import InvalidArgumentError
+from gradmix.server.policies import PolicyConfig
 
 ENV_PREFIX = "GRADMIX_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -96,6 +97,11 @@ class ServerConfig:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.policy not in POLICY_NAMES:
             raise ConfigError(f"policy must be one of {POLICY_NAMES}, got {self.policy!r}")
+        # Jobs take these defaults: refuse at start-up what every CreateJob would refuse.
+        try:
+            PolicyConfig(**self.policy_defaults())
+        except InvalidArgumentError as exc:
+            raise ConfigError(f"default policy settings: {exc}") from exc
 
     def policy_defaults(self) -> dict[str, Any]:
         """The policy settings this server fills in, without the unset (None) ones."""

@@ -24,18 +24,18 @@ stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from gradmix.server.calibration import calibrate, gradient_norms, interval_scale
+from gradmix.server.calibration import calibrated_policy, interval_scale
 from gradmix.server.compose import Composition, compose_mixture, mixture_changed
 from gradmix.server.convert import ACTIVE, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.policies import PolicyConfig
 from gradmix.store import (
     AnchorInfo,
     CalibrationRecord,
@@ -153,9 +153,7 @@ class JobState:
                 self._ingest(self._rows, dirty, full)
             estimator = self._rows.estimator if self._rows else None
             before = self._record_before(anchor)
-            calibration = self._calibration(anchors, anchor, estimator, before)
-            policy = self.policy if calibration is None else dataclasses.replace(
-                self.policy, regularization=calibration.regularization)
+            policy, calibration = self._calibrated(anchors, anchor, estimator, before)
             previous = dict(before.weights) if before is not None else None
             known = self._known_error(anchor, estimator, policy.regularization)
             composition = compose_mixture(tasks, estimator, policy, previous=previous,
@@ -202,24 +200,22 @@ class JobState:
             self._before = (anchor, last if last is not None and last.anchor else None)
         return self._before[1]
 
-    def _calibration(self, anchors: Sequence[AnchorInfo], anchor: str,
-                     estimator: SubsetEstimator | None,
-                     before: MixtureRecord | None) -> CalibrationRecord | None:
-        """λ for the current anchor (None while there is none), from its horizon and the
-        interval since `before` (recomputed on every refresh: a pure function of them)."""
+    def _calibrated(self, anchors: Sequence[AnchorInfo], anchor: str,
+                    estimator: SubsetEstimator | None, before: MixtureRecord | None
+                    ) -> tuple[PolicyConfig, CalibrationRecord | None]:
+        """The policy with λ calibrated for the current anchor, from its horizon and the
+        interval since `before` (recomputed on every refresh: a pure function of them).
+        The job's own policy and None while no anchor is complete."""
         if not anchor:
-            return None
+            return self.policy, None
         infos = {a.name: a for a in anchors}
         here = infos[anchor]
         scale = 1.0
         there = infos.get(before.anchor) if before is not None else None
         if there is not None and there.horizon is not None:
             scale = interval_scale(there.horizon.steps, here.step - there.step)
-        loss = estimator.anchor_loss() if estimator is not None and estimator.has_target \
-            else None
-        return calibrate(configured=self.policy.regularization, horizon=here.horizon,
-                         norms=gradient_norms(estimator), previous=before, anchor_loss=loss,
-                         scale=scale)
+        return calibrated_policy(self.policy, horizon=here.horizon, estimator=estimator,
+                                 previous=before, scale=scale)
 
     def _ingest(self, rows: AnchorRows, dirty: Collection[tuple[str, Source]],
                 full: bool) -> None:

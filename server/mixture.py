@@ -2,7 +2,7 @@
 
 Scores are compared in units of their *standard error* σ, their sampling
 noise (a bootstrap over the sketched rows, `gradmix.server.policies.
-score_error`), so the mixture is sharp exactly where the evidence is:
+bootstrap_scores`), so the mixture is sharp exactly where the evidence is:
 
     z_t = (score_t - min score) / σ
     p_t ∝ exp(-max(0, z_t - m) / τ)
@@ -14,9 +14,12 @@ behind the best gets e⁻⁴ ≈ 2% of its weight, one 6 behind e⁻⁸.
 
 Why a margin: two equally helpful tasks' scores differ by noise alone, and
 a plain softmax at a temperature sharp enough to drop the harmful tasks
-hands most of the weight to whichever of the two the draw favoured (at one
-anchor of bench/outcome.py, redrawing the sketched rows moved such a
-mixture by a total variation of 0.6–0.9; with the margin by ≤ 0.05). An
+hands most of the weight to whichever of the two the draw favoured. At one
+anchor of bench/outcome.py's near-misses suite (dense sketches, two truly
+near-tied helpful tasks), redrawing the sketched rows moved a plain softmax
+mixture by a total variation of 0.6–0.9 and the margin's by ≤ 0.05; on other
+suites and anchors the margin still leaves 0.3–0.6 (the bench's stability
+line), so it is no guarantee. An
 earlier version divided the scores by their spread across tasks instead of
 σ; that capped how sharp a mixture could get (the best of six tasks got
 ≈ 30% at τ = 0.5) and let noise between near-tied tasks swing it.

@@ -41,6 +41,8 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
     ([], {"GRADMIX_DEBOUNCE_SECONDS": "-1"}, "debounce_seconds"),
     (["--policy", "best"], {}, "policy"),
     (["--log-level", "LOUD"], {}, "log_level"),
+    (["--smoothing", "1.5"], {}, "smoothing"),
+    ([], {"GRADMIX_TEMPERATURE": "-1"}, "temperature"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(argv: list[str], env: dict[str, str],
                                                        message: str) -> None:
