@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gradmix.trainer.demo
+	$(PY) -m gradmix.demo
 
 test: $(STAMP)
 	bash scripts/install_system_deps.sh
@@ -26,7 +26,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy server client store trainer
+	$(VENV)/bin/mypy server client store trainer demo
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -142,11 +142,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from gradmix.demo.tasks import VOCABULARY, write_tasks
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.selection import forward_selection
 from gradmix.trainer.config import ModelConfig, SketchingConfig, TokenizerConfig
 from gradmix.trainer.data import Batch, TokenizedExample, collate, read_jsonl
-from gradmix.trainer.demo_tasks import VOCABULARY, write_tasks
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.setup import build_model, build_tokenizer
 from gradmix.trainer.sketch import per_sample_gradients, sketch_examples

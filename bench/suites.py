@@ -33,7 +33,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gradmix.trainer.demo_tasks import Example, addition, worked_sum
+from gradmix.demo.tasks import Example, addition, worked_sum
 
 #: Every character the suites emit (the char tokenizer's alphabet).
 ALPHABET = "0123456789+=;><"

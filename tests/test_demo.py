@@ -16,10 +16,10 @@ import os
 from pathlib import Path
 
 import pytest
+from gradmix.demo.job import GRADMIX_JOB, DemoConfig, run_demo
+from gradmix.demo.run import RunSettings
+from gradmix.demo.tasks import TASKS, initial_tasks, late_tasks
 from gradmix.store import SketchStore
-from gradmix.trainer.demo import GRADMIX_JOB, DemoConfig, run_demo
-from gradmix.trainer.demo_run import RunSettings
-from gradmix.trainer.demo_tasks import TASKS, initial_tasks, late_tasks
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradmix.trainer.report import (
+from gradmix.demo.report import (
     LiveTable,
     RunHistory,
     WeightPoint,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from gradmix.trainer import demo_tasks
-from gradmix.trainer.demo_tasks import TARGET, TASKS, DemoTask, DemoTaskError, generate
+from gradmix.demo import tasks as demo_tasks
+from gradmix.demo.tasks import TARGET, TASKS, DemoTask, DemoTaskError, generate
 
 
 def _answer(example: demo_tasks.Example) -> int:

@@ -29,9 +29,9 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from gradmix.demo.tasks import write_tasks
 from gradmix.server.config import load_config
 from gradmix.trainer.config import load_config as load_train_config
-from gradmix.trainer.demo_tasks import write_tasks
 from kubernetes_validate.utils import SchemaNotFoundError
 from pydantic import BaseModel
 

@@ -1,10 +1,10 @@
 """`make demo`: the whole product on one machine, in about five minutes on 2 CPU cores.
 
-    python -m gradmix.trainer.demo [--steps N] [--no-baseline] [--out DIR]
+    python -m gradmix.demo [--steps N] [--no-baseline] [--out DIR]
 
 What it does, as a user would:
 
-1. writes the built-in tasks (`gradmix.trainer.demo_tasks`) as JSONL files;
+1. writes the built-in tasks (`gradmix.demo.tasks`) as JSONL files;
 2. starts a selection server on an embedded sketch store (``<out>/store``);
 3. runs `gradmix-train` on a tiny GPT-2 (built from a config, nothing
    downloaded): it sketches the target and the tasks at anchors and follows
@@ -33,11 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gradmix.client import Mixture, SelectionClient, errors
-from gradmix.server.app import build_server
-from gradmix.server.config import ServerConfig
-from gradmix.trainer.demo_run import RunSettings, TrainerRun, write_job
-from gradmix.trainer.demo_tasks import TASKS, TaskFiles, initial_tasks, late_tasks, write_tasks
-from gradmix.trainer.report import (
+from gradmix.demo.report import (
     LiveTable,
     RunHistory,
     WeightPoint,
@@ -45,6 +41,10 @@ from gradmix.trainer.report import (
     progress_line,
     summarize,
 )
+from gradmix.demo.run import RunSettings, TrainerRun, write_job
+from gradmix.demo.tasks import TASKS, TaskFiles, initial_tasks, late_tasks, write_tasks
+from gradmix.server.app import build_server
+from gradmix.server.config import ServerConfig
 from prometheus_client import CollectorRegistry
 
 GRADMIX_JOB = "demo-gradmix"
@@ -349,7 +349,7 @@ def _conclude(
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     """The command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m gradmix.trainer.demo", description=__doc__.splitlines()[0]
+        prog="python -m gradmix.demo", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per run")

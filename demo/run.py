@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+from gradmix.demo.tasks import VOCABULARY, TaskFiles
 from gradmix.trainer.config import SketchingConfig, TrainConfig, load_config
-from gradmix.trainer.demo_tasks import VOCABULARY, TaskFiles
 from gradmix.trainer.runlog import log_path, read_log
 
 
@@ -60,29 +61,6 @@ class RunSettings:
             raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string of ASCII text is a TOML basic string
-    if isinstance(value, Mapping):
-        return (
-            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-        )
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def to_toml(doc: Mapping[str, Any]) -> str:
-    """A TOML document: top-level keys, then one table per mapping (nested ones inline)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
-    for name, table in doc.items():
-        if isinstance(table, Mapping):
-            lines += ["", f"[{name}]", *(f"{k} = {_toml_value(v)}" for k, v in table.items())]
-    return "\n".join(lines) + "\n"
 
 
 def write_job(
@@ -158,7 +136,7 @@ def write_job(
         "policy": dict(policy),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_toml(doc), encoding="utf-8")
+    path.write_bytes(tomli_w.dumps(doc).encode("utf-8"))
     return load_config(path, env={})
 
 
