@@ -157,10 +157,11 @@ from gradmix.trainer.values import (
     token_log_probs,
     values_of,
 )
+from gradmix.vocabulary import Projector
 from scipy.stats import spearmanr
 from torch import nn
 
-PROJECTORS = ("structured", "dense")
+PROJECTORS = (Projector.STRUCTURED, Projector.DENSE)  # the default first
 REGIMES = ("matched", "trainer")
 #: Trainer-regime λ grid (calibrated on held-out subsets).
 LAMBDA_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)

@@ -27,6 +27,7 @@ from gradmix.client.types import (
     Task,
 )
 from gradmix.proto.v1 import selection_pb2 as pb
+from gradmix.vocabulary import WIRE_UNSPECIFIED, Policy, Projector, SketchDtype, ValueKind
 
 
 def _enum_name(enum: EnumTypeWrapper, prefix: str, value: int, unspecified: str) -> str:
@@ -52,7 +53,7 @@ def _time(ts: Timestamp) -> float:
 
 def policy_name(value: int) -> str:
     """Policy enum -> name ("ensemble" for unspecified, the server default)."""
-    return _enum_name(pb.Policy, "POLICY_", value, "ensemble")
+    return _enum_name(pb.Policy, "POLICY_", value, WIRE_UNSPECIFIED[Policy])
 
 
 def task_state_name(value: int) -> str:
@@ -100,10 +101,12 @@ def job_spec_from_pb(msg: pb.JobSpec) -> JobSpec:
     sketch = SketchSpec(
         dim=max(s.dim, 1),
         seed=s.seed,
-        value_kind=_enum_name(pb.ValueKind, "VALUE_KIND_", s.value_kind, "log_odds"),
-        projector=s.projector or "dense",
+        value_kind=_enum_name(
+            pb.ValueKind, "VALUE_KIND_", s.value_kind, WIRE_UNSPECIFIED[ValueKind]
+        ),
+        projector=s.projector or WIRE_UNSPECIFIED[Projector],
         manifest_hash=s.manifest_hash,
-        dtype=_enum_name(pb.SketchDtype, "SKETCH_DTYPE_", s.dtype, "float16"),
+        dtype=_enum_name(pb.SketchDtype, "SKETCH_DTYPE_", s.dtype, WIRE_UNSPECIFIED[SketchDtype]),
     )
     policy = PolicySettings(
         policy=policy_name(p.policy),

@@ -12,15 +12,30 @@ import math
 from dataclasses import dataclass, field
 
 from gradmix.client.errors import InvalidArgument
+from gradmix.vocabulary import (
+    DEFAULT_DTYPE,
+    DEFAULT_POLICY,
+    DEFAULT_PROJECTOR,
+    DEFAULT_VALUE_KIND,
+    AnchorState,
+    EstimateMode,
+    Policy,
+    Projector,
+    SelectionMethod,
+    SketchDtype,
+    TaskState,
+    ValueKind,
+    choices,
+)
 
-POLICIES = ("ensemble", "surrogate", "simplex", "uniform", "gradient_similarity")
-PROJECTORS = ("dense", "structured")
-DTYPES = ("float16", "float32")
-VALUE_KINDS = ("log_odds", "geometric_log_odds")
-MODES = ("fast", "exact")
-METHODS = ("threshold", "top_k", "forward")
-TASK_STATES = ("pending", "active")
-ANCHOR_STATES = ("open", "complete")
+POLICIES = choices(Policy)
+PROJECTORS = choices(Projector)
+DTYPES = choices(SketchDtype)
+VALUE_KINDS = choices(ValueKind)
+MODES = choices(EstimateMode)
+METHODS = choices(SelectionMethod)
+TASK_STATES = choices(TaskState)
+ANCHOR_STATES = choices(AnchorState)
 
 
 def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -36,13 +51,13 @@ class SketchSpec:
     """Projection dimension d (> 0)."""
     seed: int = 0
     """Projection seed (>= 0)."""
-    projector: str = "dense"
-    """"dense" or "structured"."""
+    projector: str = DEFAULT_PROJECTOR
+    """"dense" or "structured" (the default, as in `gradmix-train`)."""
     manifest_hash: str = ""
     """Hash of the sketched parameter manifest."""
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     """Storage dtype of the projected gradients: "float16" or "float32"."""
-    value_kind: str = "log_odds"
+    value_kind: str = DEFAULT_VALUE_KIND
     """What the per-example value f(x) is (DESIGN.md §4): "log_odds", the mean of the
     completion tokens' logit(p_t), or "geometric_log_odds", logit of their geometric-mean
     probability, for which softplus(−f) is the mean token cross-entropy."""
@@ -61,7 +76,7 @@ class SketchSpec:
 class PolicySettings:
     """How the mixture is made from the sketches; zero numbers take server defaults."""
 
-    policy: str = "ensemble"
+    policy: str = DEFAULT_POLICY
     """ensemble | surrogate | simplex | uniform | gradient_similarity."""
     regularization: float = 0.0
     """λ of the subset regression."""

@@ -25,10 +25,11 @@ from typing import Any
 
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.policies import PolicyConfig
+from gradmix.vocabulary import DEFAULT_POLICY, Policy, choices
 
 ENV_PREFIX = "GRADMIX_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-POLICY_NAMES = ("ensemble", "surrogate", "simplex", "uniform", "gradient_similarity")
+POLICY_NAMES = choices(Policy)
 
 
 class ConfigError(InvalidArgumentError):
@@ -59,7 +60,7 @@ class ServerConfig:
     """Largest gRPC message accepted (an UploadSketch chunk must fit)."""
     log_level: str = "INFO"
     """Python logging level name."""
-    policy: str = "ensemble"
+    policy: str = DEFAULT_POLICY
     """Default policy of a job that does not name one."""
     regularization: float | None = None
     """Default λ of the subset regression."""

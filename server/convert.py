@@ -17,22 +17,24 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.policies import PolicyConfig
 from gradmix.store import AnchorInfo, CalibrationRecord, Horizon, JobSpec, MixtureRecord
+from gradmix.vocabulary import (
+    WIRE_UNSPECIFIED,
+    AnchorState,
+    EstimateMode,
+    Policy,
+    Projector,
+    SketchDtype,
+    TaskState,
+    ValueKind,
+    from_wire,
+    to_wire,
+)
 
-PENDING = "pending"
-ACTIVE = "active"
+PENDING = TaskState.PENDING
+ACTIVE = TaskState.ACTIVE
 
-_VALUE_KINDS = {pb.VALUE_KIND_UNSPECIFIED: "log_odds", pb.VALUE_KIND_LOG_ODDS: "log_odds",
-                pb.VALUE_KIND_GEOMETRIC_LOG_ODDS: "geometric_log_odds"}
-_VALUE_KIND_ENUMS = {"log_odds": pb.VALUE_KIND_LOG_ODDS,
-                     "geometric_log_odds": pb.VALUE_KIND_GEOMETRIC_LOG_ODDS}
-_DTYPES = {pb.SKETCH_DTYPE_UNSPECIFIED: "float16", pb.SKETCH_DTYPE_FLOAT16: "float16",
-           pb.SKETCH_DTYPE_FLOAT32: "float32"}
 _POLICY_FIELDS = ("regularization", "temperature", "floor", "subset_count",
                   "subset_fraction", "prior_weight", "seed")
-_STATES = {PENDING: pb.TASK_STATE_PENDING, ACTIVE: pb.TASK_STATE_ACTIVE}
-_ANCHOR_STATES = {"open": pb.ANCHOR_STATE_OPEN, "complete": pb.ANCHOR_STATE_COMPLETE}
-_MODES = {pb.ESTIMATE_MODE_UNSPECIFIED: "fast", pb.ESTIMATE_MODE_FAST: "fast",
-          pb.ESTIMATE_MODE_EXACT: "exact"}
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -46,19 +48,19 @@ def policy_name(policy: int) -> str:
     if policy == pb.POLICY_UNSPECIFIED:
         return ""
     try:
-        return pb.Policy.Name(policy).removeprefix("POLICY_").lower()  # type: ignore[arg-type]
+        return from_wire(Policy, policy, pb.Policy)
     except ValueError as exc:
         raise InvalidArgumentError(f"unknown policy enum value {policy}") from exc
 
 
 def policy_enum(name: str) -> pb.Policy.ValueType:
-    return pb.Policy.Value("POLICY_" + name.upper())
+    return to_wire(Policy(name), pb.Policy)  # type: ignore[return-value]
 
 
 def estimate_mode(mode: int) -> str:
     try:
-        return _MODES[mode]  # type: ignore[index]
-    except KeyError as exc:
+        return from_wire(EstimateMode, mode, pb.EstimateMode)
+    except ValueError as exc:
         raise InvalidArgumentError(f"unknown estimate mode enum value {mode}") from exc
 
 
@@ -69,20 +71,24 @@ def sketch_to_spec(sketch: pb.SketchSpec) -> JobSpec:
         InvalidArgumentError: an enum value this server does not know.
         InvalidSpecError: from JobSpec, e.g. dim 0.
     """
-    if sketch.value_kind not in _VALUE_KINDS:
-        raise InvalidArgumentError(f"unknown value_kind enum value {sketch.value_kind}")
-    if sketch.dtype not in _DTYPES:
-        raise InvalidArgumentError(f"unknown dtype enum value {sketch.dtype}")
-    return JobSpec(dim=sketch.dim, seed=sketch.seed, value_kind=_VALUE_KINDS[sketch.value_kind],
-                   projector=sketch.projector or "dense", manifest_hash=sketch.manifest_hash,
-                   dtype=_DTYPES[sketch.dtype])
+    try:
+        value_kind = from_wire(ValueKind, sketch.value_kind, pb.ValueKind)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"unknown value_kind enum value {sketch.value_kind}") from exc
+    try:
+        dtype = from_wire(SketchDtype, sketch.dtype, pb.SketchDtype)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"unknown dtype enum value {sketch.dtype}") from exc
+    return JobSpec(dim=sketch.dim, seed=sketch.seed, value_kind=value_kind,
+                   projector=sketch.projector or WIRE_UNSPECIFIED[Projector],
+                   manifest_hash=sketch.manifest_hash, dtype=dtype)
 
 
 def spec_to_sketch(spec: JobSpec) -> pb.SketchSpec:
-    dtype = pb.SKETCH_DTYPE_FLOAT32 if spec.dtype == "float32" else pb.SKETCH_DTYPE_FLOAT16
     return pb.SketchSpec(dim=spec.dim, seed=spec.seed,
-                         value_kind=_VALUE_KIND_ENUMS[spec.value_kind], projector=spec.projector,
-                         manifest_hash=spec.manifest_hash, dtype=dtype)
+                         value_kind=to_wire(ValueKind(spec.value_kind), pb.ValueKind),  # type: ignore[arg-type]
+                         projector=spec.projector, manifest_hash=spec.manifest_hash,
+                         dtype=to_wire(SketchDtype(spec.dtype), pb.SketchDtype))  # type: ignore[arg-type]
 
 
 def requested_policy(settings: pb.PolicySettings) -> dict[str, Any]:
@@ -127,7 +133,7 @@ def job_settings(policy: Mapping[str, Any], target: str) -> dict[str, Any]:
 
 def settings_to_pb(settings: Mapping[str, Any]) -> tuple[pb.PolicySettings, str]:
     policy = settings.get("policy", {})
-    message = pb.PolicySettings(policy=policy_enum(policy.get("policy", "ensemble")))
+    message = pb.PolicySettings(policy=policy_enum(policy.get("policy", WIRE_UNSPECIFIED[Policy])))
     for field in (*_POLICY_FIELDS, "smoothing"):
         if field in policy:
             setattr(message, field, policy[field])
@@ -155,7 +161,7 @@ def horizon_to_pb(horizon: Horizon) -> pb.Horizon:
 
 def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
     message = pb.Anchor(job=job, name=anchor.name, step=anchor.step,
-                        state=_ANCHOR_STATES.get(anchor.state, pb.ANCHOR_STATE_UNSPECIFIED),
+                        state=to_wire(AnchorState(anchor.state), pb.AnchorState),
                         target_rows=target_rows, declared_at=timestamp(anchor.declared_at))
     if anchor.horizon is not None:
         message.horizon.CopyFrom(horizon_to_pb(anchor.horizon))
@@ -163,7 +169,7 @@ def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
 
 
 def task_state(state: str) -> pb.TaskState.ValueType:
-    return _STATES.get(state, pb.TASK_STATE_UNSPECIFIED)
+    return to_wire(TaskState(state), pb.TaskState)  # type: ignore[return-value]
 
 
 def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:

@@ -37,11 +37,12 @@ from gradmix.server.errors import (
     UnknownTaskError,
 )
 from gradmix.server.task_statistics import TaskStatistics, softplus
+from gradmix.vocabulary import EstimateMode, choices
 from scipy.special import expit
 
 __all__ = ["MODES", "SubsetEstimator", "TaskStatistics", "softplus", "target_losses"]
 
-MODES = ("fast", "exact")
+MODES = choices(EstimateMode)
 #: Exact mode stops when ‖∇J(w)‖ ≤ this × max(1, ‖∇J(0)‖).
 EXACT_GRADIENT_TOLERANCE = 1e-11
 EXACT_MAX_ITERATIONS = 100

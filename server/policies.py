@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 from itertools import combinations
 from typing import ClassVar
 
+import gradmix.vocabulary as vocabulary
 import numpy as np
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.estimator import SubsetEstimator
@@ -277,7 +278,7 @@ def subsets_scored(n: int, config: PolicyConfig) -> int:
     singletons when a task is in all or none of them); ``simplex``: 0 (it
     solves over the simplex, not subsets); the others: 0.
     """
-    if config.policy not in ("ensemble", "surrogate") or n == 0:
+    if config.policy not in (vocabulary.Policy.ENSEMBLE, vocabulary.Policy.SURROGATE) or n == 0:
         return 0
     subsets = draw_subsets(n, config)
     counts = subsets.sum(axis=0)

@@ -8,12 +8,21 @@ from typing import Any
 
 import numpy as np
 from gradmix.store.errors import InvalidSpecError, StoreStateError
+from gradmix.vocabulary import (
+    WIRE_UNSPECIFIED,
+    AnchorState,
+    Projector,
+    SketchDtype,
+    TaskState,
+    ValueKind,
+    choices,
+)
 
-PROJECTORS = ("dense", "structured")
-VALUE_KINDS = ("log_odds", "geometric_log_odds")
-DTYPES = ("float16", "float32")
-ANCHOR_STATES = ("open", "complete")
-TASK_STATES = ("pending", "active")
+PROJECTORS = choices(Projector)
+VALUE_KINDS = choices(ValueKind)
+DTYPES = choices(SketchDtype)
+ANCHOR_STATES = choices(AnchorState)
+TASK_STATES = choices(TaskState)
 
 
 def _is_int(value: object) -> bool:
@@ -36,10 +45,11 @@ class JobSpec:
 
     dim: int
     seed: int
-    value_kind: str = "log_odds"
-    projector: str = "dense"
+    # Defaults are what a spec document written before the field existed means.
+    value_kind: str = WIRE_UNSPECIFIED[ValueKind]
+    projector: str = WIRE_UNSPECIFIED[Projector]
     manifest_hash: str = ""
-    dtype: str = "float16"
+    dtype: str = WIRE_UNSPECIFIED[SketchDtype]
 
     def __post_init__(self) -> None:
         if not _is_int(self.dim) or self.dim <= 0:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from gradmix.client import PolicySettings, SelectionClient, SketchSpec, errors
 from gradmix.client.types import Mixture
+from gradmix.trainer.config import SketchingConfig
 from test_client_support import (
     DIM,
     Planted,
@@ -84,8 +85,14 @@ def test_value_kind_round_trips_and_a_job_never_mixes_kinds(served: Served) -> N
         c.create_job("geo", sketch=dataclasses.replace(geometric, value_kind="log_odds"))
     assert exists.value.code == grpc.StatusCode.ALREADY_EXISTS
     assert "value_kind" in exists.value.details
-    plain = c.create_job("plain", sketch=SketchSpec(dim=DIM, seed=7, dtype="float32"))
+    plain = c.create_job(
+        "plain", sketch=SketchSpec(dim=DIM, seed=7, dtype="float32", value_kind="log_odds")
+    )
     assert c.get_job(plain.name).spec.sketch.value_kind == "log_odds"
+    # A spec that names no kind gets the one gradmix-train sketches by default.
+    default = c.create_job("default", sketch=SketchSpec(dim=DIM, seed=7))
+    assert default.spec.sketch.value_kind == SketchingConfig().value_kind
+    assert default.spec.sketch.projector == SketchingConfig().projector
     with pytest.raises(errors.AlreadyExists, match="value_kind"):
         c.create_job("plain", sketch=geometric)
     with pytest.raises(errors.InvalidArgument):  # refused before any RPC

@@ -48,11 +48,21 @@ from pathlib import Path
 from typing import Any
 
 from gradmix.trainer.errors import ConfigError
-from gradmix.trainer.values import VALUE_KINDS
+from gradmix.vocabulary import (
+    DEFAULT_DTYPE,
+    DEFAULT_PROJECTOR,
+    DEFAULT_VALUE_KIND,
+    Policy,
+    Projector,
+    SketchDtype,
+    ValueKind,
+    choices,
+)
 
-PROJECTORS = ("dense", "structured")
-DTYPES = ("float16", "float32")
-POLICIES = ("ensemble", "surrogate", "simplex", "uniform", "gradient_similarity")
+PROJECTORS = choices(Projector)
+DTYPES = choices(SketchDtype)
+POLICIES = choices(Policy)
+VALUE_KINDS = choices(ValueKind)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -170,11 +180,11 @@ class SketchingConfig:
     """Projection dimension d."""
     seed: int = 0
     """Projection seed."""
-    projector: str = "structured"
+    projector: str = DEFAULT_PROJECTOR
     """"dense" (blocked Rademacher over all selected parameters, the reference) or
     "structured" (Kronecker factors per linear layer, embedding and tied output
     layer; norms projected densely: every parameter, at a fraction of the cost)."""
-    value_kind: str = "geometric_log_odds"
+    value_kind: str = DEFAULT_VALUE_KIND
     """The sketched value f(x) (DESIGN.md §4; `gradmix.trainer.values`):
     "geometric_log_odds", logit(p̄) with p̄ the completion tokens' geometric-mean
     probability, for which softplus(−f) is the example's mean token
@@ -192,7 +202,7 @@ class SketchingConfig:
     """Examples sketched per task (and for the target) at an anchor (seeded draw)."""
     batch_size: int = 8
     """Examples per sketching batch."""
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     """Storage dtype of the sketches in the store."""
     first_anchor: int = 0
     """Step of the first anchor."""

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from gradmix.trainer.errors import SketchError
+from gradmix.vocabulary import ValueKind, choices
 
 #: Probability clamp of DESIGN.md §4.
 PROB_EPS = 1e-6
@@ -97,10 +98,10 @@ ValueFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Value kind (the store's and the API's name) → its function.
 VALUE_FUNCTIONS: dict[str, ValueFn] = {
-    "log_odds": log_odds_values,
-    "geometric_log_odds": geometric_log_odds_values,
+    ValueKind.LOG_ODDS: log_odds_values,
+    ValueKind.GEOMETRIC_LOG_ODDS: geometric_log_odds_values,
 }
-VALUE_KINDS = tuple(VALUE_FUNCTIONS)
+VALUE_KINDS = choices(ValueKind)
 
 
 def values_of(
