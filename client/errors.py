@@ -120,6 +120,11 @@ _BY_CODE: dict[grpc.StatusCode, type[GradmixError]] = {
 }
 
 
+def error_class(code: grpc.StatusCode) -> type[GradmixError]:
+    """The typed error for a status code (the base class for codes without one)."""
+    return _BY_CODE.get(code, GradmixError)
+
+
 def from_rpc_error(error: grpc.RpcError) -> GradmixError:
     """Map a failed gRPC call to the typed error for its status code.
 
@@ -136,5 +141,5 @@ def from_rpc_error(error: grpc.RpcError) -> GradmixError:
     details = details_fn() if callable(details_fn) else None
     if code is None:
         code = grpc.StatusCode.UNKNOWN
-    cls = _BY_CODE.get(code, GradmixError)
+    cls = error_class(code)
     return cls(details or code.name.lower().replace("_", " "), code=code)

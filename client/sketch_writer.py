@@ -12,31 +12,31 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import numpy as np
 from gradmix.client.client import SelectionClient
-from gradmix.client.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    GradmixError,
-    InvalidArgument,
-    NotFound,
-)
+from gradmix.client.errors import GradmixError, error_class
 
 if TYPE_CHECKING:
     from gradmix.store import SketchStore
 
 
 def _store_error(error: Exception) -> GradmixError:
-    """Map a gradmix.store error to the client error the server maps it to."""
-    from gradmix.store import NotFoundError, SpecMismatchError, StoreStateError
+    """The client error for a failure on the direct-to-store path.
 
-    if isinstance(error, NotFoundError):
-        return NotFound(str(error))
-    if isinstance(error, SpecMismatchError):
-        return AlreadyExists(str(error))
-    if isinstance(error, StoreStateError):
-        return FailedPrecondition(str(error))
-    return InvalidArgument(str(error))
+    A store error carries the status code the server would answer with
+    (`code_name`, the one table); a store that cannot be reached or written
+    (an OSError, a bare StoreError) is Unavailable, as over gRPC.
+    """
+    code = grpc.StatusCode[getattr(error, "code_name", "UNAVAILABLE")]
+    details = f"sketch store error: {error}" if code is grpc.StatusCode.UNAVAILABLE else str(error)
+    return error_class(code)(details, code=code)
+
+
+def _is_store_failure(error: Exception) -> bool:
+    from gradmix.store import StoreError
+
+    return isinstance(error, StoreError | OSError)
 
 
 class SketchWriter:
@@ -72,8 +72,10 @@ class SketchWriter:
         if store is not None:
             try:
                 self._rows = store.writer(job, anchor, task, writer)
-            except Exception as error:  # store errors -> client errors
-                raise _store_error(error) from error
+            except Exception as error:
+                if _is_store_failure(error):
+                    raise _store_error(error) from error
+                raise
 
     @property
     def via_store(self) -> bool:
@@ -102,9 +104,7 @@ class SketchWriter:
         try:
             result = self._rows.append(grads, values, example_ids)
         except Exception as error:
-            from gradmix.store import StoreError
-
-            if isinstance(error, StoreError):
+            if _is_store_failure(error):
                 raise _store_error(error) from error
             raise
         self.total_rows = self.client.commit_sketch(

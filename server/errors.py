@@ -29,10 +29,12 @@ class EmptyTaskError(InvalidArgumentError):
     """A task (or the target) was given zero rows."""
 
 
-class DimensionMismatchError(ServerError):
-    """Arrays whose dimension disagrees with the job's projection dim."""
+class DimensionMismatchError(InvalidArgumentError):
+    """Arrays whose dimension disagrees with the job's projection dim.
 
-    code_name = "FAILED_PRECONDITION"
+    INVALID_ARGUMENT, as the store answers the same rows on the direct path:
+    the rows are malformed for the job, whatever its state.
+    """
 
 
 class NotFoundError(ServerError, KeyError):

@@ -20,34 +20,25 @@ from typing import Any
 import grpc
 from gradmix.server.errors import ServerError
 from gradmix.server.metrics import ServerMetrics
-from gradmix.store import (
-    InvalidNameError,
-    InvalidRowsError,
-    InvalidSpecError,
-    NotFoundError,
-    SpecMismatchError,
-    StoreError,
-    StoreStateError,
-)
+from gradmix.store import StoreError
 from grpc import aio
 
 log = logging.getLogger(__name__)
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status code and message for a domain error; None if unexpected."""
+    """The status code and message for a domain error; None if unexpected.
+
+    The table is the errors' own `code_name` (server errors and store errors
+    alike); a store that cannot be read or written (a bare `StoreError`, an
+    OSError) is UNAVAILABLE.
+    """
     if isinstance(exc, ServerError):
         return grpc.StatusCode[exc.code_name], str(exc)
-    if isinstance(exc, InvalidNameError | InvalidRowsError | InvalidSpecError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, SpecMismatchError):
-        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
-    if isinstance(exc, NotFoundError):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, StoreStateError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, StoreError | OSError):
+    if type(exc) is StoreError or isinstance(exc, OSError):
         return grpc.StatusCode.UNAVAILABLE, f"sketch store error: {exc}"
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode[exc.code_name], str(exc)
     return None
 
 

@@ -3,6 +3,12 @@
 Every error the store raises derives from :class:`StoreError`; the ones that
 describe bad input also derive from ``ValueError`` (or ``KeyError`` for a
 missing object) so callers can catch them the standard way.
+
+Each class names the gRPC status code it means (``code_name``, a
+``grpc.StatusCode`` member name; the store itself never imports grpc). The
+server's status table (`gradmix.server.instrumentation.status_of`) and the
+client's direct-to-store path (`gradmix.client.sketch_writer`) both read it,
+so one error gets one code whichever way the rows travelled.
 """
 
 from __future__ import annotations
@@ -11,19 +17,28 @@ from typing import Any
 
 
 class StoreError(Exception):
-    """Base class of every sketch-store error."""
+    """Base class of every sketch-store error: the store could not be read or written."""
+
+    #: Name of the grpc.StatusCode this error means to a caller.
+    code_name = "UNAVAILABLE"
 
 
 class InvalidNameError(StoreError, ValueError):
     """A job, task, anchor or writer name breaks the naming rule."""
 
+    code_name = "INVALID_ARGUMENT"
+
 
 class InvalidSpecError(StoreError, ValueError):
     """A job spec (or its settings) is malformed."""
 
+    code_name = "INVALID_ARGUMENT"
+
 
 class InvalidRowsError(StoreError, ValueError):
     """Rows handed to a writer are malformed: wrong shape, dtype, non-finite, duplicated ids."""
+
+    code_name = "INVALID_ARGUMENT"
 
 
 class SpecMismatchError(StoreError):
@@ -34,6 +49,8 @@ class SpecMismatchError(StoreError):
         stored: the value recorded in the store.
         requested: the value the caller asked for.
     """
+
+    code_name = "ALREADY_EXISTS"
 
     def __init__(self, field: str, stored: Any, requested: Any, *, what: str = "") -> None:
         self.field = field
@@ -49,6 +66,8 @@ class SpecMismatchError(StoreError):
 class NotFoundError(StoreError, KeyError):
     """A job, task, anchor or record does not exist."""
 
+    code_name = "NOT_FOUND"
+
     def __str__(self) -> str:
         # KeyError quotes its argument; the message reads better as plain text.
         return str(self.args[0]) if self.args else ""
@@ -56,3 +75,5 @@ class NotFoundError(StoreError, KeyError):
 
 class StoreStateError(StoreError):
     """An operation conflicts with the store's state (e.g. a mixture version not above the last)."""
+
+    code_name = "FAILED_PRECONDITION"

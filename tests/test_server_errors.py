@@ -112,7 +112,7 @@ def test_upload_errors_keep_rows_already_stored(job: Harness) -> None:
     refused(lambda: upload(), Code.INVALID_ARGUMENT, "header")
     wide = random_rows(3, dim=2 * DIM, first_id=100)
     refused(lambda: stub.UploadSketch(upload_requests("job", "a1", "t2", [wide])),
-            Code.FAILED_PRECONDITION, "dim 32", "16")
+            Code.INVALID_ARGUMENT, "dim 32", "16")
     nan = random_rows(3, first_id=100)
     nan[0][1, 2] = np.nan
     refused(lambda: stub.UploadSketch(upload_requests("job", "a1", "t2", [good, nan])),
