@@ -10,10 +10,11 @@ import threading
 from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
+from gradmix.vocabulary import TARGET
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 #: The label the target's rows are counted under in `sketch_rows_committed`.
-TARGET_LABEL = "target"
+TARGET_LABEL = TARGET
 
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 2.5, 5.0, 10.0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from gradmix.store.errors import InvalidNameError
+from gradmix.vocabulary import TARGET
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Allowed names: 1-128 characters, letters/digits first, then letters, digits, ``._-``."""
@@ -41,4 +42,6 @@ def validate_name(name: object, kind: str = "name") -> str:
         raise InvalidNameError(f"invalid {kind} name {name!r}: must not contain '..'")
     if name in _RESERVED:
         raise InvalidNameError(f"invalid {kind} name {name!r}: reserved by the store format")
+    if kind == "task" and name == TARGET:
+        raise InvalidNameError(f"invalid task name {name!r}: it names the job's target")
     return name

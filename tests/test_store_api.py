@@ -304,6 +304,15 @@ def test_validate_name_accepts_the_allowed_set() -> None:
         validate_name(3)
 
 
+def test_no_task_takes_the_targets_name(tmp_path: Path) -> None:
+    """The target is a source of its own: a task named like it would share its labels."""
+    store = SketchStore.open(str(tmp_path / "store"))
+    store.create_job("job", JobSpec(dim=4, seed=0))
+    with pytest.raises(InvalidNameError, match="target"):
+        store.register_task("job", "target")
+    assert validate_name("target", "job") == "target"  # a job or anchor may be called so
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

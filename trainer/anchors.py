@@ -54,10 +54,11 @@ from gradmix.trainer.errors import DataError, TrainerError
 from gradmix.trainer.projectors import Projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.sketch import sketch_examples
+from gradmix.vocabulary import TARGET
 from torch import nn
 
 #: How the target is named in plans, logs and the sketched list.
-TARGET_KEY = "<target>"
+TARGET_KEY = TARGET
 
 
 @dataclass

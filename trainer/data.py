@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 from gradmix.trainer.errors import DataError
 from gradmix.trainer.projectors import derive_seed
+from gradmix.vocabulary import TARGET
 
 
 class Tokenizer(Protocol):
@@ -201,7 +202,7 @@ class TaskPool:
         blurred by a change of examples; each task's draw changes with the anchor.
         """
         size = len(self.examples(task))
-        key = "<target>" if task is None else task
+        key = TARGET if task is None else task
         round_ = "" if task is None else anchor
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "sketch", key, round_))
         return sorted(torch.randperm(size, generator=gen)[: min(count, size)].tolist())

@@ -87,6 +87,13 @@ class AnchorState(StrEnum):
     COMPLETE = "complete"
 
 
+TARGET = "target"
+"""The target's name wherever a source needs one (metric labels, logs, run-log keys).
+
+The target is a source of its own, never a task: no task may be named this
+(the store refuses it), so the two can never be confused in a label.
+"""
+
 VOCABULARY: tuple[type[StrEnum], ...] = (
     Policy,
     Projector,
