@@ -26,7 +26,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy server client store trainer demo
+	$(VENV)/bin/mypy server client store trainer demo vocabulary
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
