@@ -161,16 +161,19 @@ class SelectionClient:
         return [convert.task_from_pb(t) for t in response.tasks]
 
     def declare_anchor(
-        self, job: str, anchor: str, step: int, horizon: Horizon | None = None
+        self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = ""
     ) -> Anchor:
-        """Declare an anchor (idempotent; AlreadyExists if declared at another step).
+        """Declare an anchor (idempotent; AlreadyExists if declared at another step or run).
 
         Args:
             horizon: How far training will move from it (learning rate, steps to
                 the next anchor, optimizer, sketched parameters): the server sets
                 the estimate's prior λ₀ from it. The first declaration's counts.
+            run: The training run declaring it (a name, e.g. one per launch of a
+                job, kept across resumes). The job's current anchor is the
+                latest complete anchor of the run that started last.
         """
-        request = pb.DeclareAnchorRequest(job=job, anchor=anchor, step=step)
+        request = pb.DeclareAnchorRequest(job=job, anchor=anchor, step=step, run=run)
         if horizon is not None:
             request.horizon.CopyFrom(convert.horizon_to_pb(horizon))
         return convert.anchor_from_pb(self._call("DeclareAnchor", request))

@@ -176,6 +176,7 @@ def anchor_from_pb(msg: pb.Anchor) -> Anchor:
         target_rows=msg.target_rows,
         declared_at=_time(msg.declared_at),
         horizon=horizon_from_pb(msg.horizon) if msg.HasField("horizon") else None,
+        run=msg.run,
     )
 
 

@@ -191,6 +191,8 @@ class Anchor:
     declared_at: float
     horizon: Horizon | None = None
     """The horizon it was declared with (None: none)."""
+    run: str = ""
+    """The training run that declared it ("" when none was given)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -162,7 +162,8 @@ def horizon_to_pb(horizon: Horizon) -> pb.Horizon:
 def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
     message = pb.Anchor(job=job, name=anchor.name, step=anchor.step,
                         state=to_wire(AnchorState(anchor.state), pb.AnchorState),
-                        target_rows=target_rows, declared_at=timestamp(anchor.declared_at))
+                        target_rows=target_rows, declared_at=timestamp(anchor.declared_at),
+                        run=anchor.run)
     if anchor.horizon is not None:
         message.horizon.CopyFrom(horizon_to_pb(anchor.horizon))
     return message

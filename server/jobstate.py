@@ -45,18 +45,26 @@ from gradmix.store import (
     ReadCursor,
     SketchStore,
 )
+from gradmix.vocabulary import AnchorState
 
 #: A source of rows at an anchor: a task name, or None for the target.
 Source = str | None
 
 
 def current_anchor(anchors: Sequence[AnchorInfo]) -> str:
-    """The latest complete anchor's name ("" if none is complete)."""
-    best: AnchorInfo | None = None
+    """The job's current anchor: the latest complete anchor of the latest run ("" if none).
+
+    Runs are ordered by when their first anchor was declared, anchors within a
+    run by step; so a second run of a job takes over at its first complete
+    anchor, whatever the step the previous run had reached.
+    """
+    started: dict[str, float] = {}
     for anchor in anchors:
-        if anchor.state == "complete" and (best is None or anchor.step >= best.step):
-            best = anchor
-    return best.name if best else ""
+        started[anchor.run] = min(started.get(anchor.run, anchor.declared_at), anchor.declared_at)
+    complete = [a for a in anchors if a.state == AnchorState.COMPLETE]
+    if not complete:
+        return ""
+    return max(complete, key=lambda a: (started[a.run], a.step, a.declared_at)).name
 
 
 @dataclass
@@ -212,6 +220,8 @@ class JobState:
         here = infos[anchor]
         scale = 1.0
         there = infos.get(before.anchor) if before is not None else None
+        if there is not None and there.run != here.run:
+            before, there = None, None  # another run: its interval says nothing about this one
         if there is not None and there.horizon is not None:
             scale = interval_scale(there.horizon.steps, here.step - there.step)
         return calibrated_policy(self.policy, horizon=here.horizon, estimator=estimator,

@@ -98,7 +98,8 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
                             context: aio.ServicerContext) -> pb.Anchor:
         await self._registry.get(request.job)
         info = await asyncio.to_thread(self._store.declare_anchor, request.job, request.anchor,
-                                       int(request.step), convert.horizon_from_pb(request))
+                                       int(request.step), convert.horizon_from_pb(request),
+                                       request.run)
         return await self._anchor(request.job, info)
 
     async def CompleteAnchor(self, request: pb.CompleteAnchorRequest,

@@ -163,7 +163,8 @@ class AnchorInfo:
     """An anchor (checkpoint sketches are taken at) of a job.
 
     `horizon` is None when the anchor was declared without one (and for
-    anchors declared before horizons existed).
+    anchors declared before horizons existed). `run` names the training run
+    that declared it ("" when none was given).
     """
 
     name: str
@@ -171,6 +172,7 @@ class AnchorInfo:
     state: str
     declared_at: float
     horizon: Horizon | None = None
+    run: str = ""
 
 
 @dataclass(frozen=True)

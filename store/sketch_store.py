@@ -169,15 +169,19 @@ class SketchStore:
     # --- anchors --------------------------------------------------------------
 
     def declare_anchor(
-        self, job: str, anchor: str, step: int, horizon: Horizon | None = None
+        self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = ""
     ) -> AnchorInfo:
         """Declare an anchor at a training step; idempotent. Another step is a SpecMismatchError.
 
         `horizon` (optional) is kept with the anchor; the first declaration
-        fixes it, a repeated declaration's horizon is ignored.
+        fixes it, a repeated declaration's horizon is ignored. `run` (optional,
+        a name) is the training run declaring it; another run re-declaring the
+        anchor is a SpecMismatchError.
         """
         self.get_job(job)
         validate_name(anchor, "anchor")
+        if run:
+            validate_name(run, "run")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise InvalidSpecError(f"anchor step must be a non-negative integer, got {step!r}")
         if horizon is not None and not isinstance(horizon, Horizon):
@@ -185,9 +189,13 @@ class SketchStore:
         doc: dict[str, Any] = {"step": step, "state": "open", "declared_at": time.time()}
         if horizon is not None:
             doc["horizon"] = horizon.to_dict()
+        if run:
+            doc["run"] = run
         info = _anchor_info(anchor, self._docs.create(layout.anchor_dir(job, anchor), doc))
         if info.step != step:
             raise SpecMismatchError("step", info.step, step, what=f"anchor {anchor}")
+        if info.run != run:
+            raise SpecMismatchError("run", info.run, run, what=f"anchor {anchor}")
         return info
 
     def complete_anchor(self, job: str, anchor: str) -> AnchorInfo:
@@ -195,11 +203,13 @@ class SketchStore:
         info = self._anchor(job, anchor)
         if info.state == "complete":
             return info
-        done = AnchorInfo(anchor, info.step, "complete", info.declared_at, info.horizon)
+        done = AnchorInfo(anchor, info.step, "complete", info.declared_at, info.horizon, info.run)
         doc: dict[str, Any] = {"step": done.step, "state": done.state,
                                "declared_at": done.declared_at}
         if done.horizon is not None:
             doc["horizon"] = done.horizon.to_dict()
+        if done.run:
+            doc["run"] = done.run
         self._docs.write(layout.anchor_dir(job, anchor), doc)
         return done
 
@@ -355,4 +365,4 @@ def _task_info(task: str, attrs: dict[str, Any]) -> TaskInfo:
 def _anchor_info(anchor: str, attrs: dict[str, Any]) -> AnchorInfo:
     horizon = attrs.get("horizon")
     return AnchorInfo(anchor, int(attrs["step"]), str(attrs["state"]), float(attrs["declared_at"]),
-                      Horizon.from_dict(horizon) if horizon else None)
+                      Horizon.from_dict(horizon) if horizon else None, str(attrs.get("run", "")))

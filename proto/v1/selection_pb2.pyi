@@ -630,11 +630,14 @@ class Anchor(_message.Message):
     TARGET_ROWS_FIELD_NUMBER: _builtins.int
     DECLARED_AT_FIELD_NUMBER: _builtins.int
     HORIZON_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     name: _builtins.str
     step: _builtins.int
     state: Global___AnchorState.ValueType
     target_rows: _builtins.int
+    run: _builtins.str
+    """the training run that declared it ("" for none)"""
     @_builtins.property
     def declared_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -651,10 +654,11 @@ class Anchor(_message.Message):
         target_rows: _builtins.int = ...,
         declared_at: _timestamp_pb2.Timestamp | None = ...,
         horizon: Global___Horizon | None = ...,
+        run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon", "job", b"job", "name", b"name", "state", b"state", "step", b"step", "target_rows", b"target_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon", "job", b"job", "name", b"name", "run", b"run", "state", b"state", "step", b"step", "target_rows", b"target_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -668,9 +672,17 @@ class DeclareAnchorRequest(_message.Message):
     ANCHOR_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     HORIZON_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     anchor: _builtins.str
     step: _builtins.int
+    run: _builtins.str
+    """Optional. The training run declaring it (a store name). The job's current
+    anchor is the latest complete anchor of the run that started last, so a
+    new run on a job never keeps estimating at a previous run's anchor; the
+    estimate's calibration never pairs anchors of two runs. Re-declaring an
+    anchor under another run is ALREADY_EXISTS.
+    """
     @_builtins.property
     def horizon(self) -> Global___Horizon:
         """Optional. The first declaration of an anchor fixes it; a repeated
@@ -684,10 +696,11 @@ class DeclareAnchorRequest(_message.Message):
         anchor: _builtins.str = ...,
         step: _builtins.int = ...,
         horizon: Global___Horizon | None = ...,
+        run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["horizon", b"horizon"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "horizon", b"horizon", "job", b"job", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "horizon", b"horizon", "job", b"job", "run", b"run", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
