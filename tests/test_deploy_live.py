@@ -122,7 +122,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             populate(pb_grpc.SelectionServiceStub(channel))
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         # The re-estimate after the anchor completes publishes an all-active mixture.
-        wait_for(lambda: 'gradmix_tasks{job="deploy-live",state="active"} 2.0' in http_get(url)
+        active = 'gradmix_tasks{gradmix_job="deploy-live",state="active"} 2.0'
+        wait_for(lambda: active in http_get(url)
                  and "gradmix_commit_to_publish_seconds_count" in http_get(url),
                  "the re-estimate of the complete anchor")
         yield Live(f"127.0.0.1:{port}", url, server.metrics_port)
