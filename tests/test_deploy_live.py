@@ -11,8 +11,10 @@ has run. Then:
   SERVING, and reports an unreachable address as unhealthy;
 - if Debian's prometheus is installed: a real Prometheus on loopback, with the
   shipped scrape config and rules, scrapes the server and returns the
-  gradmix_mixture_weight series under the gradmix job's name, and evaluates
-  every alert rule without error.
+  gradmix_mixture_weight series under the gradmix job's name (label
+  `gradmix_job`, no honor_labels), evaluates every alert rule without error,
+  and sees the job-health series read 0 and move when an anchor is declared
+  and a task registered.
 """
 
 from __future__ import annotations
@@ -304,3 +306,42 @@ def test_label_values_the_queries_match_are_the_ones_exported(live: Live) -> Non
     (rpc_rule,) = [r for g in rule_file for r in g["rules"] if r["alert"] == "GradmixRPCErrors"]
     alerted = rpc_rule["expr"].split('code=~"', 1)[1].split('"', 1)[0].split("|")
     assert set(alerted) <= status_names - {"OK"}
+
+
+def test_prometheus_sees_the_job_health_metrics_move(live: Live, prometheus: str) -> None:
+    """Through a real scrape: counters read 0 (not "no data"), and declaring an anchor
+    and registering a task move the open-anchor and pending-task series."""
+    def job_value(promql: str) -> float | None:
+        try:
+            series = query(prometheus, promql)
+        except OSError:
+            return None  # not listening yet
+        values = [float(s["value"][1]) for s in series
+                  if s["metric"].get("gradmix_job") == JOB]
+        return values[0] if len(values) == 1 else None
+
+    def settles(promql: str, accept: Callable[[float], bool], what: str) -> float:
+        def probe() -> tuple[float] | None:
+            value = job_value(promql)
+            return (value,) if value is not None and accept(value) else None
+        return wait_for(probe, what)[0]
+
+    settles('gradmix_implausible_estimates_total{reason="loss_change"}', lambda v: v == 0,
+            "the implausible-estimate counter at 0")
+    settles("gradmix_estimation_failures_total", lambda v: v == 0, "the failure counter at 0")
+    with grpc.insecure_channel(live.grpc_address) as channel:
+        stub = pb_grpc.SelectionServiceStub(channel)
+        mixture = stub.GetMixture(pb.GetMixtureRequest(job=JOB), timeout=10)
+        settles("gradmix_anchor_loss", lambda v: v == mixture.anchor_loss, "the anchor loss")
+        settles("gradmix_estimated_loss", lambda v: v == mixture.estimated_loss,
+                "the estimated loss")
+        settles("gradmix_anchors_open", lambda v: v == 0, "no open anchor")
+        stub.DeclareAnchor(pb.DeclareAnchorRequest(job=JOB, anchor="a1", step=10), timeout=10)
+        stub.RegisterTask(pb.RegisterTaskRequest(job=JOB, name="late"), timeout=10)
+    settles("gradmix_anchors_open", lambda v: v == 1, "the open anchor")
+    settles("gradmix_oldest_open_anchor_age_seconds", lambda v: v > 0, "the anchor's age")
+    settles('gradmix_tasks{state="pending"}', lambda v: v == 1, "the pending task")
+    settles("gradmix_oldest_pending_task_age_seconds", lambda v: v > 0, "the task's wait")
+    settles("gradmix_last_estimate_age_seconds", lambda v: v < 30, "a recent estimate")
+    rules = wait_for(lambda: rules_evaluated(prometheus), "the alert rules to be evaluated")
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
