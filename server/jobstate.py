@@ -20,6 +20,10 @@ corrected by comparing that same earlier version's predicted loss change with
 the change the run realised. The policy handed to `compose_mixture` is the
 job's with `regularization` replaced by it; the estimator's own default λ
 stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
+
+An estimate whose predicted loss is implausibly far from the anchor's own
+(`gradmix.server.sanity`) is not published: the previous version stays in
+force, and the outcome says why, for the log and the metrics.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ class JobState:
         self._error: ScoreError | None = None
         #: (anchor, the last version at an earlier anchor): smoothing and calibration.
         self._before: tuple[str, MixtureRecord | None] | None = None
+        #: (anchor, reason) of the last implausible estimate logged, to log each once.
+        self._flagged: tuple[str, str] | None = None
 
     @property
     def anchor(self) -> str:
@@ -199,13 +205,17 @@ class JobState:
         reason = implausible(composition.anchor_loss, composition.estimated_loss,
                              self.max_loss_ratio)
         if not reason:
+            self._flagged = None
             return outcome
         held = self.last is not None
-        log.warning("job %r: implausible estimate at anchor %r (%s, bound a factor %g): "
-                    "anchor loss %.4g, estimated loss %.4g; %s", self.name, anchor, reason,
-                    self.max_loss_ratio, composition.anchor_loss, composition.estimated_loss,
-                    f"version {self.last.version} stays in force"
-                    if self.last is not None else "published: no earlier mixture to keep")
+        if self._flagged != (anchor, reason):
+            self._flagged = (anchor, reason)
+            log.warning(
+                "job %r: implausible estimate at anchor %r (%s, bound a factor %g): anchor "
+                "loss %.4g, estimated loss %.4g; %s", self.name, anchor, reason,
+                self.max_loss_ratio, composition.anchor_loss, composition.estimated_loss,
+                f"version {self.last.version} stays in force" if self.last is not None
+                else "published: no earlier mixture to keep")
         return dataclasses.replace(outcome, implausible=reason, held=held)
 
     def _known_error(self, anchor: str, estimator: SubsetEstimator | None,
