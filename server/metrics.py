@@ -107,8 +107,9 @@ class ServerMetrics:
             "gradmix_last_estimate_age_seconds", "Seconds since the last re-estimate of the "
             "job finished (failed ones do not count).", [JOB_LABEL], registry=registry)
         self.implausible_estimates = Counter(
-            "gradmix_implausible_estimates", "Re-estimates held back as implausible, by reason "
-            "(loss_change: L̂ too far from L̂(∅); non_finite).", [JOB_LABEL, "reason"],
+            "gradmix_implausible_estimates", "Re-estimates found implausible, by reason "
+            "(loss_change: L̂ too far from L̂(∅); non_finite); held back unless the job had "
+            "no mixture yet.", [JOB_LABEL, "reason"],
             registry=registry)
         self.estimate_held = Gauge(
             "gradmix_estimate_held", "1 while the job's latest re-estimate is held back as "
