@@ -77,6 +77,11 @@ class ServerConfig:
     smoothing: float | None = None
     """Default β: share of the previous anchor's mixture kept in a new anchor's."""
 
+    max_estimated_loss_ratio: float = 10.0
+    """Largest factor between the loss a re-estimate predicts and the anchor's own loss
+    (either way): beyond it the estimate is held back as implausible and the previous
+    mixture stays in force (0: no bound)."""
+
     def __post_init__(self) -> None:
         if not self.store:
             raise ConfigError("store must name a path or URL")
@@ -96,6 +101,10 @@ class ServerConfig:
             raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        ratio = self.max_estimated_loss_ratio
+        if not (ratio == 0 or 1 < ratio < float("inf")):
+            raise ConfigError(f"max_estimated_loss_ratio must be 0 (no bound) or finite and "
+                              f"> 1, got {ratio}")
         if self.policy not in POLICY_NAMES:
             raise ConfigError(f"policy must be one of {POLICY_NAMES}, got {self.policy!r}")
         # Jobs take these defaults: refuse at start-up what every CreateJob would refuse.

@@ -118,12 +118,15 @@ class JobRuntime:
         metrics.estimation_duration.labels(self.name).observe(seconds)
         metrics.subsets_estimated.labels(self.name).inc(outcome.subsets_estimated)
         metrics.set_task_counts(self.name, outcome.pending, outcome.active)
+        metrics.set_estimate(self.name, finished_at=time.time(),
+                             open_anchors=outcome.open_anchors,
+                             pending_since=outcome.pending_since,
+                             implausible=outcome.implausible, held=outcome.held)
         record = outcome.record
         if record is None:
             return
         self._publisher.publish(self.name, mixture_to_pb(self.name, record))
-        metrics.set_mixture(self.name, record.version, record.created_at, record.weights)
-        set_calibration(metrics, self.name, record)
+        set_record(metrics, self.name, record)
         if committed_at is not None:
             metrics.commit_to_publish.labels(self.name).observe(time.monotonic() - committed_at)
         log.info("job %r: published mixture version %d at anchor %r", self.name,
@@ -200,14 +203,15 @@ class JobRegistry:
         if runtime is not None:  # attached meanwhile
             return runtime
         last = records[-1] if records else None
-        state = JobState(self.store, info, last, tolerance=self._config.weight_tolerance)
+        state = JobState(self.store, info, last, tolerance=self._config.weight_tolerance,
+                         max_loss_ratio=self._config.max_estimated_loss_ratio)
+        self._metrics.add_job(info.name)
         self._publisher.add_job(info.name, [mixture_to_pb(info.name, r) for r in records])
         runtime = JobRuntime(state, publisher=self._publisher, metrics=self._metrics,
                              executor=self._executor, debounce=self._config.debounce_seconds)
         self._jobs[info.name] = runtime
         if last is not None:
-            self._metrics.set_mixture(info.name, last.version, last.created_at, last.weights)
-            set_calibration(self._metrics, info.name, last)
+            set_record(self._metrics, info.name, last)
         runtime.request(full=True)
         return runtime
 
@@ -216,8 +220,10 @@ class JobRegistry:
             await runtime.close()
 
 
-def set_calibration(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
-    """The calibration gauges from a published version (none before its first anchor)."""
+def set_record(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
+    """The mixture and calibration gauges from a published version."""
+    metrics.set_mixture(job, record.version, record.created_at, record.weights,
+                        anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss)
     calibration = record.calibration
     if calibration is None:
         return

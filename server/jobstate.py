@@ -20,10 +20,16 @@ corrected by comparing that same earlier version's predicted loss change with
 the change the run realised. The policy handed to `compose_mixture` is the
 job's with `regularization` replaced by it; the estimator's own default λ
 stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
+
+An estimate whose predicted loss is implausibly far from the anchor's own
+(`gradmix.server.sanity`) is not published: the previous version stays in
+force, and the outcome says why, for the log and the metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import threading
 import time
@@ -36,6 +42,7 @@ from gradmix.server.convert import ACTIVE, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.policies import PolicyConfig
+from gradmix.server.sanity import implausible
 from gradmix.store import (
     AnchorInfo,
     CalibrationRecord,
@@ -44,8 +51,11 @@ from gradmix.store import (
     NotFoundError,
     ReadCursor,
     SketchStore,
+    TaskInfo,
 )
 from gradmix.vocabulary import AnchorState
+
+log = logging.getLogger(__name__)
 
 #: A source of rows at an anchor: a task name, or None for the target.
 Source = str | None
@@ -84,6 +94,10 @@ class Refreshed:
     subsets_estimated: int
     pending: int                   # tasks by state after the re-estimate
     active: int
+    open_anchors: dict[str, float] = field(default_factory=dict)   # name -> declared_at
+    pending_since: dict[str, float] = field(default_factory=dict)  # task -> waiting since
+    implausible: str = ""          # why the estimate is implausible ("" = it is not)
+    held: bool = False             # whether it was held back (the previous mixture stays)
 
 
 #: σ is bootstrapped again once the rows grew by more than this factor (or λ moved by it).
@@ -118,12 +132,14 @@ class JobState:
     """One job's ingested rows, estimator and latest mixture version."""
 
     def __init__(self, store: SketchStore, info: JobInfo, last: MixtureRecord | None,
-                 *, tolerance: float) -> None:
+                 *, tolerance: float, max_loss_ratio: float = 0.0) -> None:
         self.store = store
         self.name = info.name
         self.info = info
         self.policy = policy_config(info.settings)
         self.tolerance = tolerance
+        #: The sanity bound on L̂ / L̂(∅) either way (`gradmix.server.sanity`; 0: none).
+        self.max_loss_ratio = max_loss_ratio
         self.last = last
         #: Held while the estimator is read or extended (worker and query threads).
         self.lock = threading.Lock()
@@ -134,6 +150,8 @@ class JobState:
         self._error: ScoreError | None = None
         #: (anchor, the last version at an earlier anchor): smoothing and calibration.
         self._before: tuple[str, MixtureRecord | None] | None = None
+        #: (anchor, reason) of the last implausible estimate logged, to log each once.
+        self._flagged: tuple[str, str] | None = None
 
     @property
     def anchor(self) -> str:
@@ -151,7 +169,8 @@ class JobState:
             full: read every source of the current anchor, not only `dirty`.
         """
         with self.lock:
-            tasks = [t.name for t in self.store.list_tasks(self.name)]
+            infos = self.store.list_tasks(self.name)
+            tasks = [t.name for t in infos]
             anchors = self.store.list_anchors(self.name)
             anchor = current_anchor(anchors)
             if anchor != self.anchor:
@@ -173,12 +192,39 @@ class JobState:
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
         pending = len(composition.states) - active
-        if not mixture_changed(self.last, anchor, composition, self.tolerance):
-            return Refreshed(None, composition.subsets_estimated, pending, active)
+        outcome = Refreshed(None, composition.subsets_estimated, pending, active,
+                            open_anchors={a.name: a.declared_at for a in anchors
+                                          if a.state == "open"},
+                            pending_since=_pending_since(infos, anchors, anchor, composition))
+        if composition.subsets_estimated:
+            outcome = self._checked(outcome, anchor, composition)
+        if outcome.held or not mixture_changed(self.last, anchor, composition, self.tolerance):
+            return outcome
         record = self._record(anchor, composition, calibration)
         self.store.append_mixture(self.name, record)
         self.last = record
-        return Refreshed(record, composition.subsets_estimated, pending, active)
+        return dataclasses.replace(outcome, record=record)
+
+    def _checked(self, outcome: Refreshed, anchor: str, composition: Composition) -> Refreshed:
+        """`outcome` with the sanity check's verdict on `composition` (`gradmix.server.sanity`).
+
+        An implausible estimate is held back while there is a previous mixture to keep.
+        """
+        reason = implausible(composition.anchor_loss, composition.estimated_loss,
+                             self.max_loss_ratio)
+        if not reason:
+            self._flagged = None
+            return outcome
+        held = self.last is not None
+        if self._flagged != (anchor, reason):
+            self._flagged = (anchor, reason)
+            log.warning(
+                "job %r: implausible estimate at anchor %r (%s, bound a factor %g): anchor "
+                "loss %.4g, estimated loss %.4g; %s", self.name, anchor, reason,
+                self.max_loss_ratio, composition.anchor_loss, composition.estimated_loss,
+                f"version {self.last.version} stays in force" if self.last is not None
+                else "published: no earlier mixture to keep")
+        return dataclasses.replace(outcome, implausible=reason, held=held)
 
     def _known_error(self, anchor: str, estimator: SubsetEstimator | None,
                      regularization: float) -> ScoreError | None:
@@ -286,3 +332,12 @@ class JobState:
                 f"anchor {name!r} of job {self.name!r} has no target rows yet: sketch the "
                 "target there and commit it")
         return name, estimator
+
+
+def _pending_since(tasks: Sequence[TaskInfo], anchors: Sequence[AnchorInfo], anchor: str,
+                   composition: Composition) -> dict[str, float]:
+    """When each pending task began waiting for a sketch: its registration or the
+    current anchor's declaration, whichever is later."""
+    declared = next((a.declared_at for a in anchors if a.name == anchor), 0.0)
+    return {t.name: max(t.registered_at, declared) for t in tasks
+            if composition.states.get(t.name) != ACTIVE}

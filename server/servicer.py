@@ -96,10 +96,11 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
 
     async def DeclareAnchor(self, request: pb.DeclareAnchorRequest,
                             context: aio.ServicerContext) -> pb.Anchor:
-        await self._registry.get(request.job)
+        runtime = await self._registry.get(request.job)
         info = await asyncio.to_thread(self._store.declare_anchor, request.job, request.anchor,
                                        int(request.step), convert.horizon_from_pb(request),
                                        request.run)
+        runtime.request()  # the open-anchor metrics follow the next re-estimate
         return await self._anchor(request.job, info)
 
     async def CompleteAnchor(self, request: pb.CompleteAnchorRequest,

@@ -227,7 +227,7 @@ def test_network_policy_admits_trainers_to_grpc_and_prometheus_to_metrics(
     assert prometheus["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
 
 
-def test_service_monitor_scrapes_the_metrics_port_keeping_the_job_label(
+def test_service_monitor_scrapes_the_metrics_port_without_honor_labels(
         rendered: dict[str, list[dict[str, Any]]]) -> None:
     prod = rendered["overlays/prod"]
     monitor = one(prod, "ServiceMonitor")["spec"]
@@ -236,9 +236,9 @@ def test_service_monitor_scrapes_the_metrics_port_keeping_the_job_label(
     (endpoint,) = monitor["endpoints"]
     assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
     assert endpoint["port"] == "metrics"
-    # The server's `job` label is the gradmix job; without honorLabels it would
-    # become exported_job and the rules would select nothing.
-    assert endpoint["honorLabels"] is True
+    # The server names the gradmix job `gradmix_job`: nothing it exports collides with a
+    # target label, so targets keep theirs.
+    assert not endpoint.get("honorLabels", False)
     # The rules select up{job="gradmix-server"}: the operator's job label is the Service name.
     assert service["metadata"]["name"] == "gradmix-server"
 

@@ -11,8 +11,10 @@ has run. Then:
   SERVING, and reports an unreachable address as unhealthy;
 - if Debian's prometheus is installed: a real Prometheus on loopback, with the
   shipped scrape config and rules, scrapes the server and returns the
-  gradmix_mixture_weight series under the gradmix job's name, and evaluates
-  every alert rule without error.
+  gradmix_mixture_weight series under the gradmix job's name (label
+  `gradmix_job`, no honor_labels), evaluates every alert rule without error,
+  and sees the job-health series read 0 and move when an anchor is declared
+  and a task registered.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ DASHBOARD = DEPLOY / "grafana" / "gradmix-dashboard.json"
 JOB, TASKS, DIM = "deploy-live", ("code", "math"), 8
 # Series Prometheus makes itself rather than scraping them.
 SYNTHETIC = {"up"}
-# Labels the scrape adds to every series (`job` too, for series without one).
+# Labels the scrape adds to every series.
 TARGET_LABELS = {"job", "instance", "namespace"}
+# Families with no sample yet on the live server (so no labels to check): the
+# calibration ratio appears once an anchor interval has been observed.
+UNOBSERVED = {"gradmix_calibration_ratio"}
 # Grafana's variables, replaced by values of the same type before parsing.
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$instance": ".*", "$job": JOB}
 
@@ -122,7 +127,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             populate(pb_grpc.SelectionServiceStub(channel))
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         # The re-estimate after the anchor completes publishes an all-active mixture.
-        wait_for(lambda: 'gradmix_tasks{job="deploy-live",state="active"} 2.0' in http_get(url)
+        active = 'gradmix_tasks{gradmix_job="deploy-live",state="active"} 2.0'
+        wait_for(lambda: active in http_get(url)
                  and "gradmix_commit_to_publish_seconds_count" in http_get(url),
                  "the re-estimate of the complete anchor")
         yield Live(f"127.0.0.1:{port}", url, server.metrics_port)
@@ -183,6 +189,8 @@ def test_alerts_and_dashboard_query_only_metrics_the_server_exports(live: Live) 
                 if name in SYNTHETIC:
                     continue
                 assert name in series, f"{source}: {name} is not exported (in {expr!r})"
+                if not series[name] and name in UNOBSERVED:
+                    continue
                 missing = labels - series[name] - TARGET_LABELS
                 assert not missing, f"{source}: {name} has no label(s) {missing} (in {expr!r})"
 
@@ -274,9 +282,10 @@ def test_prometheus_scrapes_the_mixture_weights(live: Live, prometheus: str) -> 
             return None  # not listening yet
 
     series = wait_for(weights, "Prometheus to scrape gradmix_mixture_weight")
-    # honor_labels keeps the server's job label: the gradmix job, not the scrape job.
+    # No honor_labels: the gradmix job is `gradmix_job`, `job` the scrape job.
     assert sorted(s["metric"]["task"] for s in series) == sorted(TASKS)
-    assert {s["metric"]["job"] for s in series} == {JOB}
+    assert {s["metric"]["gradmix_job"] for s in series} == {JOB}
+    assert {s["metric"]["job"] for s in series} == {"gradmix-server"}
     assert sum(float(s["value"][1]) for s in series) == pytest.approx(1.0)
     (up,) = query(prometheus, 'up{job="gradmix-server"}')
     assert up["value"][1] == "1"
@@ -297,3 +306,42 @@ def test_label_values_the_queries_match_are_the_ones_exported(live: Live) -> Non
     (rpc_rule,) = [r for g in rule_file for r in g["rules"] if r["alert"] == "GradmixRPCErrors"]
     alerted = rpc_rule["expr"].split('code=~"', 1)[1].split('"', 1)[0].split("|")
     assert set(alerted) <= status_names - {"OK"}
+
+
+def test_prometheus_sees_the_job_health_metrics_move(live: Live, prometheus: str) -> None:
+    """Through a real scrape: counters read 0 (not "no data"), and declaring an anchor
+    and registering a task move the open-anchor and pending-task series."""
+    def job_value(promql: str) -> float | None:
+        try:
+            series = query(prometheus, promql)
+        except OSError:
+            return None  # not listening yet
+        values = [float(s["value"][1]) for s in series
+                  if s["metric"].get("gradmix_job") == JOB]
+        return values[0] if len(values) == 1 else None
+
+    def settles(promql: str, accept: Callable[[float], bool], what: str) -> float:
+        def probe() -> tuple[float] | None:
+            value = job_value(promql)
+            return (value,) if value is not None and accept(value) else None
+        return wait_for(probe, what)[0]
+
+    settles('gradmix_implausible_estimates_total{reason="loss_change"}', lambda v: v == 0,
+            "the implausible-estimate counter at 0")
+    settles("gradmix_estimation_failures_total", lambda v: v == 0, "the failure counter at 0")
+    with grpc.insecure_channel(live.grpc_address) as channel:
+        stub = pb_grpc.SelectionServiceStub(channel)
+        mixture = stub.GetMixture(pb.GetMixtureRequest(job=JOB), timeout=10)
+        settles("gradmix_anchor_loss", lambda v: v == mixture.anchor_loss, "the anchor loss")
+        settles("gradmix_estimated_loss", lambda v: v == mixture.estimated_loss,
+                "the estimated loss")
+        settles("gradmix_anchors_open", lambda v: v == 0, "no open anchor")
+        stub.DeclareAnchor(pb.DeclareAnchorRequest(job=JOB, anchor="a1", step=10), timeout=10)
+        stub.RegisterTask(pb.RegisterTaskRequest(job=JOB, name="late"), timeout=10)
+    settles("gradmix_anchors_open", lambda v: v == 1, "the open anchor")
+    settles("gradmix_oldest_open_anchor_age_seconds", lambda v: v > 0, "the anchor's age")
+    settles('gradmix_tasks{state="pending"}', lambda v: v == 1, "the pending task")
+    settles("gradmix_oldest_pending_task_age_seconds", lambda v: v > 0, "the task's wait")
+    settles("gradmix_last_estimate_age_seconds", lambda v: v < 30, "a recent estimate")
+    rules = wait_for(lambda: rules_evaluated(prometheus), "the alert rules to be evaluated")
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []

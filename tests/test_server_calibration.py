@@ -72,7 +72,7 @@ def last_at(h: Harness, anchor: str) -> pb.Mixture:
 
 
 def gauge(h: Harness, name: str) -> float:
-    value = h.registry.get_sample_value(name, {"job": "job"})
+    value = h.registry.get_sample_value(name, {"gradmix_job": "job"})
     return math.nan if value is None else value
 
 

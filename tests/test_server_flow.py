@@ -155,7 +155,7 @@ def test_restart_keeps_versions_and_a_resumed_watch_gets_the_next_one(tmp_path: 
         assert after == before
         # The rebuilt estimator reproduces the same weights: no new version appears.
         wait_for(lambda: h.registry.get_sample_value(
-            "gradmix_estimation_duration_seconds_count", {"job": "job"}),
+            "gradmix_estimation_duration_seconds_count", {"gradmix_job": "job"}),
             lambda n: bool(n), "the start-up re-estimate")
         assert h.stub.GetMixture(pb.GetMixtureRequest(job="job")).version == before.version
         replay = Watcher(h.stub, "job", after_version=before.version - 1)
@@ -183,13 +183,13 @@ def test_a_burst_of_commits_costs_one_reestimate_and_no_change_no_version(
 
         def estimates() -> float:
             return h.registry.get_sample_value(
-                "gradmix_estimation_duration_seconds_count", {"job": "job"}) or 0.0
+                "gradmix_estimation_duration_seconds_count", {"gradmix_job": "job"}) or 0.0
 
         settled = wait_for(lambda: h.stub.GetMixture(pb.GetMixtureRequest(job="job")),
                            lambda m: all_active(m, HELPFUL + HARMFUL), "active mixture")
         assert isinstance(settled, pb.Mixture)
         wait_for(lambda: h.registry.get_sample_value("gradmix_tasks", {
-            "job": "job", "state": "active"}), lambda n: n == 4, "the settled task gauge")
+            "gradmix_job": "job", "state": "active"}), lambda n: n == 4, "the settled task gauge")
         runs = estimates()
         watcher = Watcher(h.stub, "job", after_version=settled.version)
         grads, values, ids = PLANTED.rows(HELPFUL[0])

@@ -240,6 +240,8 @@ class TrainConfig:
     """host:port of the selection server."""
     store: str = "./gradmix-store"
     """The sketch store: local path or fsspec URL (the server's store)."""
+    metrics_port: int = 0
+    """Rank 0 serves Prometheus metrics (`gradmix.trainer.metrics`) on this port; 0: none."""
     model: ModelConfig
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig
@@ -259,6 +261,7 @@ class TrainConfig:
             except ValueError as exc:
                 raise ConfigError(f"bad {what} name {name!r}: {exc}") from exc
         _require(bool(self.output_dir), "output_dir is required")
+        _require(0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
         stage = int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
         _require(stage in (0, 1, 2), f"ZeRO stage {stage} unsupported (0–2: sketching vmaps)")
         unknown = set(self.policy) - {f.name for f in dataclasses.fields(_policy_fields())}

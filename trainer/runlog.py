@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,11 @@ class RunLog:
         self.path = log_path(output_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Also hand every event written from now on to `listener` (e.g. metrics)."""
+        self._listeners.append(listener)
 
     def event(self, event: str, message: str = "", **fields: Any) -> None:
         """Write one event (flushed at once, so a killed run keeps its trail)."""
@@ -39,6 +45,8 @@ class RunLog:
             logger.info("rank %d: %s", self.rank, message)
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
+        for listener in self._listeners:
+            listener(record)
 
     def close(self) -> None:
         """Close the file."""

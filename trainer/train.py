@@ -25,6 +25,7 @@ from gradmix.trainer.data import TaskPool, collate
 from gradmix.trainer.distributed import Dist, init_distributed, shutdown
 from gradmix.trainer.errors import DataError, TrainerError
 from gradmix.trainer.follow import MixtureSync, ServerWatch
+from gradmix.trainer.metrics import serve_metrics
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.setup import build_engine, build_model, build_pool, build_tokenizer
@@ -70,6 +71,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         factor_dim=config.sketching.factor_dim or None,
     )
     log = RunLog(config.output_dir, dist.rank)
+    metrics = serve_metrics(config.job, config.metrics_port, log) \
+        if dist.is_main and config.metrics_port else None
     client, store = SelectionClient(config.server), SketchStore.open(config.store)
     files = TaskFiles(config, client)
     sampler = MixtureSampler(config.training.seed, rank=dist.rank, world_size=dist.world_size)
@@ -137,6 +140,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         sync.watch.close()
     client.close()
     log.close()
+    if metrics is not None:
+        metrics.close()
     return TrainResult(config.training.steps, sync.applied_version, anchors.state.name)
 
 
