@@ -22,19 +22,26 @@ import numpy as np
 import pytest
 from gradmix.store import JobSpec
 from gradmix.store.backend import ChunkPiece, StoreBackend, open_backend
-from store_support import BACKENDS, Location, S3Endpoint, location, s3_endpoint
+from store_support import (
+    BACKENDS_S3_SLOW,
+    Location,
+    S3Endpoint,
+    is_local,
+    location,
+    s3_endpoint,
+)
 
 DIM = 64
 SPAWN = mp.get_context("forkserver")
 """Fresh processes forked from a server that imported the store once (no shared state, no
 threads inherited; a spawned interpreter would spend seconds importing per child)."""
-SPAWN.set_forkserver_preload(["gradmix.store", "s3fs", "numpy"])
+SPAWN.set_forkserver_preload(["gradmix.store", "s3fs", "store_support"])
 
 
 def scale(where: Location) -> int:
     """1 on local disk, 4 on the S3 endpoint: moto answers each request in milliseconds,
     so the object-store runs move a quarter of the rows (the same code paths)."""
-    return 1 if "://" not in where.url else 4
+    return 1 if is_local(where) else 4
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def s3() -> Iterator[S3Endpoint]:
     yield from s3_endpoint()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS_S3_SLOW)
 def where(request: pytest.FixtureRequest, tmp_path: Path, s3: S3Endpoint) -> Location:
     return location(request.param, tmp_path, s3)
 
