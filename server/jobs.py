@@ -27,7 +27,14 @@ from gradmix.server.errors import AlreadyExistsError
 from gradmix.server.jobstate import JobState, Refreshed, Source
 from gradmix.server.metrics import TARGET_LABEL, ServerMetrics
 from gradmix.server.publisher import MixturePublisher
-from gradmix.store import JobInfo, JobSpec, MixtureRecord, NotFoundError, SketchStore
+from gradmix.store import (
+    JobInfo,
+    JobSpec,
+    MixtureRecord,
+    NotFoundError,
+    SketchStore,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,21 @@ class JobRegistry:
         self._publisher = publisher
         self._executor = executor
         self._jobs: dict[str, JobRuntime] = {}
+        self._store_down = False
+        store.backend.on_health(self._store_health)
+
+    def _store_health(self, error: StoreUnavailableError | None) -> None:
+        """Metrics, and a log line when the store stops or starts taking writes."""
+        if error is not None:
+            self._metrics.store_write_failures.inc()
+            self._metrics.store_writable.set(0)
+            if not self._store_down:
+                self._store_down = True
+                log.error("%s; writes answer UNAVAILABLE, reads and watches go on", error)
+        elif self._store_down:
+            self._store_down = False
+            self._metrics.store_writable.set(1)
+            log.warning("sketch store takes writes again")
 
     async def load_all(self) -> None:
         """Rebuild every job in the store (at start-up)."""

@@ -74,6 +74,12 @@ class ServerMetrics:
         self.rpc_duration = Histogram(
             "gradmix_rpc_duration_seconds", "RPC handling time (streams: their lifetime).",
             ["method"], buckets=_RPC_BUCKETS, registry=registry)
+        self.store_writable = Gauge(
+            "gradmix_store_writable", "1 while the sketch store takes writes; 0 from a refused "
+            "write (read-only, full, unreachable) until one works again.", registry=registry)
+        self.store_writable.set(1)
+        self.store_write_failures = Counter(
+            "gradmix_store_write_failures", "Writes the sketch store refused.", registry=registry)
         self._weight_tasks: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 

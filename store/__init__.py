@@ -13,6 +13,7 @@ from gradmix.store.errors import (
     SpecMismatchError,
     StoreError,
     StoreStateError,
+    StoreUnavailableError,
 )
 from gradmix.store.names import validate_name
 from gradmix.store.records import (
@@ -49,6 +50,7 @@ __all__ = [
     "SpecMismatchError",
     "StoreError",
     "StoreStateError",
+    "StoreUnavailableError",
     "TaskInfo",
     "validate_name",
 ]

@@ -16,14 +16,17 @@ Contract (tested against every backend in ``tests/test_store_backends.py``):
   scratch it leaves is hidden from ``list_dir`` (see :mod:`gradmix.store.names`);
 - ``list_dir`` names what is directly under a prefix, bookkeeping left out;
 - every write that the place refuses (read-only, full, no permission, gone)
-  raises :class:`StoreUnavailableError`; reads are unaffected by it.
+  raises :class:`StoreUnavailableError`; reads are unaffected by it. Whoever
+  watches the store's health (:meth:`StoreBackend.on_health`) hears of the
+  first refused write and of the first write that works again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +54,56 @@ class ChunkPiece:
     chunk: bytes | None
 
 
+HealthListener = Callable[[StoreUnavailableError | None], None]
+"""Told each refused write (the error), and None when writes work again."""
+
+
 class StoreBackend(ABC):
     """Where the sketch store keeps its bytes; see the module docstring for the contract."""
 
     writes_in_place: bool = False
     """True if new rows are written into chunk keys at an offset (no whole-chunk bytes needed)."""
+
+    def __init__(self) -> None:
+        self.unavailable: StoreUnavailableError | None = None
+        """The last refused write while writes are failing; None while they work."""
+        self._listeners: list[HealthListener] = []
+        self._health_lock = threading.Lock()
+
+    def on_health(self, listener: HealthListener) -> None:
+        """Call ``listener(error)`` on every refused write and ``listener(None)`` on the first
+        write that works after one (from whichever thread wrote)."""
+        self._listeners.append(listener)
+
+    @contextlib.contextmanager
+    def writing(self, operation: str) -> Iterator[None]:
+        """Run one write: a refusal becomes :class:`StoreUnavailableError` and health news.
+
+        ``OSError`` covers a read-only or full disk, a missing permission, and
+        object-storage errors (fsspec maps those to ``OSError`` subclasses).
+        """
+        try:
+            yield
+        except StoreUnavailableError as exc:
+            self._report(exc)
+            raise
+        except StoreError:
+            raise
+        except OSError as exc:
+            error = StoreUnavailableError(operation, f"{type(exc).__name__}: {exc}")
+            self._report(error)
+            raise error from exc
+        if self.unavailable is not None:
+            self._report(None)
+
+    def _report(self, error: StoreUnavailableError | None) -> None:
+        with self._health_lock:
+            recovered = error is None and self.unavailable is not None
+            self.unavailable = error
+            if error is None and not recovered:
+                return
+        for listener in self._listeners:
+            listener(error)
 
     @property
     @abstractmethod
@@ -98,21 +146,6 @@ class StoreBackend(ABC):
     @abstractmethod
     def write_pieces(self, pieces: Sequence[ChunkPiece]) -> None:
         """Write new rows into chunk keys (in place or as whole chunks: ``writes_in_place``)."""
-
-
-@contextlib.contextmanager
-def writing(operation: str) -> Iterator[None]:
-    """Turn the errors of a refused write into :class:`StoreUnavailableError`.
-
-    ``OSError`` covers a read-only or full disk, a missing permission, and
-    object-storage errors (fsspec maps those to ``OSError`` subclasses).
-    """
-    try:
-        yield
-    except StoreError:
-        raise
-    except OSError as exc:
-        raise StoreUnavailableError(operation, f"{type(exc).__name__}: {exc}") from exc
 
 
 def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> StoreBackend:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import zarr
-from gradmix.store.backend import ChunkPiece, StoreBackend, writing
+from gradmix.store.backend import ChunkPiece, StoreBackend
 from gradmix.store.errors import StoreError
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec
@@ -43,11 +43,19 @@ class RowColumn:
     """One growing array of rows, appended to by exactly one writer."""
 
     def __init__(
-        self, store: Store, path: str, row_shape: tuple[int, ...], dtype: str, chunk_rows: int
+        self,
+        backend: StoreBackend,
+        path: str,
+        row_shape: tuple[int, ...],
+        dtype: str,
+        chunk_rows: int,
     ) -> None:
         self.path = path
-        with writing(f"create the array {path}"):
-            self.array = _open_or_create(store, path, row_shape, dtype, chunk_rows)
+        self._backend = backend
+        with backend.writing(f"create the array {path}"):
+            self.array = _open_or_create(
+                backend.zarr_store, path, row_shape, dtype, chunk_rows
+            )
         self._row_shape = row_shape
         self._rows = int(self.array.chunks[0])
         self._dtype = np.dtype(self.array.dtype).newbyteorder("<")
@@ -97,7 +105,7 @@ class RowColumn:
     def grow(self, rows: int) -> None:
         """Make the metadata span at least ``rows`` rows (never shrinks)."""
         if self.array.shape[0] < rows:
-            with writing(f"resize the array {self.path}"):
+            with self._backend.writing(f"resize the array {self.path}"):
                 self.array.resize((rows, *self._row_shape))
 
 

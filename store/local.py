@@ -26,7 +26,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from gradmix.store.backend import ChunkPiece, StoreBackend, writing
+from gradmix.store.backend import ChunkPiece, StoreBackend
 from gradmix.store.names import is_bookkeeping, scratch_name
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
@@ -40,8 +40,9 @@ class LocalBackend(StoreBackend):
     writes_in_place = True
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.root = Path(root).expanduser()
-        with writing(f"create the store folder {self.root}"):
+        with self.writing(f"create the store folder {self.root}"):
             os.makedirs(self.root, exist_ok=True)
         self._zarr = LocalStore(self.root)
 
@@ -79,25 +80,32 @@ class LocalBackend(StoreBackend):
 
     def put(self, key: str, data: bytes) -> None:
         path = self.root / key
-        with writing(f"put {key}"):
+        with self.writing(f"put {key}"):
             scratch = self._scratch(path, data)
-            os.replace(scratch, path)
+            try:
+                os.replace(scratch, path)
+            except OSError:
+                _discard(scratch)
+                raise
 
     def create(self, key: str, data: bytes) -> bool:
         path = self.root / key
-        with writing(f"create {key}"):
+        with self.writing(f"create {key}"):
             scratch = self._scratch(path, data)
             try:
                 os.link(scratch, path)
                 created = True
             except FileExistsError:
                 created = False
+            except OSError:
+                _discard(scratch)
+                raise
             os.unlink(scratch)
         return created
 
     def create_marker(self, key: str, data: bytes) -> None:
         path = self.root / key
-        with writing(f"commit {key}"):
+        with self.writing(f"commit {key}"):
             try:
                 fd = self._open_new(path)
             except FileExistsError:
@@ -109,12 +117,12 @@ class LocalBackend(StoreBackend):
                 os.close(fd)
 
     def delete(self, key: str) -> None:
-        with writing(f"delete {key}"), contextlib.suppress(FileNotFoundError):
+        with self.writing(f"delete {key}"), contextlib.suppress(FileNotFoundError):
             os.unlink(self.root / key)
 
     def write_pieces(self, pieces: Sequence[ChunkPiece]) -> None:
         for piece in pieces:
-            with writing(f"write {piece.key}"):
+            with self.writing(f"write {piece.key}"):
                 _write_in_place(self.root / piece.key, piece)
 
     def _scratch(self, path: Path, data: bytes) -> Path:
@@ -125,8 +133,11 @@ class LocalBackend(StoreBackend):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-        finally:
+        except OSError:  # a full disk: leave nothing behind (a kill may, hidden from listings)
             os.close(fd)
+            _discard(scratch)
+            raise
+        os.close(fd)
         return scratch
 
     @staticmethod
@@ -136,6 +147,11 @@ class LocalBackend(StoreBackend):
         except FileNotFoundError:
             os.makedirs(path.parent, exist_ok=True)
             return os.open(path, _NEW_FILE, 0o644)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _write_in_place(path: Path, piece: ChunkPiece) -> None:

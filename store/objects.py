@@ -23,7 +23,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gradmix.store.backend import ChunkPiece, StoreBackend, writing
+from gradmix.store.backend import ChunkPiece, StoreBackend
 from gradmix.store.errors import StoreError
 from gradmix.store.names import is_bookkeeping
 from zarr.abc.store import RangeByteRequest, Store
@@ -40,6 +40,7 @@ class ObjectBackend(StoreBackend):
     writes_in_place = False
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
         try:
             self._zarr = FsspecStore.from_url(url, storage_options=dict(storage_options or {}))
         except (ImportError, ValueError, TypeError) as exc:
@@ -80,11 +81,11 @@ class ObjectBackend(StoreBackend):
         return [n for n in sync(collect()) if not is_bookkeeping(n)]
 
     def put(self, key: str, data: bytes) -> None:
-        with writing(f"put {key}"):
+        with self.writing(f"put {key}"):
             sync(self._zarr.set(key, _PROTO.buffer.from_bytes(data)))
 
     def create(self, key: str, data: bytes) -> bool:
-        with writing(f"create {key}"):
+        with self.writing(f"create {key}"):
             if not self._conditional:
                 if sync(self._zarr.exists(key)):
                     return False
@@ -100,7 +101,7 @@ class ObjectBackend(StoreBackend):
         self.create(key, data)
 
     def delete(self, key: str) -> None:
-        with writing(f"delete {key}"):
+        with self.writing(f"delete {key}"):
             sync(self._zarr.delete(key))
 
     def write_pieces(self, pieces: Sequence[ChunkPiece]) -> None:
@@ -112,7 +113,7 @@ class ObjectBackend(StoreBackend):
                 *(self._zarr.set(p.key, _PROTO.buffer.from_bytes(p.chunk or b"")) for p in pieces)
             )
 
-        with writing(f"write {len(pieces)} chunks under {pieces[0].key if pieces else ''}"):
+        with self.writing(f"write {len(pieces)} chunks under {pieces[0].key if pieces else ''}"):
             sync(put_all())
 
     def _path(self, key: str) -> str:

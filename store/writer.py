@@ -68,7 +68,7 @@ class RowWriter:
         self._writer = writer
         self._peers = SourceIndex(docs, ArrayCache(docs.backend), writers_path)
         self._peers_at = -np.inf
-        store, d = docs.backend.zarr_store, spec.dim
+        store, d = docs.backend, spec.dim
         self._whole_chunks = not docs.backend.writes_in_place
         self._lock = threading.Lock()
         self._columns = (
