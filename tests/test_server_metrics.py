@@ -50,6 +50,8 @@ FAMILIES = {
     "gradmix_commit_to_publish_seconds": "histogram",
     "gradmix_rpc_requests": "counter",
     "gradmix_rpc_duration_seconds": "histogram",
+    "gradmix_store_writable": "gauge",
+    "gradmix_store_write_failures": "counter",
 }
 
 
