@@ -106,6 +106,8 @@ class JobRuntime:
             full, self._full = self._full, False
             committed_at, self._first_commit_at = self._first_commit_at, None
             try:
+                if self._failures:
+                    await self._catch_up(loop)
                 outcome, seconds = await loop.run_in_executor(
                     self._executor, _timed_refresh, self.state, dirty, full)
             except Exception:
@@ -120,6 +122,28 @@ class JobRuntime:
             self._failures = 0
             self._finish(outcome, seconds, committed_at)
 
+    async def _catch_up(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a failed run, publish versions the store has beyond the last one known here.
+
+        A failed write may have landed (an object-store PUT whose reply was
+        lost): the version is in the store, and writing its number again would
+        be refused on every retry.
+        """
+        last = self.state.last
+        after = last.version if last is not None else 0
+        records = await loop.run_in_executor(self._executor, self.state.store.read_mixtures,
+                                             self.name, after)
+        for record in records:
+            self.state.last = record
+            self._publish(record)
+            log.warning("job %r: mixture version %d was written before the failure; published",
+                        self.name, record.version)
+
+    def _publish(self, record: MixtureRecord) -> None:
+        self._publisher.publish(self.name, mixture_to_pb(self.name, record))
+        self._metrics.set_mixture(self.name, record.version, record.created_at, record.weights)
+        set_calibration(self._metrics, self.name, record)
+
     def _finish(self, outcome: Refreshed, seconds: float, committed_at: float | None) -> None:
         metrics = self._metrics
         metrics.estimation_duration.labels(self.name).observe(seconds)
@@ -128,9 +152,7 @@ class JobRuntime:
         record = outcome.record
         if record is None:
             return
-        self._publisher.publish(self.name, mixture_to_pb(self.name, record))
-        metrics.set_mixture(self.name, record.version, record.created_at, record.weights)
-        set_calibration(metrics, self.name, record)
+        self._publish(record)
         if committed_at is not None:
             metrics.commit_to_publish.labels(self.name).observe(time.monotonic() - committed_at)
         log.info("job %r: published mixture version %d at anchor %r", self.name,

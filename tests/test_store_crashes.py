@@ -17,6 +17,7 @@ include every acknowledged one, and the next append succeeds.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import random
@@ -41,7 +42,7 @@ from store_support import (
     mixture_record,
     s3_endpoint,
 )
-from test_server_support import create_job, start, wait_for
+from test_server_support import Watcher, create_job, start, wait_for
 
 DIM = 8
 FORK = mp.get_context("forkserver")
@@ -248,3 +249,43 @@ def test_random_sigkills_under_load_lose_no_version_and_never_block(
     assert acknowledged > 0  # the kills landed while versions were being written
     check_after_restart(where, written=acknowledged, maybe=len(
         where.open().read_mixtures("job")))
+
+
+def test_a_version_whose_write_reply_was_lost_is_published_not_retried_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the version's document lands, then the write raises (an object-store
+    PUT whose reply was lost). The server's retry finds it in the store and publishes it,
+    instead of re-writing that version number forever."""
+    h = start(tmp_path / "store")
+    try:
+        create_job(h.stub)
+        h.stub.RegisterTask(pb.RegisterTaskRequest(job="job", name="alpha"))
+        first = wait_for(lambda: h.stub.GetMixture(pb.GetMixtureRequest(job="job")),
+                         lambda m: "alpha" in m.pending_tasks,  # type: ignore[attr-defined]
+                         "a version with alpha")
+        assert isinstance(first, pb.Mixture)
+        watcher = Watcher(h.stub, "job", after_version=first.version)
+        real_create = local.LocalBackend.create
+        lost: list[str] = []
+
+        def create_then_lose_the_reply(self: local.LocalBackend, key: str, data: bytes) -> bool:
+            created = real_create(self, key, data)
+            if "/mixtures/" in key and not lost:
+                lost.append(key)
+                raise OSError(errno.ECONNRESET, "connection reset by peer")
+            return created
+
+        monkeypatch.setattr(local.LocalBackend, "create", create_then_lose_the_reply)
+        h.stub.RegisterTask(pb.RegisterTaskRequest(job="job", name="beta"))
+        second = watcher.next()
+        assert lost == [f"{layout.mixture_dir('job', first.version + 1)}/zarr.json"]
+        assert second.version == first.version + 1 and "beta" in second.pending_tasks
+        h.stub.RegisterTask(pb.RegisterTaskRequest(job="job", name="gamma"))
+        third = watcher.next()
+        assert third.version == first.version + 2 and "gamma" in third.pending_tasks
+        assert [r.version for r in SketchStore.open(str(tmp_path / "store")).read_mixtures(
+            "job")] == list(range(1, third.version + 1))
+        watcher.cancel()
+    finally:
+        h.close()
