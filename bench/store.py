@@ -8,8 +8,10 @@ files with numpy, on the same disk, in the same run.
 
     python bench/store.py [--root DIR] [--rows N]
 
-Last line: ``store: write_mb_s=<...> read_mb_s=<...>`` (one writer, median of
-three rounds; incremental reads; MB are stored float16 gradient bytes).
+Last line: ``store: write_mb_s=<...> read_mb_s=<...> baseline_write_mb_s=<...>
+baseline_read_mb_s=<...> write_ratio=<...> read_ratio=<...>`` (one writer, median
+of three rounds; incremental reads; MB are stored float16 gradient bytes; the
+ratios are store / baseline from the same run).
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def main() -> None:
         print(f"two writer processes: aggregate write_mb_s={two:.1f}")
         read = _incremental_read(url, args.rows)
         print(f"incremental read (every 8 batches of {BATCH}): read_mb_s={read:.1f}")
-        print(f"store: write_mb_s={one:.1f} read_mb_s={read:.1f}")
+        print(f"store: write_mb_s={one:.1f} read_mb_s={read:.1f} "
+              f"baseline_write_mb_s={base_w:.1f} baseline_read_mb_s={base_r:.1f} "
+              f"write_ratio={one / base_w:.2f} read_ratio={read / base_r:.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

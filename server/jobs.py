@@ -27,7 +27,14 @@ from gradmix.server.errors import AlreadyExistsError
 from gradmix.server.jobstate import JobState, Refreshed, Source
 from gradmix.server.metrics import TARGET_LABEL, ServerMetrics
 from gradmix.server.publisher import MixturePublisher
-from gradmix.store import JobInfo, JobSpec, MixtureRecord, NotFoundError, SketchStore
+from gradmix.store import (
+    JobInfo,
+    JobSpec,
+    MixtureRecord,
+    NotFoundError,
+    SketchStore,
+    StoreUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,8 @@ class JobRuntime:
             full, self._full = self._full, False
             committed_at, self._first_commit_at = self._first_commit_at, None
             try:
+                if self._failures:
+                    await self._catch_up(loop)
                 outcome, seconds = await loop.run_in_executor(
                     self._executor, _timed_refresh, self.state, dirty, full)
             except Exception:
@@ -113,6 +122,27 @@ class JobRuntime:
             self._failures = 0
             self._finish(outcome, seconds, committed_at)
 
+    async def _catch_up(self, loop: asyncio.AbstractEventLoop) -> None:
+        """After a failed run, publish versions the store has beyond the last one known here.
+
+        A failed write may have landed (an object-store PUT whose reply was
+        lost): the version is in the store, and writing its number again would
+        be refused on every retry.
+        """
+        last = self.state.last
+        after = last.version if last is not None else 0
+        records = await loop.run_in_executor(self._executor, self.state.store.read_mixtures,
+                                             self.name, after)
+        for record in records:
+            self.state.last = record
+            self._publish(record)
+            log.warning("job %r: mixture version %d was written before the failure; published",
+                        self.name, record.version)
+
+    def _publish(self, record: MixtureRecord) -> None:
+        self._publisher.publish(self.name, mixture_to_pb(self.name, record))
+        set_record(self._metrics, self.name, record)
+
     def _finish(self, outcome: Refreshed, seconds: float, committed_at: float | None) -> None:
         metrics = self._metrics
         metrics.estimation_duration.labels(self.name).observe(seconds)
@@ -125,8 +155,7 @@ class JobRuntime:
         record = outcome.record
         if record is None:
             return
-        self._publisher.publish(self.name, mixture_to_pb(self.name, record))
-        set_record(metrics, self.name, record)
+        self._publish(record)
         if committed_at is not None:
             metrics.commit_to_publish.labels(self.name).observe(time.monotonic() - committed_at)
         log.info("job %r: published mixture version %d at anchor %r", self.name,
@@ -156,6 +185,21 @@ class JobRegistry:
         self._publisher = publisher
         self._executor = executor
         self._jobs: dict[str, JobRuntime] = {}
+        self._store_down = False
+        store.backend.on_health(self._store_health)
+
+    def _store_health(self, error: StoreUnavailableError | None) -> None:
+        """Metrics, and a log line when the store stops or starts taking writes."""
+        if error is not None:
+            self._metrics.store_write_failures.inc()
+            self._metrics.store_writable.set(0)
+            if not self._store_down:
+                self._store_down = True
+                log.error("%s; writes answer UNAVAILABLE, reads and watches go on", error)
+        elif self._store_down:
+            self._store_down = False
+            self._metrics.store_writable.set(1)
+            log.warning("sketch store takes writes again")
 
     async def load_all(self) -> None:
         """Rebuild every job in the store (at start-up)."""

@@ -116,6 +116,12 @@ class ServerMetrics:
             "gradmix_estimate_held", "1 while the job's latest re-estimate is held back as "
             "implausible (the previous mixture stays in force), else 0.", [JOB_LABEL],
             registry=registry)
+        self.store_writable = Gauge(
+            "gradmix_store_writable", "1 while the sketch store takes writes; 0 from a refused "
+            "write (read-only, full, unreachable) until one works again.", registry=registry)
+        self.store_writable.set(1)
+        self.store_write_failures = Counter(
+            "gradmix_store_write_failures", "Writes the sketch store refused.", registry=registry)
         self._weight_tasks: dict[str, set[str]] = {}
         self._jobs: dict[str, _JobTimes] = {}
         self._lock = threading.Lock()

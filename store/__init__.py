@@ -2,7 +2,8 @@
 
 Trainers append sketch rows through :class:`RowWriter`; the server reads
 committed rows incrementally and keeps the mixture history here. Nothing
-outside this package knows the layout.
+outside this package knows the layout. Where the bytes live is a backend
+(:mod:`gradmix.store.backend`): a local directory or an fsspec URL.
 """
 
 from gradmix.store.errors import (
@@ -13,6 +14,7 @@ from gradmix.store.errors import (
     SpecMismatchError,
     StoreError,
     StoreStateError,
+    StoreUnavailableError,
 )
 from gradmix.store.names import validate_name
 from gradmix.store.records import (
@@ -49,6 +51,7 @@ __all__ = [
     "SpecMismatchError",
     "StoreError",
     "StoreStateError",
+    "StoreUnavailableError",
     "TaskInfo",
     "validate_name",
 ]

@@ -13,36 +13,25 @@ Gaussian-like, and on float16 sketch rows zstd level 1 saved about 8% and
 lz4 or blosc-lz4 with shuffle nothing (measured on d=1024 rows), while
 uncompressed chunks are what allow the in-place writes below.
 
-How a chunk is written depends on the store, and both ways leave every
-committed row of a chunk intact at every instant:
-
-- local directory: the new rows' bytes are written in place past the
-  committed ones (a chunk file is created at full size on first use), so
-  committed bytes are never rewritten and nothing is renamed over an
-  existing file (which ext4 turns into a data flush per call);
-- object storage (fsspec): the whole chunk, kept in memory by the writer, is
-  PUT as one object, which replaces the old one atomically.
+How a chunk is written is the backend's business
+(``StoreBackend.write_pieces``), and both ways leave every committed row of a
+chunk intact at every instant: a backend that ``writes_in_place`` (a local
+directory) gets the new rows' bytes and their offset; any other gets each
+touched chunk whole (committed rows, new rows, zeros), kept in memory here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from gradmix.store.backend import ChunkPiece, StoreBackend
 from gradmix.store.errors import StoreError
-from zarr.abc.store import RangeByteRequest, Store
+from zarr.abc.store import Store
 from zarr.codecs import BytesCodec
 from zarr.codecs.bytes import Endian
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError
-from zarr.storage import LocalStore
-
-_PROTO = default_buffer_prototype()
 
 INITIAL_ROWS = 1 << 16
 """Rows a new array's metadata spans. Unwritten chunks cost nothing, and every
@@ -50,34 +39,23 @@ resize rewrites the metadata key, which on ext4 (a rename over an existing
 file) waits for a data flush: a generous span keeps resizes rare."""
 
 
-@dataclass(frozen=True)
-class ChunkPiece:
-    """New rows landing in one chunk.
-
-    Attributes:
-        key: the chunk's store key.
-        offset: byte offset of the new rows inside the chunk.
-        data: the new rows' bytes.
-        chunk_nbytes: the size of a whole chunk.
-        chunk: the whole chunk's bytes after the write (committed rows, new rows,
-            zeros), when asked for (stores that can only replace whole objects).
-    """
-
-    key: str
-    offset: int
-    data: bytes
-    chunk_nbytes: int
-    chunk: bytes | None
-
-
 class RowColumn:
     """One growing array of rows, appended to by exactly one writer."""
 
     def __init__(
-        self, store: Store, path: str, row_shape: tuple[int, ...], dtype: str, chunk_rows: int
+        self,
+        backend: StoreBackend,
+        path: str,
+        row_shape: tuple[int, ...],
+        dtype: str,
+        chunk_rows: int,
     ) -> None:
         self.path = path
-        self.array = _open_or_create(store, path, row_shape, dtype, chunk_rows)
+        self._backend = backend
+        with backend.writing(f"create the array {path}"):
+            self.array = _open_or_create(
+                backend.zarr_store, path, row_shape, dtype, chunk_rows
+            )
         self._row_shape = row_shape
         self._rows = int(self.array.chunks[0])
         self._dtype = np.dtype(self.array.dtype).newbyteorder("<")
@@ -127,44 +105,8 @@ class RowColumn:
     def grow(self, rows: int) -> None:
         """Make the metadata span at least ``rows`` rows (never shrinks)."""
         if self.array.shape[0] < rows:
-            self.array.resize((rows, *self._row_shape))
-
-
-def write_pieces(store: Store, pieces: Sequence[ChunkPiece]) -> None:
-    """Write chunk pieces the way the store allows (see the module docstring)."""
-    if writes_in_place(store):
-        for piece in pieces:
-            _write_in_place(store.root / piece.key, piece)  # type: ignore[attr-defined]
-        return
-    if any(p.chunk is None for p in pieces):
-        raise StoreError("whole chunks are needed to write to this store")
-
-    async def put_all() -> None:
-        await asyncio.gather(
-            *(store.set(p.key, _PROTO.buffer.from_bytes(p.chunk or b"")) for p in pieces)
-        )
-
-    sync(put_all())
-
-
-def writes_in_place(store: Store) -> bool:
-    """True for a local directory, where new rows are written into chunk files in place."""
-    return isinstance(store, LocalStore)
-
-
-def _write_in_place(path: os.PathLike[str], piece: ChunkPiece) -> None:
-    """Write new rows into a chunk file at their offset; create it at full size if missing."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.pwrite(fd, piece.data, piece.offset)
-        if os.fstat(fd).st_size < piece.chunk_nbytes:
-            os.ftruncate(fd, piece.chunk_nbytes)
-    finally:
-        os.close(fd)
+            with self._backend.writing(f"resize the array {self.path}"):
+                self.array.resize((rows, *self._row_shape))
 
 
 def _open_or_create(
@@ -195,7 +137,7 @@ def is_plain(array: zarr.Array, row_shape: tuple[int, ...]) -> bool:
     )
 
 
-def read_range(store: Store, array: zarr.Array, start: int, stop: int) -> np.ndarray:
+def read_range(backend: StoreBackend, array: zarr.Array, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of a plain row array, read from its chunks directly.
 
     Only for rows below a writer's committed count: their chunks exist in full.
@@ -215,33 +157,15 @@ def read_range(store: Store, array: zarr.Array, start: int, stop: int) -> np.nda
         key = f"{array.path}/{array.metadata.encode_chunk_key((index, *zeros))}"
         spans.append((key, first, take))
         pos += take
-    blobs = _read_spans(store, [(k, f * row_bytes, t * row_bytes) for k, f, t in spans])
+    blobs = _read_spans(backend, [(k, f * row_bytes, t * row_bytes) for k, f, t in spans])
     data = blobs[0] if len(blobs) == 1 else b"".join(blobs)
     # A read-only view of the bytes; callers copy once when they assemble rows.
     return np.frombuffer(data, dtype=dtype).reshape((stop - start, *row_shape))
 
 
-def _read_spans(store: Store, spans: Sequence[tuple[str, int, int]]) -> list[bytes]:
+def _read_spans(backend: StoreBackend, spans: Sequence[tuple[str, int, int]]) -> list[bytes]:
     """Byte ranges (key, offset, length) of chunks, each checked to be complete."""
-    if isinstance(store, LocalStore):
-        blobs = []
-        for key, offset, length in spans:
-            try:
-                with open(store.root / key, "rb") as f:
-                    f.seek(offset)
-                    blobs.append(f.read(length))
-            except FileNotFoundError:
-                blobs.append(b"")
-    else:
-
-        async def get_all() -> list[bytes]:
-            bufs = await asyncio.gather(
-                *(store.get(k, prototype=_PROTO, byte_range=RangeByteRequest(o, o + n))
-                  for k, o, n in spans)
-            )
-            return [b"" if b is None else b.to_bytes() for b in bufs]
-
-        blobs = sync(get_all())
+    blobs = backend.get_ranges(spans)
     for (key, _, length), blob in zip(spans, blobs, strict=True):
         if len(blob) != length:
             raise StoreError(f"chunk {key!r} is missing or short: committed rows unreadable")

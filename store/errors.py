@@ -77,3 +77,20 @@ class StoreStateError(StoreError):
     """An operation conflicts with the store's state (e.g. a mixture version not above the last)."""
 
     code_name = "FAILED_PRECONDITION"
+
+class StoreUnavailableError(StoreError):
+    """The store refused a write (read-only, full, no permission, unreachable).
+
+    Reads may still work; the write can be retried once the store takes writes again.
+
+    Attributes:
+        operation: what was being written (e.g. ``"put jobs/j/zarr.json"``).
+        reason: the underlying error, as text.
+    """
+
+    code_name = "UNAVAILABLE"
+
+    def __init__(self, operation: str, reason: str) -> None:
+        self.operation = operation
+        self.reason = reason
+        super().__init__(f"sketch store is not writable ({operation}): {reason}")

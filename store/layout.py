@@ -12,6 +12,10 @@ jobs/<job>/                                     attrs: spec, settings, created_a
   mixtures/<version, 12 digits>/                attrs: one mixture record
 ```
 
+A group is its ``zarr.json`` document: a folder without one (what a write
+killed before it published the document may leave) is not there for any
+reader, and a mixture version without one does not count as written.
+
 Each writer id owns its arrays, so there are never two appenders on one
 array. A writer's committed row count is the largest marker name under its
 ``commits/``: a marker is created (a new key, never a rewrite) after the rows

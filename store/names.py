@@ -1,12 +1,23 @@
-"""Name validation: the one rule for job, task, anchor and writer names.
+"""Names: the one rule for job, task, anchor and writer names, and the store's own keys.
 
 Names become path segments in the store, so anything that could escape the
-root or collide with Zarr's own keys is refused before it reaches a path.
+root or collide with a key the store keeps for itself is refused before it
+reaches a path. The store's bookkeeping lives outside the user's namespace:
+
+- Zarr's metadata key ``zarr.json`` (refused as a name);
+- temporaries of a write in progress: ``.<anything>`` (our own, which a
+  name can never be, since names start with a letter or digit) and
+  ``<anything>.partial`` (Zarr's, which a name may not end with).
+
+:func:`is_bookkeeping` is what listings use to leave those out; it is the
+complement of what :func:`validate_name` accepts for any key a listing can
+meet, so a valid name is never hidden and a temporary is never listed.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 
 from gradmix.store.errors import InvalidNameError
 from gradmix.vocabulary import TARGET
@@ -14,8 +25,21 @@ from gradmix.vocabulary import TARGET
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Allowed names: 1-128 characters, letters/digits first, then letters, digits, ``._-``."""
 
-_RESERVED = frozenset({"zarr.json"})
-"""Names Zarr uses for its own metadata keys; a node of that name would clash with them."""
+METADATA_KEY = "zarr.json"
+"""Zarr's metadata key; a node of that name would clash with it."""
+
+PARTIAL_SUFFIX = ".partial"
+"""Suffix of the temporaries Zarr's local store writes before a rename."""
+
+
+def is_bookkeeping(name: str) -> bool:
+    """True for a key the store keeps for itself (never a job, task, anchor or writer)."""
+    return name == METADATA_KEY or name.startswith(".") or name.endswith(PARTIAL_SUFFIX)
+
+
+def scratch_name(final: str) -> str:
+    """A unique temporary name to write ``final``'s bytes under before it is published."""
+    return f".{final}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
 
 
 def validate_name(name: object, kind: str = "name") -> str:
@@ -30,18 +54,22 @@ def validate_name(name: object, kind: str = "name") -> str:
 
     Raises:
         InvalidNameError: the name is not a string, does not match
-            ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``, contains ``..`` or is reserved.
+            ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``, contains ``..``, or is one
+            of the store's own keys (``zarr.json``, ``*.partial``).
     """
     if not isinstance(name, str):
         raise InvalidNameError(f"{kind} name must be a string, got {type(name).__name__}")
     if not NAME_PATTERN.fullmatch(name):
         raise InvalidNameError(
-            f"invalid {kind} name {name!r}: must match {NAME_PATTERN.pattern}"
+            f"invalid {kind} name {name[:140]!r}: must match {NAME_PATTERN.pattern}"
         )
     if ".." in name:
         raise InvalidNameError(f"invalid {kind} name {name!r}: must not contain '..'")
-    if name in _RESERVED:
-        raise InvalidNameError(f"invalid {kind} name {name!r}: reserved by the store format")
+    if is_bookkeeping(name):
+        raise InvalidNameError(
+            f"invalid {kind} name {name!r}: 'zarr.json' and names ending in "
+            f"'{PARTIAL_SUFFIX}' are reserved for the store's own keys"
+        )
     if kind == "task" and name == TARGET:
         raise InvalidNameError(f"invalid task name {name!r}: it names the job's target")
     return name

@@ -12,25 +12,25 @@ from __future__ import annotations
 import numpy as np
 import zarr
 from gradmix.store import layout
-from gradmix.store.backend import GroupDocs
+from gradmix.store.backend import StoreBackend
 from gradmix.store.columns import is_plain, read_range
+from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import StoreError
 from gradmix.store.records import ReadCursor, Rows
-from zarr.abc.store import Store
 
 
 class ArrayCache:
     """Opened Zarr arrays (their metadata) by path; rows are read from the chunks directly."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, backend: StoreBackend) -> None:
+        self._backend = backend
         self._arrays: dict[str, zarr.Array] = {}
 
     def get(self, path: str) -> zarr.Array:
         """The array at ``path`` (its chunk layout does not change, so it is opened once)."""
         array = self._arrays.get(path)
         if array is None:
-            array = zarr.open_array(self._store, path=path, mode="r")
+            array = zarr.open_array(self._backend.zarr_store, path=path, mode="r")
             if not is_plain(array, tuple(array.shape)[1:]):
                 raise StoreError(f"array {path!r} does not have the store's plain row layout")
             self._arrays[path] = array
@@ -38,7 +38,7 @@ class ArrayCache:
 
     def read(self, writer_path: str, name: str, start: int, stop: int) -> np.ndarray:
         """Committed rows ``[start, stop)`` of one of a writer's arrays."""
-        return read_range(self._store, self.get(f"{writer_path}/{name}"), start, stop)
+        return read_range(self._backend, self.get(f"{writer_path}/{name}"), start, stop)
 
 
 def committed_count(docs: GroupDocs, writer_path: str) -> int:

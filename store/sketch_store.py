@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradmix.store import layout
-from gradmix.store.backend import GroupDocs, open_zarr_store, store_identity
+from gradmix.store.backend import StoreBackend, open_backend
+from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import (
     InvalidSpecError,
     NotFoundError,
@@ -59,10 +60,12 @@ class SketchStore:
     thread, and a writer id to one process at a time.
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        self.url = url
-        self._docs = GroupDocs(open_zarr_store(url, storage_options))
-        self._arrays = ArrayCache(self._docs.store)
+    def __init__(self, backend: StoreBackend, url: str = "") -> None:
+        """A store on ``backend`` (see :meth:`open` to open one by URL)."""
+        self.url = url or backend.identity()
+        self.backend = backend
+        self._docs = GroupDocs(backend)
+        self._arrays = ArrayCache(backend)
         self._jobs: dict[str, JobInfo] = {}
         self._indexes: dict[str, SourceIndex] = {}
         self._mixtures: dict[str, dict[int, MixtureRecord]] = {}
@@ -78,9 +81,9 @@ class SketchStore:
             url: a local path (the default, embedded) or an fsspec URL such as
                 ``memory://name`` or ``s3://bucket/prefix`` (``gradmix[s3]`` extra).
             storage_options: fsspec filesystem options for URLs (credentials,
-                endpoint); see :func:`gradmix.store.backend.open_zarr_store`.
+                endpoint); see :func:`gradmix.store.backend.open_backend`.
         """
-        return cls(url, storage_options)
+        return cls(open_backend(url, storage_options), url)
 
     # --- jobs -----------------------------------------------------------------
 
@@ -246,7 +249,7 @@ class SketchStore:
         self._require_task(job, task)
         validate_name(writer, "writer")
         writers_path = layout.writers_dir(job, anchor, task)
-        key = (store_identity(self._docs.store), f"{writers_path}/{writer}")
+        key = (self.backend.identity(), f"{writers_path}/{writer}")
         with _LIVE_WRITERS_LOCK:
             live = _LIVE_WRITERS.get(key)
             if live is None:
@@ -299,11 +302,18 @@ class SketchStore:
     # --- mixtures -------------------------------------------------------------
 
     def append_mixture(self, job: str, record: MixtureRecord) -> None:
-        """Append a mixture version; it must exceed the last one (else StoreStateError)."""
+        """Append a mixture version; it must exceed the last one (else StoreStateError).
+
+        A version is its document, created in one step (see
+        :meth:`StoreBackend.create`): a writer killed half-way leaves at most
+        a version folder without a document, which no reader sees and which
+        does not count as the last version, so the next append of that
+        number completes it and versions stay consecutive.
+        """
         self.get_job(job)
         if not isinstance(record, MixtureRecord):
             raise InvalidSpecError(f"record must be a MixtureRecord, got {type(record).__name__}")
-        last = max(self._mixture_versions(job), default=0)
+        last = self._last_version(job)
         if record.version <= last:
             raise StoreStateError(
                 f"mixture version {record.version} of job {job!r} does not exceed {last}"
@@ -314,20 +324,29 @@ class SketchStore:
         self._mixtures.setdefault(job, {})[record.version] = record
 
     def read_mixtures(self, job: str, after_version: int = 0) -> list[MixtureRecord]:
-        """Mixture versions above ``after_version``, ascending."""
+        """Mixture versions above ``after_version``, ascending (written ones only)."""
         self.get_job(job)
         cache = self._mixtures.setdefault(job, {})
         out = []
         for version in sorted(v for v in self._mixture_versions(job) if v > after_version):
             if version not in cache:
                 attrs = self._docs.read(layout.mixture_dir(job, version))
-                if attrs is None:
+                if attrs is None:  # a version whose write never finished
                     continue
                 cache[version] = MixtureRecord.from_dict(attrs)
             out.append(cache[version])
         return out
 
+    def _last_version(self, job: str) -> int:
+        """The highest version that has its document (0: none)."""
+        cache = self._mixtures.get(job, {})
+        for version in sorted(self._mixture_versions(job), reverse=True):
+            if version in cache or self._docs.read(layout.mixture_dir(job, version)) is not None:
+                return version
+        return 0
+
     def _mixture_versions(self, job: str) -> list[int]:
+        """Version numbers that have a folder or key (written or not)."""
         return [int(n) for n in self._docs.children(layout.mixtures_dir(job)) if n.isdigit()]
 
 

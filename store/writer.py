@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 from gradmix.store import layout
-from gradmix.store.backend import GroupDocs
-from gradmix.store.columns import RowColumn, write_pieces, writes_in_place
+from gradmix.store.columns import RowColumn
+from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import InvalidRowsError
 from gradmix.store.reader import ArrayCache, SourceIndex, committed_count, contains
 from gradmix.store.records import AppendResult, JobSpec
@@ -66,10 +66,10 @@ class RowWriter:
         self._spec = spec
         self._path = f"{writers_path}/{writer}"
         self._writer = writer
-        self._peers = SourceIndex(docs, ArrayCache(docs.store), writers_path)
+        self._peers = SourceIndex(docs, ArrayCache(docs.backend), writers_path)
         self._peers_at = -np.inf
-        store, d = docs.store, spec.dim
-        self._whole_chunks = not writes_in_place(store)
+        store, d = docs.backend, spec.dim
+        self._whole_chunks = not docs.backend.writes_in_place
         self._lock = threading.Lock()
         self._columns = (
             RowColumn(
@@ -142,9 +142,9 @@ class RowWriter:
             for piece in column.pieces(start, rows, whole=self._whole_chunks)
         ]
         try:
-            write_pieces(self._docs.store, pieces)
+            self._docs.backend.write_pieces(pieces)
             marker = json.dumps({"committed": stop, "at": time.time()}).encode()
-            self._docs.create_marker(layout.commit_key(self._path, stop), marker)
+            self._docs.backend.create_marker(layout.commit_key(self._path, stop), marker)
         except BaseException:
             # The marker may or may not have landed (an object-store PUT whose reply
             # was lost, a local write that failed after the create): what the store
@@ -158,14 +158,14 @@ class RowWriter:
         self._own_ids.update(data[2].tolist())
         self._markers.append(stop)
         while len(self._markers) > 2:
-            self._docs.delete(layout.commit_key(self._path, self._markers.pop(0)))
+            self._docs.backend.delete(layout.commit_key(self._path, self._markers.pop(0)))
 
     def _drop_stale_markers(self) -> list[int]:
         """Delete markers older than the last two (a killed append may leave some); the rest."""
         names = self._docs.children(layout.commits_dir(self._path))
         markers = sorted(int(n) for n in names if n.isdigit())
         for count in markers[:-2]:
-            self._docs.delete(layout.commit_key(self._path, count))
+            self._docs.backend.delete(layout.commit_key(self._path, count))
         return markers[-2:]
 
     def _ensure_capacity(self, rows: int) -> None:

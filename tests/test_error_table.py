@@ -25,6 +25,8 @@ def _subclasses(base: type) -> list[type]:
 def _instance(cls: type[Exception]) -> Exception:
     if issubclass(cls, store_errors.SpecMismatchError):
         return cls("dim", 16, 32)
+    if issubclass(cls, store_errors.StoreUnavailableError):
+        return cls("put jobs/j/zarr.json", "read-only file system")
     return cls("detail")
 
 

@@ -31,7 +31,6 @@ from gradmix.store import (
     StoreStateError,
     validate_name,
 )
-from gradmix.store.columns import write_pieces
 
 DIM = 16
 
@@ -196,7 +195,7 @@ def test_writer_resumes_after_uncommitted_garbage(tmp_path: Path) -> None:
     blocks = (grads_for(garbage).astype(np.float16), values_for(garbage), garbage)
     for column, rows in zip(writer._columns, blocks, strict=True):
         column.grow(8)
-        write_pieces(store._docs.store, column.pieces(5, rows, whole=False))
+        store.backend.write_pieces(column.pieces(5, rows, whole=False))
     del writer, column  # the process that held the writer is gone
     gc.collect()
 
@@ -220,15 +219,15 @@ def test_failed_commit_never_writes_over_committed_rows(
     store = prepared(url)
     writer = store.writer("job", "a0", "alpha", "w")
     writer.append(grads_for(np.arange(4)), values_for(np.arange(4)), np.arange(4))
-    docs = store._docs
-    original = type(docs).create_marker
+    backend = store.backend
+    original = type(backend).create_marker
 
     def flaky(self: object, key: str, data: bytes) -> None:
         if marker_landed:
-            original(docs, key, data)
+            original(backend, key, data)
         raise OSError("connection reset while committing")
 
-    monkeypatch.setattr(type(docs), "create_marker", flaky)
+    monkeypatch.setattr(type(backend), "create_marker", flaky)
     with pytest.raises(OSError):
         writer.append(grads_for(np.arange(4, 8)), values_for(np.arange(4, 8)), np.arange(4, 8))
     monkeypatch.undo()
@@ -268,7 +267,8 @@ def test_threads_sharing_a_writer_id_in_one_process_lose_nothing(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    "name", ["", "../x", "a/b", "..", "a..b", ".hidden", "-x", "x" * 129, "a b", "zarr.json", "é"]
+    "name", ["", "../x", "a/b", "..", "a..b", ".hidden", "-x", "x" * 129, "a b", "zarr.json", "é",
+             "w.partial", "x.PARTIAL.partial"]
 )
 def test_bad_names_are_refused_everywhere(tmp_path: Path, name: str) -> None:
     root = tmp_path / "s"

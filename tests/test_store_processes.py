@@ -1,8 +1,10 @@
 """Sketch store across real processes: concurrent writers and readers, and SIGKILLed writers.
 
-Every process opens the store by its path (spawned interpreters, no shared
-state); rows are a pure function of their example id, so any process can
-check any row bit for bit.
+Every test runs on each backend: a local folder and a bucket on a real
+S3-compatible endpoint (moto's server on loopback, see ``store_support``).
+Every process opens the store by its location (spawned interpreters, no
+shared state); rows are a pure function of their example id, so any process
+can check any row bit for bit.
 """
 
 from __future__ import annotations
@@ -12,14 +14,44 @@ import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gradmix.store import JobSpec, SketchStore, columns
+import pytest
+from gradmix.store import JobSpec
+from gradmix.store.backend import ChunkPiece, StoreBackend, open_backend
+from store_support import (
+    BACKENDS_S3_SLOW,
+    Location,
+    S3Endpoint,
+    is_local,
+    location,
+    s3_endpoint,
+)
 
 DIM = 64
-SPAWN = mp.get_context("spawn")
+SPAWN = mp.get_context("forkserver")
+"""Fresh processes forked from a server that imported the store once (no shared state, no
+threads inherited; a spawned interpreter would spend seconds importing per child)."""
+SPAWN.set_forkserver_preload(["gradmix.store", "s3fs", "store_support"])
+
+
+def scale(where: Location) -> int:
+    """1 on local disk, 4 on the S3 endpoint: moto answers each request in milliseconds,
+    so the object-store runs move a quarter of the rows (the same code paths)."""
+    return 1 if is_local(where) else 4
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Endpoint]:
+    yield from s3_endpoint()
+
+
+@pytest.fixture(params=BACKENDS_S3_SLOW)
+def where(request: pytest.FixtureRequest, tmp_path: Path, s3: S3Endpoint) -> Location:
+    return location(request.param, tmp_path, s3)
 
 
 def grads_for(ids: np.ndarray) -> np.ndarray:
@@ -33,8 +65,8 @@ def values_for(ids: np.ndarray) -> np.ndarray:
     return np.asarray(ids, dtype=np.float64) + 0.5
 
 
-def prepare(url: str, tasks: tuple[str, ...]) -> None:
-    store = SketchStore.open(url)
+def prepare(where: Location, tasks: tuple[str, ...]) -> None:
+    store = where.open()
     store.create_job("job", JobSpec(dim=DIM, seed=1))
     for task in tasks:
         store.register_task("job", task)
@@ -46,17 +78,19 @@ def assert_rows_exact(ids: np.ndarray, grads: np.ndarray, values: np.ndarray) ->
     np.testing.assert_array_equal(values, values_for(ids))
 
 
-def write_ids(url: str, task: str, writer: str, ids: list[int], batch: int) -> None:
+def write_ids(where: Location, task: str, writer: str, ids: list[int], batch: int) -> None:
     """Child: append ``ids`` in batches as one writer id."""
-    row_writer = SketchStore.open(url).writer("job", "a0", task, writer)
+    row_writer = where.open().writer("job", "a0", task, writer)
     for lo in range(0, len(ids), batch):
         part = np.asarray(ids[lo : lo + batch], dtype=np.int64)
         row_writer.append(grads_for(part), values_for(part), part)
 
 
-def read_until(url: str, tasks: list[str], expected: int, ready: Any, out: mp.Queue) -> None:
+def read_until(
+    where: Location, tasks: list[str], expected: int, ready: Any, out: mp.Queue
+) -> None:
     """Child: poll every task incrementally until ``expected`` rows in all; check each batch."""
-    store = SketchStore.open(url)
+    store = where.open()
     ready.set()
     cursors: dict[str, object] = {t: None for t in tasks}
     seen: dict[str, list[int]] = {t: [] for t in tasks}
@@ -70,20 +104,18 @@ def read_until(url: str, tasks: list[str], expected: int, ready: Any, out: mp.Qu
     out.put((seen, polls))
 
 
-def test_two_writers_on_two_tasks_and_a_reader_at_once(tmp_path: Path) -> None:
-    url = str(tmp_path / "store")
-    prepare(url, ("alpha", "beta"))
-    per_task = 3000
+def test_two_writers_on_two_tasks_and_a_reader_at_once(where: Location) -> None:
+    prepare(where, ("alpha", "beta"))
+    per_task = 3000 // scale(where)
     out: mp.Queue = SPAWN.Queue()
     ready = SPAWN.Event()
     reader = SPAWN.Process(
-        target=read_until, args=(url, ["alpha", "beta"], 2 * per_task, ready, out)
+        target=read_until, args=(where, ["alpha", "beta"], 2 * per_task, ready, out)
     )
     writers = [
-        SPAWN.Process(target=write_ids, args=(url, "alpha", "rank0", list(range(per_task)), 37)),
-        SPAWN.Process(
-            target=write_ids, args=(url, "beta", "rank1", list(range(10**6, 10**6 + per_task)), 50)
-        ),
+        SPAWN.Process(target=write_ids, args=(where, "alpha", "rank0", list(range(per_task)), 37)),
+        SPAWN.Process(target=write_ids,
+                      args=(where, "beta", "rank1", list(range(10**6, 10**6 + per_task)), 50)),
     ]
     reader.start()
     assert ready.wait(timeout=120)  # the reader polls from before the first row lands
@@ -96,18 +128,18 @@ def test_two_writers_on_two_tasks_and_a_reader_at_once(tmp_path: Path) -> None:
     assert seen["alpha"] == list(range(per_task))
     assert seen["beta"] == list(range(10**6, 10**6 + per_task))
     assert polls > 1  # the reader really read while rows were landing
-    store = SketchStore.open(url)
+    store = where.open()
     assert store.committed_rows("job", "a0", "alpha") == per_task
     assert store.committed_rows("job", "a0", "beta") == per_task
 
 
-def test_several_processes_writing_one_task_lose_and_duplicate_nothing(tmp_path: Path) -> None:
-    url = str(tmp_path / "store")
-    prepare(url, ("alpha",))
-    shared = list(range(5000, 5400))  # every writer also sends these (a re-sent shard)
-    plans = {f"rank{r}": [*range(r * 1000, r * 1000 + 900), *shared] for r in range(3)}
+def test_several_processes_writing_one_task_lose_and_duplicate_nothing(where: Location) -> None:
+    prepare(where, ("alpha",))
+    n = 900 // scale(where)
+    shared = list(range(5000, 5000 + 4 * n // 9))  # every writer also sends these (re-sent)
+    plans = {f"rank{r}": [*range(r * 1000, r * 1000 + n), *shared] for r in range(3)}
     procs = [
-        SPAWN.Process(target=write_ids, args=(url, "alpha", name, ids, 64))
+        SPAWN.Process(target=write_ids, args=(where, "alpha", name, ids, 64))
         for name, ids in plans.items()
     ]
     for proc in procs:
@@ -115,7 +147,7 @@ def test_several_processes_writing_one_task_lose_and_duplicate_nothing(tmp_path:
     for proc in procs:
         proc.join(timeout=120)
         assert proc.exitcode == 0
-    store = SketchStore.open(url)
+    store = where.open()
     rows, cursor = store.read_rows("job", "a0", "alpha")
     expected = sorted({i for ids in plans.values() for i in ids})
     assert sorted(rows.example_ids.tolist()) == expected
@@ -125,7 +157,7 @@ def test_several_processes_writing_one_task_lose_and_duplicate_nothing(tmp_path:
     assert len(store.read_rows("job", "a0", "alpha", cursor)[0]) == 0
 
 
-def crash_writer(url: str, report: str, batch: int, stall_at: int) -> None:
+def crash_writer(where: Location, report: str, batch: int, stall_at: int) -> None:
     """Child: resume the writer id, re-send its last batch, then append until killed.
 
     After each append returns, the committed count is appended to ``report``
@@ -133,14 +165,15 @@ def crash_writer(url: str, report: str, batch: int, stall_at: int) -> None:
     is needed and the loop spends its time in appends), so the parent knows a
     lower bound of what was committed.
 
-    With ``stall_at`` > 0 the child stops inside its ``stall_at``-th chunk write,
-    after the new gradient rows are on disk and before the commit marker, and
+    With ``stall_at`` > 0 the child stops after its ``stall_at``-th chunk write,
+    once the new rows are in the store and before the commit marker, and
     says so in the report (fault injection: the parent then kills it exactly
     mid-write instead of at a random instant).
     """
     if stall_at:
-        _stall_inside_chunk_write(report, stall_at)
-    row_writer = SketchStore.open(url).writer("job", "a0", "alpha", "crashy")
+        _stall_after_chunk_write(type(open_backend(where.url, where.options or None)),
+                                 report, stall_at)
+    row_writer = where.open().writer("job", "a0", "alpha", "crashy")
     start = row_writer.committed
     if start:
         again = np.arange(max(0, start - batch), start)
@@ -156,32 +189,33 @@ def crash_writer(url: str, report: str, batch: int, stall_at: int) -> None:
         os.write(fd, f"{result.committed}\n".encode())
 
 
-def _stall_inside_chunk_write(report: str, stall_at: int) -> None:
-    original = columns._write_in_place
+def _stall_after_chunk_write(backend: type[StoreBackend], report: str, stall_at: int) -> None:
+    original = backend.write_pieces
     calls = 0
 
-    def write_then_stall(path: os.PathLike[str], piece: columns.ChunkPiece) -> None:
+    def write_then_stall(self: StoreBackend, pieces: list[ChunkPiece]) -> None:
         nonlocal calls
-        original(path, piece)
+        original(self, pieces)
         calls += 1
-        if calls >= stall_at and "grads" in str(path):
+        if calls >= stall_at and any("grads" in p.key for p in pieces):
             with open(report, "a") as f:
                 f.write("stalled\n")
             time.sleep(600)
 
-    columns._write_in_place = write_then_stall  # type: ignore[assignment]
+    backend.write_pieces = write_then_stall  # type: ignore[method-assign,assignment]
 
 
-def test_writer_killed_mid_write_loses_nothing_committed(tmp_path: Path) -> None:
-    url = str(tmp_path / "store")
-    prepare(url, ("alpha",))
+def test_writer_killed_mid_write_loses_nothing_committed(
+    where: Location, tmp_path: Path
+) -> None:
+    prepare(where, ("alpha",))
     rng = random.Random(1234)
     acknowledged = 0
-    for kill in range(24):
+    for kill in range(24 if scale(where) == 1 else 8):  # S3: each restart costs ~2 s
         report = tmp_path / f"report-{kill}.txt"
         batch = rng.choice([7, 33, 64, 100])
         stall_at = rng.randint(4, 40) if kill % 3 == 2 else 0  # every third kill: mid-write
-        proc = SPAWN.Process(target=crash_writer, args=(url, str(report), batch, stall_at))
+        proc = SPAWN.Process(target=crash_writer, args=(where, str(report), batch, stall_at))
         proc.start()
         wait_for = "stalled" if stall_at else "ready"
         deadline = time.monotonic() + 60
@@ -199,7 +233,7 @@ def test_writer_killed_mid_write_loses_nothing_committed(tmp_path: Path) -> None
         lines = report.read_text().split()
         acknowledged = max([acknowledged, *(int(x) for x in lines if x.isdigit())])
 
-        store = SketchStore.open(url)
+        store = where.open()
         rows, _ = store.read_rows("job", "a0", "alpha")
         committed = store.committed_rows("job", "a0", "alpha")
         assert len(rows) == committed >= acknowledged
