@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server.rows import encode_rows
 from gradmix.store.names import NAME_PATTERN
@@ -151,8 +152,15 @@ big = st.integers(0, 2**32 - 1)
 
 @st.composite
 def raw_bytes(draw: st.DrawFn, method: str) -> Case:
-    """Bytes that do not parse: anything, then a tag varint that never ends."""
-    data = draw(st.binary(max_size=64)) + b"\x80"
+    """Bytes that do not parse as the method's request (a message that does parse gets a
+    tag varint that never ends appended)."""
+    data = draw(st.binary(max_size=64))
+    try:
+        REQUESTS[method].FromString(data)
+    except DecodeError:
+        pass
+    else:
+        data += b"\x80"
 
     def call(h: Harness) -> Any:
         if method == "UploadSketch":
@@ -476,7 +484,7 @@ def test_fuzz_estimate_subsets(server: Harness, data: st.DataObject) -> None:
             pb.Subset(tasks=["t1"], weights=w))),
         st.sampled_from([float("nan"), float("inf"), -1.0]).map(lambda w: case(
             "bad weight", Code.INVALID_ARGUMENT, pb.Subset(tasks=["t1"], weights=[w]))),
-        st.integers(3, 2**31).map(lambda m: case("unknown mode", Code.INVALID_ARGUMENT,
+        st.integers(3, 2**31 - 1).map(lambda m: case("unknown mode", Code.INVALID_ARGUMENT,
                                                  mode=m)),
         st.integers(201, 400).map(lambda m: case(
             "past max_exact_query_cost", Code.RESOURCE_EXHAUSTED,
@@ -498,7 +506,7 @@ def test_fuzz_select_tasks(server: Harness, data: st.DataObject) -> None:
         job_cases("SelectTasks", lambda n: pb.SelectTasksRequest(job=n)),
         st.just(case("top-k without k", Code.INVALID_ARGUMENT,
                      method=pb.SELECTION_METHOD_TOP_K)),
-        st.integers(4, 2**31).map(lambda m: case("unknown method", Code.INVALID_ARGUMENT,
+        st.integers(4, 2**31 - 1).map(lambda m: case("unknown method", Code.INVALID_ARGUMENT,
                                                  method=m)),
         st.sampled_from([float("nan"), float("inf")]).map(lambda t: case(
             "non-finite threshold", Code.INVALID_ARGUMENT, threshold=t)),
