@@ -94,6 +94,17 @@ def test_long_names_are_refused_without_echoing_them(small: Harness) -> None:
         assert len(details) < 300, details
 
 
+def test_a_34_mib_input_is_not_echoed_back(small: Harness) -> None:
+    """Inputs this size once made the error reply itself too large to send."""
+    huge = "x" * (34 * 1024 * 1024)
+    details = refused(lambda: small.stub.GetJob(pb.GetJobRequest(name=huge)),
+                      Code.INVALID_ARGUMENT, "max_name_length")
+    assert len(details) < 300
+    details = refused(lambda: small.stub.CreateJob(pb.CreateJobRequest(name="j", spec=pb.JobSpec(
+        sketch=pb.SketchSpec(dim=DIM), target=huge))), Code.INVALID_ARGUMENT, "max_target_bytes")
+    assert len(details) < 300
+
+
 def test_anchor_steps_stay_near_the_jobs_steps(small: Harness) -> None:
     stub = small.stub
     create_job(stub)
