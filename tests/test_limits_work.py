@@ -136,7 +136,7 @@ TASKS = [f"t{i}" for i in range(12)]
 @pytest.fixture
 def heavy(tmp_path: Path) -> Iterator[Harness]:
     """Job "heavy" (12 tasks, 200 rows each, dim 32) for exact queries; job "light"."""
-    h = start(tmp_path / "store", query_workers=1, max_queued_queries=4,
+    h = start(tmp_path / "store", query_workers=1, max_queued_queries=8,
               max_exact_query_cost=100_000)
     stub = h.stub
     create_job(stub, name="heavy", dim=32)
@@ -199,12 +199,15 @@ def test_cheap_calls_stay_fast_while_heavy_queries_run(heavy: Harness) -> None:
                 for _ in range(20)]
 
     idle = statistics.median(list_latencies())
-    futures = [stub.EstimateSubsets.future(exact_request(60)) for _ in range(5)]
+    futures = [stub.EstimateSubsets.future(exact_request(60)) for _ in range(8)]
     time.sleep(0.05)
-    busy = statistics.median(list_latencies())
+    busy = list_latencies()
     running = sum(not f.done() for f in futures)
     for future in futures:
         future.cancel()
     assert running >= 1, "the heavy queries ended before the cheap calls were measured"
-    # ListTasks reads the store on the default executor; heavy queries have their own pool.
-    assert busy < 10 * idle + 0.05, f"ListTasks p50 {busy * 1e3:.1f} ms vs idle {idle * 1e3:.1f} ms"
+    # ListTasks reads the store on the default executor; heavy queries have their own pool,
+    # so not even the first ListTasks waits for a heavy query to end.
+    assert max(busy) < 20 * idle + 0.1, (
+        f"ListTasks took up to {max(busy) * 1e3:.1f} ms while heavy queries ran, "
+        f"{idle * 1e3:.1f} ms when idle")
