@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test lint proto bench clean
+.PHONY: install demo test fuzz lint proto bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	bash scripts/install_system_deps.sh
 	$(PY) -m pytest -q
+
+# Property-based fuzzing of every RPC on a real server, 1000 cases per RPC
+# (the default `make test` runs 10 per RPC).
+fuzz: $(STAMP)
+	GRADMIX_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

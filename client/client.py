@@ -143,8 +143,8 @@ class SelectionClient:
 
     def list_jobs(self) -> list[Job]:
         """Every job on the server."""
-        response = self._call("ListJobs", pb.ListJobsRequest())
-        return [convert.job_from_pb(j) for j in response.jobs]
+        return [convert.job_from_pb(j)
+                for j in self._pages("ListJobs", pb.ListJobsRequest(), "jobs")]
 
     # ------------------------------------------------------------ tasks and anchors
 
@@ -157,8 +157,8 @@ class SelectionClient:
 
     def list_tasks(self, job: str) -> list[Task]:
         """The job's tasks, in registration order."""
-        response = self._call("ListTasks", pb.ListTasksRequest(job=job))
-        return [convert.task_from_pb(t) for t in response.tasks]
+        return [convert.task_from_pb(t)
+                for t in self._pages("ListTasks", pb.ListTasksRequest(job=job), "tasks")]
 
     def declare_anchor(
         self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = ""
@@ -185,8 +185,8 @@ class SelectionClient:
 
     def list_anchors(self, job: str) -> list[Anchor]:
         """The job's anchors, in declaration order."""
-        response = self._call("ListAnchors", pb.ListAnchorsRequest(job=job))
-        return [convert.anchor_from_pb(a) for a in response.anchors]
+        request = pb.ListAnchorsRequest(job=job)
+        return [convert.anchor_from_pb(a) for a in self._pages("ListAnchors", request, "anchors")]
 
     # ------------------------------------------------------------ sketches
 
@@ -252,7 +252,21 @@ class SelectionClient:
     def list_mixtures(self, job: str, after_version: int = 0, limit: int = 0) -> list[Mixture]:
         """The job's mixture history after `after_version` (limit 0: all), oldest first."""
         request = pb.ListMixturesRequest(job=job, after_version=after_version, limit=limit)
-        return [convert.mixture_from_pb(m) for m in self._call("ListMixtures", request).mixtures]
+        return [convert.mixture_from_pb(m)
+                for m in self._pages("ListMixtures", request, "mixtures")]
+
+    def _pages(self, method: str, request: Any, field: str) -> list[Any]:
+        """Every item of a List call, page after page (the server's page size)."""
+        items: list[Any] = []
+        seen: set[str] = set()
+        while True:
+            response = self._call(method, request)
+            items.extend(getattr(response, field))
+            token = response.next_page_token
+            if not token or token in seen:  # a repeated token would never end
+                return items
+            seen.add(token)
+            request.page_token = token
 
     def watch(
         self, job: str, after_version: int = 0, *, give_up_after: float | None = None

@@ -88,8 +88,8 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
         columns = [estimator.tasks.index(t) for t in active]
         error = standard_error(replicates[:, columns])
         bootstraps = len(replicates)
-    active_weights = scores_to_mixture(scores, temperature=policy.temperature, floor=policy.floor,
-                                       error=error)
+    active_weights = scores_to_mixture(scores, temperature=policy.temperature,
+                                       floor=policy.floor_for(len(scores)), error=error)
     thin = {t for t in active if rows[t] < THIN_ROWS}
     active_weights = cap_weights(active_weights, thin, 1.0 / len(active))
     if previous:

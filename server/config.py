@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from gradmix.server.errors import InvalidArgumentError
+from gradmix.server.limits import Limits
 from gradmix.server.policies import PolicyConfig
 from gradmix.vocabulary import DEFAULT_POLICY, Policy, choices
 
 ENV_PREFIX = "GRADMIX_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_LIMITS = Limits()
 POLICY_NAMES = choices(Policy)
 
 
@@ -82,6 +84,44 @@ class ServerConfig:
     (either way): beyond it the estimate is held back as implausible and the previous
     mixture stays in force (0: no bound)."""
 
+    # [limits] (gradmix.server.limits.Limits; a `[limits]` TOML table is accepted too)
+    max_value_abs: float = _LIMITS.max_value_abs
+    """Largest |f(x)| of a sketch row."""
+    max_row_norm: float = _LIMITS.max_row_norm
+    """Largest norm of a sketch row's projected gradient."""
+    max_dim: int = _LIMITS.max_dim
+    """Largest projection dim of a job."""
+    max_rows_per_upload: int = _LIMITS.max_rows_per_upload
+    """Most rows one UploadSketch call may carry."""
+    max_tasks_per_job: int = _LIMITS.max_tasks_per_job
+    """Most tasks of one job."""
+    max_jobs: int = _LIMITS.max_jobs
+    """Most jobs of this server."""
+    max_name_length: int = _LIMITS.max_name_length
+    """Longest job, task, anchor or writer name (at most 128)."""
+    max_metadata_entries: int = _LIMITS.max_metadata_entries
+    """Most metadata entries of a task."""
+    max_metadata_bytes: int = _LIMITS.max_metadata_bytes
+    """Largest total size of a task's metadata."""
+    max_target_bytes: int = _LIMITS.max_target_bytes
+    """Longest target description of a job."""
+    max_anchor_step_ahead: int = _LIMITS.max_anchor_step_ahead
+    """How far past the job's greatest declared step a new anchor's step may be."""
+    max_query_cost: int = _LIMITS.max_query_cost
+    """Most subsets × tasks of one fast-mode query."""
+    max_exact_query_cost: int = _LIMITS.max_exact_query_cost
+    """Most subsets × tasks of one exact-mode query."""
+    query_workers: int = _LIMITS.query_workers
+    """Threads for EstimateSubsets / SelectTasks."""
+    max_queued_queries: int = _LIMITS.max_queued_queries
+    """Most queries waiting for a query thread."""
+    query_timeout_seconds: float = _LIMITS.query_timeout_seconds
+    """Longest a query may run."""
+    default_page_size: int = _LIMITS.default_page_size
+    """Page size of a List call that asks for 0."""
+    max_page_size: int = _LIMITS.max_page_size
+    """Largest page of a List call."""
+
     def __post_init__(self) -> None:
         if not self.store:
             raise ConfigError("store must name a path or URL")
@@ -112,6 +152,14 @@ class ServerConfig:
             PolicyConfig(**self.policy_defaults())
         except InvalidArgumentError as exc:
             raise ConfigError(f"default policy settings: {exc}") from exc
+        try:
+            self.limits()
+        except InvalidArgumentError as exc:
+            raise ConfigError(f"limits: {exc}") from exc
+
+    def limits(self) -> Limits:
+        """The `[limits]` block as the `Limits` the server checks requests against."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def policy_defaults(self) -> dict[str, Any]:
         """The policy settings this server fills in, without the unset (None) ones."""
@@ -150,7 +198,7 @@ def _coerce(name: str, value: Any, kind: type, origin: str) -> Any:
 
 
 def _from_toml(path: str, kinds: Mapping[str, type]) -> dict[str, Any]:
-    """Read a TOML file; keys are field names (a `[policy]` table is accepted too)."""
+    """Read a TOML file; keys are field names (`[policy]` and `[limits]` tables too)."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
@@ -164,6 +212,9 @@ def _from_toml(path: str, kinds: Mapping[str, type]) -> dict[str, Any]:
         flat.update(table)
     elif policy is not None:
         flat["policy"] = policy
+    limits = flat.pop("limits", None)
+    if isinstance(limits, dict):
+        flat.update(limits)
     unknown = sorted(set(flat) - set(kinds))
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(kinds)}")

@@ -70,3 +70,21 @@ class ConvergenceError(ServerError):
     """An iterative solver (the estimator's exact mode) did not converge."""
 
     code_name = "INTERNAL"
+
+
+class LimitExceededError(ServerError):
+    """A count or cost past one of the server's limits (`gradmix.server.limits`)."""
+
+    code_name = "RESOURCE_EXHAUSTED"
+
+
+class QueryDeadlineError(ServerError):
+    """A query ran past its deadline (the client's, or the server's query timeout)."""
+
+    code_name = "DEADLINE_EXCEEDED"
+
+
+class ShuttingDownError(ServerError):
+    """The server is stopping: the caller should reconnect (to this or another replica)."""
+
+    code_name = "UNAVAILABLE"

@@ -5,7 +5,10 @@ service is registered (`add_instrumented_service`): the wrapper times the
 call, counts it by status code, and turns the domain errors raised by the
 servicer, the estimator and the store into a status code and a message the
 caller can act on. Anything unexpected is logged with its traceback and
-answered INTERNAL. Wrapping at registration (rather than in a per-call
+answered INTERNAL. Request bytes that do not parse as the method's message are
+INVALID_ARGUMENT (gRPC itself would answer INTERNAL), and a status message
+never carries more than `MAX_DETAILS` characters, however long the input it
+quotes. Wrapping at registration (rather than in a per-call
 `aio.ServerInterceptor`) keeps the per-call cost to one coroutine frame.
 """
 
@@ -18,12 +21,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from gradmix.server.errors import ServerError
+from gradmix.server.errors import InvalidArgumentError, ServerError
 from gradmix.server.metrics import ServerMetrics
 from gradmix.store import StoreError
 from grpc import aio
 
 log = logging.getLogger(__name__)
+
+#: Longest status message sent; longer ones are cut (the full one is not logged either).
+MAX_DETAILS = 1000
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -94,7 +100,46 @@ class _CallOutcome:
             mapped = (grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         self.code = mapped[0].name
         self.record()
-        await context.abort(mapped[0], mapped[1])
+        details = mapped[1]
+        if len(details) > MAX_DETAILS:
+            details = f"{details[:MAX_DETAILS]}… (message cut at {MAX_DETAILS} characters)"
+        await context.abort(mapped[0], details)
+
+
+class MalformedRequest:
+    """Stands for request bytes that did not parse; the handler wrapper refuses it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def refuse(self) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"the request is not a valid protobuf message of this method "
+            f"({type(self.error).__name__})")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning a `MalformedRequest` instead of raising."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or bytes that are not UTF-8 in a string
+            return MalformedRequest(exc)
+
+    return parse
+
+
+async def _parsed(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream that raises at the first malformed message."""
+    async for request in requests:
+        if isinstance(request, MalformedRequest):
+            raise request.refuse()
+        yield request
 
 
 Handler = Callable[..., Any]
@@ -109,14 +154,14 @@ class RpcInstrumentation:
     def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler of method `name`, instrumented."""
         stats = _MethodStats(self._metrics, name)
-        kwargs = {"request_deserializer": handler.request_deserializer,
+        kwargs = {"request_deserializer": _lenient(handler.request_deserializer),
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _unary(stats, handler.unary_unary), **kwargs)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(stats, handler.stream_unary), **kwargs)
+                _unary(stats, handler.stream_unary, streaming_request=True), **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _streaming(stats, handler.unary_stream), **kwargs)
@@ -124,10 +169,15 @@ class RpcInstrumentation:
             _streaming(stats, handler.stream_stream), **kwargs)
 
 
-def _unary(stats: _MethodStats, behavior: Handler) -> Handler:
+def _unary(stats: _MethodStats, behavior: Handler, *, streaming_request: bool = False
+           ) -> Handler:
     async def call(request: Any, context: aio.ServicerContext) -> Any:
         outcome = _CallOutcome(stats)
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.refuse()
+            if streaming_request:
+                request = _parsed(request)
             return await behavior(request, context)
         except BaseException as exc:
             await outcome.fail(exc, context)
@@ -141,6 +191,8 @@ def _streaming(stats: _MethodStats, behavior: Handler) -> Handler:
     async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
         outcome = _CallOutcome(stats)
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.refuse()
             async for response in behavior(request, context):
                 yield response
         except BaseException as exc:

@@ -27,6 +27,7 @@ from gradmix.server.errors import AlreadyExistsError
 from gradmix.server.jobstate import JobState, Refreshed, Source
 from gradmix.server.metrics import TARGET_LABEL, ServerMetrics
 from gradmix.server.publisher import MixturePublisher
+from gradmix.server.queries import QueryPool
 from gradmix.store import (
     JobInfo,
     JobSpec,
@@ -60,6 +61,8 @@ class JobRuntime:
         self._first_commit_at: float | None = None
         self._totals: dict[tuple[str, Source], int] = {}
         self._failures = 0
+        #: Why the last re-estimate failed ("" after a success): shown by GetJob.
+        self.estimation_error = ""
         self.idle = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"reestimate-{self.name}")
 
@@ -110,16 +113,20 @@ class JobRuntime:
                     await self._catch_up(loop)
                 outcome, seconds = await loop.run_in_executor(
                     self._executor, _timed_refresh, self.state, dirty, full)
-            except Exception:
+            except Exception as exc:
+                # The job keeps serving its last version; new input wakes a retry at once.
                 self._failures += 1
                 delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self._failures - 1))
-                log.exception("re-estimate of job %r failed (%d in a row); retrying in %.1f s",
-                              self.name, self._failures, delay)
+                self.estimation_error = echo_error(exc)
+                log.exception("re-estimate of job %r failed (%d in a row); still serving "
+                              "version %d, retrying in %.1f s", self.name, self._failures,
+                              self._publisher.latest_version(self.name), delay)
                 self._metrics.estimation_failures.labels(self.name).inc()
                 self._full = True
                 loop.call_later(delay, self._wake.set)
                 continue
             self._failures = 0
+            self.estimation_error = ""
             self._finish(outcome, seconds, committed_at)
 
     async def _catch_up(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -167,6 +174,12 @@ class JobRuntime:
             await self._task
 
 
+def echo_error(exc: BaseException) -> str:
+    """`exc` in one line of at most a few hundred characters, for GetJob."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
 def _timed_refresh(state: JobState, dirty: set[tuple[str, Source]],
                    full: bool) -> tuple[Refreshed, float]:
     start = time.perf_counter()
@@ -187,6 +200,10 @@ class JobRegistry:
         self._jobs: dict[str, JobRuntime] = {}
         self._store_down = False
         store.backend.on_health(self._store_health)
+        self.limits = config.limits()
+        self.max_message_bytes = config.max_message_bytes
+        #: Where EstimateSubsets and SelectTasks run (apart from re-estimates and cheap calls).
+        self.queries = QueryPool(self.limits)
 
     def _store_health(self, error: StoreUnavailableError | None) -> None:
         """Metrics, and a log line when the store stops or starts taking writes."""
@@ -215,6 +232,7 @@ class JobRegistry:
         runtime = self._jobs.get(name)
         if runtime is not None:
             return runtime
+        self.limits.check_name(name, "job")
         info = await asyncio.to_thread(self.store.get_job, name)
         return await self._attach(info)
 
@@ -226,11 +244,17 @@ class JobRegistry:
 
         Raises:
             AlreadyExistsError: the job exists with a different value of a field.
+            InvalidArgumentError: a name, dim or target past the server's limits.
+            LimitExceededError: the server holds `max_jobs` jobs already.
         """
+        self.limits.check_name(name, "job")
+        self.limits.check_dim(spec.dim)
+        self.limits.check_target(target)
         existing = await asyncio.to_thread(self._find, name)
         if existing is not None:
             _check_same(existing, spec, policy, target)
             return await self._attach(existing)
+        self.limits.check_new_job(len(await asyncio.to_thread(self.store.list_jobs)))
         settings = job_settings(full_policy(policy, self._config.policy_defaults()), target)
         info = await asyncio.to_thread(self.store.create_job, name, spec, settings)
         return await self._attach(info)
@@ -248,7 +272,8 @@ class JobRegistry:
             return runtime
         last = records[-1] if records else None
         state = JobState(self.store, info, last, tolerance=self._config.weight_tolerance,
-                         max_loss_ratio=self._config.max_estimated_loss_ratio)
+                         max_loss_ratio=self._config.max_estimated_loss_ratio,
+                         limits=self._config.limits())
         self._metrics.add_job(info.name)
         self._publisher.add_job(info.name, [mixture_to_pb(info.name, r) for r in records])
         runtime = JobRuntime(state, publisher=self._publisher, metrics=self._metrics,
@@ -260,6 +285,7 @@ class JobRegistry:
         return runtime
 
     async def close(self) -> None:
+        self.queries.close()
         for runtime in list(self._jobs.values()):
             await runtime.close()
 

@@ -36,12 +36,15 @@ import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from gradmix.server.calibration import calibrated_policy, interval_scale
 from gradmix.server.compose import Composition, compose_mixture, mixture_changed
 from gradmix.server.convert import ACTIVE, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.limits import Limits
 from gradmix.server.policies import PolicyConfig
+from gradmix.server.rows import row_problems
 from gradmix.server.sanity import implausible
 from gradmix.store import (
     AnchorInfo,
@@ -132,8 +135,10 @@ class JobState:
     """One job's ingested rows, estimator and latest mixture version."""
 
     def __init__(self, store: SketchStore, info: JobInfo, last: MixtureRecord | None,
-                 *, tolerance: float, max_loss_ratio: float = 0.0) -> None:
+                 *, tolerance: float, max_loss_ratio: float = 0.0,
+                 limits: Limits | None = None) -> None:
         self.store = store
+        self.limits = limits or Limits()
         self.name = info.name
         self.info = info
         self.policy = policy_config(info.settings)
@@ -282,12 +287,27 @@ class JobState:
         for source in sources:
             new, cursor = self.store.read_rows(self.name, rows.name, source,
                                                rows.cursors.get(source))
-            if len(new):
+            grads, values = self._within_limits(rows.name, source, new.grads, new.values)
+            if len(values):
                 if source is None:
-                    rows.estimator.add_target_rows(new.grads, new.values)
+                    rows.estimator.add_target_rows(grads, values)
                 else:
-                    rows.estimator.add_task_rows(source, new.grads, new.values)
+                    rows.estimator.add_task_rows(source, grads, values)
             rows.cursors[source] = cursor
+
+    def _within_limits(self, anchor: str, source: Source, grads: np.ndarray,
+                       values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows a writer committed to the store that pass `row_problems`; the rest
+        are left out of every estimate (and logged), so one bad row cannot break a job."""
+        if not len(values):
+            return grads, values
+        bad, problem = row_problems(grads, values, self.limits)
+        if not bad.any():
+            return grads, values
+        what = "the target" if source is None else f"task {source!r}"
+        log.warning("job %r: left out %d committed row(s) of %s at anchor %r that %s",
+                    self.name, int(bad.sum()), what, anchor, problem)
+        return grads[~bad], values[~bad]
 
     def _record(self, anchor: str, composition: Composition,
                 calibration: CalibrationRecord | None) -> MixtureRecord:

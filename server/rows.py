@@ -12,6 +12,7 @@ from gradmix.server.errors import (
     InvalidArgumentError,
     NonFiniteError,
 )
+from gradmix.server.limits import Limits
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,40 @@ class DecodedRows:
     example_ids: np.ndarray  # (n,) int64
 
 
-def decode_rows(rows: pb.SketchRows, dim: int) -> DecodedRows:
-    """Check a SketchRows chunk against the job's dim and decode it.
+def row_problems(grads: np.ndarray, values: np.ndarray, limits: Limits
+                 ) -> tuple[np.ndarray, str]:
+    """The one check of sketch rows' contents, on every path rows reach an estimator.
+
+    Returns:
+        A mask of the rows that break a bound (NaN or Inf anywhere, |value| above
+        `max_value_abs`, gradient norm above `max_row_norm`) and a message that
+        names the first kind found ("" when no row is bad).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.linalg.norm(np.asarray(grads, dtype=np.float64), axis=1)
+        finite = np.isfinite(norms) & np.isfinite(values)
+        too_large = ~(np.abs(values) <= limits.max_value_abs)
+        too_long = ~(norms <= limits.max_row_norm)
+    if not finite.all():
+        return ~finite, "contain NaN or Inf"
+    if too_large.any():
+        first = float(values[np.flatnonzero(too_large)[0]])
+        return too_large | too_long, (
+            f"have |value| above max_value_abs {limits.max_value_abs:g} (e.g. {first:g})")
+    if too_long.any():
+        first = float(norms[np.flatnonzero(too_long)[0]])
+        return too_long, (
+            f"have a gradient norm above max_row_norm {limits.max_row_norm:g} (e.g. {first:g})")
+    return too_long, ""
+
+
+def decode_rows(rows: pb.SketchRows, dim: int, limits: Limits) -> DecodedRows:
+    """Check a SketchRows chunk against the job's dim and the limits, and decode it.
 
     Raises:
         DimensionMismatchError: rows.dim is not the job's projection dim.
         EmptyTaskError: a chunk without rows.
-        InvalidArgumentError: lengths that disagree.
+        InvalidArgumentError: lengths that disagree, or a row past a bound.
         NonFiniteError: a NaN or Inf gradient entry or value.
     """
     if rows.dim != dim:
@@ -74,11 +102,12 @@ def decode_rows(rows: pb.SketchRows, dim: int) -> DecodedRows:
             f"= {expected} expected")
     grads = np.frombuffer(rows.grads, dtype="<f4").reshape(n, dim).astype(np.float32)
     values = np.asarray(rows.values, dtype=np.float64)
-    bad = ~np.isfinite(grads).all(axis=1) | ~np.isfinite(values)
+    bad, problem = row_problems(grads, values, limits)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
-        raise NonFiniteError(
-            f"{int(bad.sum())} row(s) contain NaN or Inf (first: row {first}, example id "
+        error = NonFiniteError if "NaN" in problem else InvalidArgumentError
+        raise error(
+            f"{int(bad.sum())} row(s) {problem} (first: row {first}, example id "
             f"{rows.example_ids[first]}); nothing of this chunk was stored")
     return DecodedRows(grads, values, np.asarray(rows.example_ids, dtype=np.int64))
 

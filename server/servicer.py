@@ -1,9 +1,11 @@
 """The v1 SelectionService on grpc.aio.
 
 Handlers run on the event loop and stay cheap: blocking store I/O goes through
-`asyncio.to_thread`, estimates run on worker threads, and re-estimation is only
-requested here (debounced in `jobs`). Handlers raise domain errors; the
-`instrumentation.RpcInstrumentation` is the one place they become status codes.
+`asyncio.to_thread`, queries run on their own bounded pool (`queries.QueryPool`),
+and re-estimation is only requested here (debounced in `jobs`). Every request
+is held to the server's limits (`limits.Limits`) before it reaches the store.
+Handlers raise domain errors; the `instrumentation.RpcInstrumentation` is the
+one place they become status codes.
 """
 
 from __future__ import annotations
@@ -15,14 +17,21 @@ from collections.abc import AsyncIterator
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server import convert
-from gradmix.server.errors import InvalidArgumentError, NotFoundError, PreconditionError
+from gradmix.server.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PreconditionError,
+    ShuttingDownError,
+)
 from gradmix.server.jobs import JobRegistry, JobRuntime
 from gradmix.server.jobstate import current_anchor
+from gradmix.server.limits import Limits
 from gradmix.server.metrics import ServerMetrics
+from gradmix.server.paging import decode_token, encode_token, page
 from gradmix.server.publisher import MixturePublisher
 from gradmix.server.queries import QueryResult, estimate_subsets, select_tasks
 from gradmix.server.rows import SourceRef, decode_rows, source_ref
-from gradmix.store import AnchorInfo, SketchStore, validate_name
+from gradmix.store import AnchorInfo, SketchStore, TaskInfo, validate_name
 from grpc import aio
 
 
@@ -35,6 +44,14 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         self._store: SketchStore = registry.store
         self._publisher = publisher
         self._metrics = metrics
+        self._limits: Limits = registry.limits
+
+    def _names(self, ref: SourceRef | None = None, **names: str) -> None:
+        """Refuse over-long names (by kind) before the store sees (and echoes) them."""
+        if ref is not None:
+            names = {"anchor": ref.anchor, "task": ref.task or "", **names}
+        for kind, name in names.items():
+            self._limits.check_name(name, kind)
 
     # ------------------------------------------------------------------ jobs
 
@@ -46,7 +63,8 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         spec = pb.JobSpec(sketch=convert.spec_to_sketch(info.spec), policy=policy, target=target)
         return pb.Job(name=info.name, spec=spec, current_anchor=current_anchor(anchors),
                       mixture_version=self._publisher.latest_version(info.name),
-                      task_count=len(tasks), created_at=convert.timestamp(info.created_at))
+                      task_count=len(tasks), created_at=convert.timestamp(info.created_at),
+                      estimation_error=runtime.estimation_error)
 
     async def CreateJob(self, request: pb.CreateJobRequest, context: aio.ServicerContext
                         ) -> pb.Job:
@@ -61,8 +79,10 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext
                        ) -> pb.ListJobsResponse:
         infos = await asyncio.to_thread(self._store.list_jobs)
-        jobs = [await self._job(await self._registry.get(info.name)) for info in infos]
-        return pb.ListJobsResponse(jobs=jobs)
+        chosen = page(infos, lambda i: [i.name], request.page_token,
+                      self._limits.page_size(request.page_size))
+        jobs = [await self._job(await self._registry.get(info.name)) for info in chosen.items]
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=chosen.next_token)
 
     # ----------------------------------------------------------------- tasks
 
@@ -76,17 +96,29 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def RegisterTask(self, request: pb.RegisterTaskRequest, context: aio.ServicerContext
                            ) -> pb.Task:
         runtime = await self._registry.get(request.job)
-        info = await asyncio.to_thread(self._store.register_task, request.job, request.name,
-                                       dict(request.metadata))
+        self._names(task=request.name)
+        metadata = dict(request.metadata)
+        self._limits.check_metadata(metadata)
+        info = await asyncio.to_thread(self._register_task, request.job, request.name, metadata)
         runtime.request()
         return self._task(runtime, info.name, dict(info.metadata), info.registered_at)
+
+    def _register_task(self, job: str, name: str, metadata: dict[str, str]) -> TaskInfo:
+        """Register (idempotent by name), refusing a new task past `max_tasks_per_job`."""
+        names = {t.name for t in self._store.list_tasks(job)}
+        if name not in names:
+            self._limits.check_new_task(job, len(names))
+        return self._store.register_task(job, name, metadata)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: aio.ServicerContext
                         ) -> pb.ListTasksResponse:
         runtime = await self._registry.get(request.job)
         infos = await asyncio.to_thread(self._store.list_tasks, request.job)
+        chosen = page(infos, lambda t: [t.registered_at, t.name], request.page_token,
+                      self._limits.page_size(request.page_size))
         return pb.ListTasksResponse(tasks=[
-            self._task(runtime, t.name, dict(t.metadata), t.registered_at) for t in infos])
+            self._task(runtime, t.name, dict(t.metadata), t.registered_at)
+            for t in chosen.items], next_page_token=chosen.next_token)
 
     # --------------------------------------------------------------- anchors
 
@@ -97,15 +129,24 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def DeclareAnchor(self, request: pb.DeclareAnchorRequest,
                             context: aio.ServicerContext) -> pb.Anchor:
         runtime = await self._registry.get(request.job)
-        info = await asyncio.to_thread(self._store.declare_anchor, request.job, request.anchor,
-                                       int(request.step), convert.horizon_from_pb(request),
-                                       request.run)
+        self._names(anchor=request.anchor)
+        info = await asyncio.to_thread(self._declare_anchor, request)
         runtime.request()  # the open-anchor metrics follow the next re-estimate
         return await self._anchor(request.job, info)
+
+    def _declare_anchor(self, request: pb.DeclareAnchorRequest) -> AnchorInfo:
+        """Declare, refusing a new anchor's step far past the job's greatest step."""
+        anchors = self._store.list_anchors(request.job)
+        if all(a.name != request.anchor for a in anchors):
+            self._limits.check_anchor_step(int(request.step),
+                                           max((a.step for a in anchors), default=0))
+        return self._store.declare_anchor(request.job, request.anchor, int(request.step),
+                                          convert.horizon_from_pb(request), request.run)
 
     async def CompleteAnchor(self, request: pb.CompleteAnchorRequest,
                              context: aio.ServicerContext) -> pb.Anchor:
         runtime = await self._registry.get(request.job)
+        self._names(anchor=request.anchor)
         info = await asyncio.to_thread(self._store.complete_anchor, request.job, request.anchor)
         runtime.request(full=True)
         return await self._anchor(request.job, info)
@@ -114,7 +155,11 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
                           ) -> pb.ListAnchorsResponse:
         await self._registry.get(request.job)
         infos = await asyncio.to_thread(self._store.list_anchors, request.job)
-        return pb.ListAnchorsResponse(anchors=[await self._anchor(request.job, a) for a in infos])
+        chosen = page(infos, lambda a: [a.declared_at, a.name], request.page_token,
+                      self._limits.page_size(request.page_size))
+        return pb.ListAnchorsResponse(
+            anchors=[await self._anchor(request.job, a) for a in chosen.items],
+            next_page_token=chosen.next_token)
 
     # -------------------------------------------------------------- sketches
 
@@ -123,6 +168,7 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         committed_at = time.monotonic()
         ref = source_ref(request.source)
         runtime = await self._registry.get(ref.job)
+        self._names(ref, writer=request.writer)
         validate_name(request.writer, "writer")
         have = await asyncio.to_thread(self._store.committed_rows, ref.job, ref.anchor,
                                        ref.task, request.writer)
@@ -149,16 +195,19 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
             raise InvalidArgumentError("the first UploadSketch message must be the header")
         ref = source_ref(first.header.source)
         runtime = await self._registry.get(ref.job)
+        self._names(ref, writer=first.header.writer)
         writer = await asyncio.to_thread(self._store.writer, ref.job, ref.anchor, ref.task,
                                          first.header.writer)
         dim = runtime.state.info.spec.dim
-        written = 0
+        written = received = 0
         try:
             async for message in request_iterator:
                 if message.WhichOneof("payload") != "rows":
                     raise InvalidArgumentError(
                         "only the first UploadSketch message may be a header; send rows after it")
-                rows = decode_rows(message.rows, dim)
+                self._limits.check_upload_rows(received + len(message.rows.values))
+                rows = decode_rows(message.rows, dim, self._limits)
+                received += len(rows.values)
                 result = await asyncio.to_thread(writer.append, rows.grads, rows.values,
                                                  rows.example_ids)
                 written += result.written
@@ -193,13 +242,33 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         await self._registry.get(request.job)
         async for mixture in self._publisher.watch(request.job, request.after_version):
             yield mixture
+        # The feed ends only when the server stops: UNAVAILABLE tells clients to reconnect.
+        raise ShuttingDownError("the server is shutting down: reconnect and watch again")
 
     async def ListMixtures(self, request: pb.ListMixturesRequest, context: aio.ServicerContext
                            ) -> pb.ListMixturesResponse:
         await self._registry.get(request.job)
-        mixtures = await self._publisher.history(request.job, request.after_version,
-                                                 request.limit)
-        return pb.ListMixturesResponse(mixtures=mixtures)
+        state = decode_token(request.page_token)
+        after, sent = state.get("version", 0), state.get("sent", 0)
+        if not (isinstance(after, int) and isinstance(sent, int)):
+            raise InvalidArgumentError("page_token is not a ListMixtures page token")
+        size = self._limits.page_size(request.page_size)
+        if request.limit:
+            size = min(size, request.limit - sent)
+        if size <= 0:
+            return pb.ListMixturesResponse()
+        found = await self._publisher.history(request.job, max(request.after_version, after),
+                                              size + 1)
+        mixtures = _fitting(found[:size], self._limits_bytes())
+        more = len(found) > len(mixtures) and (
+            not request.limit or sent + len(mixtures) < request.limit)
+        token = encode_token({"version": mixtures[-1].version, "sent": sent + len(mixtures)}) \
+            if more else ""
+        return pb.ListMixturesResponse(mixtures=mixtures, next_page_token=token)
+
+    def _limits_bytes(self) -> int:
+        """Bytes a page of mixtures may take: half the largest message, for headroom."""
+        return self._registry.max_message_bytes // 2
 
     # ------------------------------------------------------------- estimates
 
@@ -209,7 +278,8 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def EstimateSubsets(self, request: pb.EstimateSubsetsRequest,
                               context: aio.ServicerContext) -> pb.EstimateSubsetsResponse:
         runtime = await self._registry.get(request.job)
-        result = await asyncio.to_thread(estimate_subsets, runtime.state, request)
+        result = await self._registry.queries.run(estimate_subsets, runtime.state, request,
+                                                  context.time_remaining())
         await self._query(request.job, result)
         assert isinstance(result.response, pb.EstimateSubsetsResponse)
         return result.response
@@ -217,7 +287,18 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def SelectTasks(self, request: pb.SelectTasksRequest, context: aio.ServicerContext
                           ) -> pb.SelectTasksResponse:
         runtime = await self._registry.get(request.job)
-        result = await asyncio.to_thread(select_tasks, runtime.state, request)
+        result = await self._registry.queries.run(select_tasks, runtime.state, request,
+                                                  context.time_remaining())
         await self._query(request.job, result)
         assert isinstance(result.response, pb.SelectTasksResponse)
         return result.response
+
+
+def _fitting(mixtures: list[pb.Mixture], budget: int) -> list[pb.Mixture]:
+    """The leading mixtures whose encoded sizes sum to at most `budget` (at least one)."""
+    total = 0
+    for i, mixture in enumerate(mixtures):
+        total += mixture.ByteSize()
+        if total > budget and i > 0:
+            return mixtures[:i]
+    return mixtures

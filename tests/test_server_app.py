@@ -50,8 +50,11 @@ def test_entry_point_prints_ports_serves_and_stops_on_sigterm(tmp_path: Path) ->
             watch = stub.WatchMixture(pb.WatchMixtureRequest(job="j"), timeout=30)
             assert next(watch).version == 1
             process.send_signal(signal.SIGTERM)
-            # The open stream is drained (ended by the server), not left hanging.
-            assert list(watch) == []
+            # The open stream is ended by the server, not left hanging, with UNAVAILABLE:
+            # what gRPC clients reconnect on (OK would read as a normal end).
+            with pytest.raises(grpc.RpcError) as ended:
+                list(watch)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert process.wait(timeout=20) == 0
     finally:
         if process.poll() is None:
