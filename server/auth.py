@@ -352,10 +352,10 @@ class AuthInterceptor(aio.ServerInterceptor):
 
     def _client_stream(self, name: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def call(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
-            stream = aiter(requests)
             first = None
             try:
                 identity, requirement = self._identify(name, context)
+                stream = aiter(requests)  # only now: a refused call never starts reading
                 first = await anext(stream, None)
                 if first is not None:  # the header names the job
                     self._check_job(name, identity, requirement, first)
