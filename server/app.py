@@ -68,6 +68,8 @@ class _Core:
         self.registry = JobRegistry(store, config, metrics, self.publisher, self.executor)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
+        self.health_server: aio.Server | None = None
+        self.health_port: int | None = None
 
     async def _load_history(self, job: str, after_version: int) -> list[pb.Mixture]:
         records = await asyncio.to_thread(self.store.read_mixtures, job, after_version)
@@ -98,17 +100,35 @@ class _Core:
         if port == 0:
             raise ServerStartError(f"cannot bind gRPC to {address}")
         await server.start()
+        self.server = server
+        if self.config.health_port is not None:
+            await self._start_health_port()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
-        self.server = server
         return port
+
+    async def _start_health_port(self) -> None:
+        """Plaintext grpc.health.v1 alone, for probes that cannot speak TLS."""
+        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.config.host}:{self.config.health_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot bind the health port {address}: {exc}") from exc
+        if port == 0:
+            raise ServerStartError(f"cannot bind the health port {address}")
+        await server.start()
+        self.health_server, self.health_port = server, port
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         self.publisher.close()  # ends watch streams so the drain below can finish
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.registry.close()
 
 
@@ -125,6 +145,8 @@ class RunningServer:
         self._stop_lock = threading.Lock()
         self.port = port
         self.metrics_port = endpoint.port
+        self.health_port = core.health_port
+        """The plaintext health-only port (None: not configured)."""
         self.config = core.config
 
     @property
@@ -258,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"gradmix-server listening grpc={config.host}:{port} "
           f"metrics={config.host}:{server.metrics_port} store={config.store} "
-          f"access={describe_access(config)}", flush=True)
+          + (f"health={config.host}:{server.health_port} " if server.health_port else "")
+          + f"access={describe_access(config)}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -93,6 +93,9 @@ class ServerConfig:
     """Token table file (sha256, role, jobs, name per line), re-read when it changes."""
     auth_tokens: str = ""
     """More token-table lines, e.g. from GRADMIX_AUTH_TOKENS (hashes, never tokens)."""
+    health_port: int | None = None
+    """A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
+    (Kubernetes' gRPC probes); None: health is only on the main port."""
 
     def __post_init__(self) -> None:
         if not self.store:
@@ -123,7 +126,7 @@ class ServerConfig:
         self._check_access()
 
     def _check_access(self) -> None:
-        """TLS unless `insecure`; with TLS, tokens too; certificate files readable."""
+        """TLS unless `insecure`; with TLS, tokens too. (The files are read at start-up.)"""
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         if self.insecure and self.tls_cert:
@@ -135,10 +138,8 @@ class ServerConfig:
             raise ConfigError("tls_client_ca and tls_metrics need tls_cert")
         if self.tls_cert and not (self.auth_tokens_file or self.auth_tokens):
             raise ConfigError("TLS without tokens: set auth_tokens_file or auth_tokens")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
-            path = getattr(self, name)
-            if path and not os.access(path, os.R_OK):
-                raise ConfigError(f"{name}: cannot read {path}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"health_port must be in 0..65535, got {self.health_port}")
 
     def policy_defaults(self) -> dict[str, Any]:
         """The policy settings this server fills in, without the unset (None) ones."""

@@ -8,6 +8,7 @@ role on the job, an admin of another job} and checks the exact status code.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import importlib.util
 import json
@@ -29,7 +30,7 @@ from gradmix.client import cli as gradmix_cli
 from gradmix.client.errors import PermissionDenied, Unauthenticated, Unavailable
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
-from gradmix.server.app import RunningServer, build_server, describe_access
+from gradmix.server.app import RunningServer, ServerStartError, build_server, describe_access
 from gradmix.server.auth import (
     RPC_ROLES,
     Role,
@@ -41,6 +42,7 @@ from gradmix.server.auth import (
 )
 from gradmix.server.config import ConfigError, ServerConfig
 from gradmix.store import SketchStore
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from test_server_support import DIM, Planted, source, upload_requests, wait_for
 
@@ -85,7 +87,8 @@ class Secured:
 
 
 def start_secured(tmp: Path, certs: Any, *, mtls: bool = False, metrics_tls: bool = False,
-                  tokens: dict[str, tuple[str, str, str]] = TOKENS) -> Secured:
+                  tokens: dict[str, tuple[str, str, str]] = TOKENS,
+                  health_port: int | None = None) -> Secured:
     tmp.mkdir(parents=True, exist_ok=True)
     token_file = tmp / "tokens"
     token_file.write_text(token_file_text(tokens))
@@ -93,7 +96,8 @@ def start_secured(tmp: Path, certs: Any, *, mtls: bool = False, metrics_tls: boo
                           debounce_seconds=0.02, tls_cert=str(certs.server_cert),
                           tls_key=str(certs.server_key),
                           tls_client_ca=str(certs.ca) if mtls else "",
-                          tls_metrics=metrics_tls, auth_tokens_file=str(token_file))
+                          tls_metrics=metrics_tls, auth_tokens_file=str(token_file),
+                          health_port=health_port)
     server, port = build_server(config, CollectorRegistry())
     return Secured(server, port, certs, tmp / "store", token_file)
 
@@ -332,6 +336,21 @@ def test_metrics_can_be_served_over_tls(tmp_path: Path, certs: Any) -> None:
         s.server.stop(grace=0)
 
 
+def test_probes_get_a_plaintext_port_with_health_alone(tmp_path: Path, certs: Any) -> None:
+    s = start_secured(tmp_path, certs, health_port=0)
+    try:
+        assert s.server.health_port
+        with grpc.insecure_channel(f"127.0.0.1:{s.server.health_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as error:
+                pb_grpc.SelectionServiceStub(channel).ListJobs(pb.ListJobsRequest(), timeout=10)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        s.server.stop(grace=0)
+
+
 def test_the_cli_takes_tls_and_a_token_file(secured: Secured, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     token_file = tmp_path / "token"
@@ -353,12 +372,17 @@ def test_plaintext_only_when_asked_and_tls_only_with_tokens(tmp_path: Path, cert
         ServerConfig(store=store)
     with pytest.raises(ConfigError, match="tokens"):
         ServerConfig(store=store, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key))
-    with pytest.raises(ConfigError, match="cannot read"):
-        ServerConfig(store=store, tls_cert=str(tmp_path / "missing.pem"),
-                     tls_key=str(certs.server_key), auth_tokens="x")
+    line = new_token_line("reader", "*", "ops")[1]
+    missing = ServerConfig(store=store, tls_cert=str(tmp_path / "missing.pem"),
+                           tls_key=str(certs.server_key), auth_tokens=line, port=0,
+                           metrics_port=0)
+    with pytest.raises(ServerStartError, match="cannot read"):
+        build_server(missing, CollectorRegistry())
+    with pytest.raises(TokenTableError, match="auth_tokens:1"):
+        build_server(dataclasses.replace(missing, tls_cert=str(certs.server_cert),
+                                         auth_tokens="x"), CollectorRegistry())
     insecure = ServerConfig(store=store, insecure=True)
     assert describe_access(insecure) == "insecure"
-    line = new_token_line("reader", "*", "ops")[1]
     mtls = ServerConfig(store=store, tls_cert=str(certs.server_cert),
                         tls_key=str(certs.server_key), tls_client_ca=str(certs.ca),
                         auth_tokens=line)
