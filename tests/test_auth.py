@@ -13,7 +13,9 @@ import http.client
 import importlib.util
 import json
 import logging
+import os
 import ssl
+import subprocess
 import sys
 import time
 import urllib.error
@@ -405,3 +407,84 @@ def test_token_table_lines(tmp_path: Path) -> None:
             parse_tokens(bad, "t")
     with pytest.raises(TokenTableError, match="cannot read"):
         TokenTable(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- the trainer's connection
+
+TRAINER_TOML = """
+job = "alpha"
+output_dir = "out"
+server = "127.0.0.1:{port}"
+upload = true
+tls = true
+ca_cert = "pki/ca.pem"
+token_file = "token"
+[model]
+config = {{ model_type = "gpt2", n_embd = 32, n_layer = 2, n_head = 2 }}
+[data]
+target = "data/target.jsonl"
+"""
+
+
+def test_the_trainer_connects_with_tls_and_its_token_file(secured: Secured,
+                                                          tmp_path: Path) -> None:
+    from gradmix.trainer.config import load_config as load_train_config
+    from gradmix.trainer.errors import ConfigError as TrainConfigError
+    from gradmix.trainer.setup import build_client
+
+    (tmp_path / "pki").mkdir()
+    (tmp_path / "pki" / "ca.pem").write_bytes(secured.certs.ca.read_bytes())
+    (tmp_path / "token").write_text(TOKENS["writer"][0] + "\n")
+    path = tmp_path / "job.toml"
+    path.write_text(TRAINER_TOML.format(port=secured.port))
+    config = load_train_config(path, env={})
+    assert config.upload and config.ca_cert == str(tmp_path / "pki" / "ca.pem")
+    with build_client(config, env={}) as client:
+        assert [t.name for t in client.list_tasks(JOB)] == ["helpful-0", "harmful-0"]
+        with pytest.raises(PermissionDenied):
+            client.create_job(JOB, sketch=client.get_job(JOB).spec.sketch)
+    # Without the file, the token comes from GRADMIX_TOKEN.
+    no_file = load_train_config(path, env={}, token_file="")
+    with build_client(no_file, env={"GRADMIX_TOKEN": TOKENS["reader"][0]}) as client:
+        assert [j.name for j in client.list_jobs()] == [JOB]
+    path.write_text(TRAINER_TOML.format(port=secured.port).replace("tls = true", ""))
+    with pytest.raises(TrainConfigError, match="ca_cert needs tls"):
+        load_train_config(path, env={})
+
+
+@pytest.mark.slow
+def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) -> None:
+    """A real gradmix-train run (CPU DeepSpeed, one rank) in upload mode against a TLS
+    server: its sketch rows reach the server's store, its own `store` is never opened."""
+    from test_trainer_run import write_config, write_data
+
+    job = "upjob"
+    s = start_secured(tmp_path / "server", certs,
+                      tokens={"trainer": ("trainer-token", "admin", job)})
+    try:
+        data = write_data(tmp_path / "data")
+        untouched = tmp_path / "trainer-has-no-store"
+        config = write_config(data, job=job, port=s.port, store=untouched,
+                              training="steps = 12", sketching="interval = 5")
+        config.write_text(config.read_text().replace(
+            "[model]", f'tls = true\nca_cert = "{certs.ca}"\n[model]', 1))
+        # DeepSpeed's CPU extensions build per environment, not in a cache shared
+        # with other checkouts (whose build would hold the lock).
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+               "GRADMIX_TOKEN": "trainer-token",
+               "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
+        run = subprocess.run([sys.executable, "-m", "gradmix.trainer.main", "--config",
+                              str(config), "--upload"], cwd=data, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-4000:]
+        assert not untouched.exists()
+        store = SketchStore.open(str(s.store_dir))
+        (anchor,) = store.list_anchors(job)
+        for source in (None, "add", "mul"):
+            assert store.committed_rows(job, anchor.name, source, writer="rank-0") == 8
+        with SelectionClient(f"127.0.0.1:{s.port}", tls=True,
+                             root_certificates=certs.ca.read_bytes(),
+                             token="trainer-token") as client:
+            assert client.get_mixture(job).anchor == anchor.name
+    finally:
+        s.server.stop(grace=0)
