@@ -19,7 +19,8 @@ from gradmix.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-LINE = re.compile(r"^gradmix-server listening grpc=(\S+):(\d+) metrics=(\S+):(\d+) store=(\S+) access=insecure$")
+LINE = re.compile(r"^gradmix-server listening grpc=(\S+):(\d+) metrics=(\S+):(\d+) store=(\S+)"
+                  r" access=insecure$")
 
 
 def test_entry_point_prints_ports_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
