@@ -357,7 +357,8 @@ class AuthInterceptor(aio.ServerInterceptor):
                 identity, requirement = self._identify(name, context)
                 stream = aiter(requests)  # only now: a refused call never starts reading
                 first = await anext(stream, None)
-                if first is not None:  # the header names the job
+                # The header names the job; a stream without one is the handler's to refuse.
+                if first is not None and first.WhichOneof("payload") == "header":
                     self._check_job(name, identity, requirement, first)
             except _Denied as denied:
                 await self._refuse(name, denied, context)

@@ -43,6 +43,7 @@ from gradmix.server.auth import (
     parse_tokens,
 )
 from gradmix.server.config import ConfigError, ServerConfig
+from gradmix.server.rows import encode_rows
 from gradmix.store import SketchStore
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -488,3 +489,17 @@ def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) ->
             assert client.get_mixture(job).anchor == anchor.name
     finally:
         s.server.stop(grace=0)
+
+
+def test_an_upload_without_a_header_is_invalid_for_every_token(secured: Secured) -> None:
+    channel = secured.channel()
+    stub = pb_grpc.SelectionServiceStub(channel)
+    try:
+        for who in ("writer", "root"):
+            rows = Planted(1, 1).rows("helpful-0", 0, 2)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.UploadSketch(iter([pb.UploadSketchRequest(rows=encode_rows(*rows))]),
+                                  metadata=bearer(who))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        channel.close()
