@@ -75,7 +75,7 @@ class Setup:
 def start_server(store_dir: Path) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "gradmix.server.app", "--store", str(store_dir), "--port", "0",
-         "--metrics-port", "0", "--log-level", "WARNING"],
+         "--metrics-port", "0", "--log-level", "WARNING", "--insecure"],
         stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -385,7 +385,8 @@ def main() -> None:
             print(f"commit_to_push: n={len(latencies)} p50={p(latencies, 50):.3f}s "
                   f"p99={p(latencies, 99):.3f}s | baseline re-estimate alone "
                   f"(add rows + compute_scores, subset_count={args.subset_count or 'default'}) "
-                  f"p50={p(baseline, 50):.3f}s; debounce {ServerConfig().debounce_seconds}s",
+                  f"p50={p(baseline, 50):.3f}s; "
+                  f"debounce {ServerConfig(insecure=True).debounce_seconds}s",
                   flush=True)
 
             qps, get_lat = get_mixture_load(address, args.clients, args.client_processes,

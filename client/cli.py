@@ -1,8 +1,9 @@
 """The `gradmix` command line: inspect jobs and mixtures, register tasks, ask for estimates.
 
 Every command takes `--json` for machine-readable output. Connection options
-default from the environment (GRADMIX_SERVER, GRADMIX_TOKEN, GRADMIX_TLS,
-GRADMIX_CA_CERT, GRADMIX_TIMEOUT). A failure prints one line,
+default from the environment (GRADMIX_SERVER, GRADMIX_TOKEN, GRADMIX_TOKEN_FILE,
+GRADMIX_TLS, GRADMIX_CA_CERT, GRADMIX_CLIENT_CERT, GRADMIX_CLIENT_KEY,
+GRADMIX_TIMEOUT). A failure prints one line,
 `gradmix: error: <CODE>: <message>`, and exits non-zero.
 """
 
@@ -45,8 +46,20 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
         help="PEM file of the CA to trust under --tls (env GRADMIX_CA_CERT)",
     )
     parser.add_argument(
+        "--client-cert", default=default(os.environ.get("GRADMIX_CLIENT_CERT")),
+        help="PEM certificate of this client, for mutual TLS (env GRADMIX_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--client-key", default=default(os.environ.get("GRADMIX_CLIENT_KEY")),
+        help="PEM key of --client-cert (env GRADMIX_CLIENT_KEY)",
+    )
+    parser.add_argument(
         "--token", default=default(os.environ.get("GRADMIX_TOKEN")),
         help="bearer token (env GRADMIX_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-file", default=default(os.environ.get("GRADMIX_TOKEN_FILE")),
+        help="file holding the bearer token, instead of --token (env GRADMIX_TOKEN_FILE)",
     )
     parser.add_argument(
         "--timeout", type=float, default=default(os.environ.get("GRADMIX_TIMEOUT", "10")),
@@ -178,18 +191,34 @@ def _run(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None
         raise InvalidArgument(f"unknown command {name!r}")
 
 
+def _read(flag: str, path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise InvalidArgument(f"cannot read {flag} {path}: {error}") from None
+
+
 def _client(args: argparse.Namespace) -> SelectionClient:
-    root = None
-    if args.ca_cert:
-        if not args.tls:
-            raise InvalidArgument("--ca-cert needs --tls")
-        try:
-            with open(args.ca_cert, "rb") as f:
-                root = f.read()
-        except OSError as error:
-            raise InvalidArgument(f"cannot read --ca-cert {args.ca_cert}: {error}") from None
+    for flag, value in (("--ca-cert", args.ca_cert), ("--client-cert", args.client_cert),
+                        ("--client-key", args.client_key)):
+        if value and not args.tls:
+            raise InvalidArgument(f"{flag} needs --tls")
+    token = args.token
+    if args.token_file:
+        if token:
+            raise InvalidArgument("give --token or --token-file, not both")
+        token = (_read("--token-file", args.token_file) or b"").decode().strip()
     return SelectionClient(
-        args.server, timeout=args.timeout, tls=args.tls, root_certificates=root, token=args.token
+        args.server,
+        timeout=args.timeout,
+        tls=args.tls,
+        root_certificates=_read("--ca-cert", args.ca_cert),
+        certificate_chain=_read("--client-cert", args.client_cert),
+        private_key=_read("--client-key", args.client_key),
+        token=token,
     )
 
 

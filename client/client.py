@@ -54,6 +54,9 @@ class SelectionClient:
         tls: Use TLS (server certificate checked against `root_certificates`,
             or the system roots if None).
         root_certificates: PEM bytes of the CA to trust.
+        certificate_chain: PEM bytes of this client's certificate, for a server
+            that asks for one (mutual TLS); needs `private_key` and `tls`.
+        private_key: PEM bytes of the key of `certificate_chain`.
         token: A bearer token, sent as `authorization: Bearer <token>`.
         retry: The retry policy of safe calls.
         options: Extra grpc channel options (name, value).
@@ -66,20 +69,29 @@ class SelectionClient:
         timeout: float = 10.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         token: str | None = None,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0; got {timeout}")
-        if root_certificates is not None and not tls:
-            raise InvalidArgument("root_certificates needs tls=True")
+        if (root_certificates or certificate_chain or private_key) and not tls:
+            raise InvalidArgument("root_certificates, certificate_chain and private_key need "
+                                  "tls=True")
+        if (certificate_chain is None) != (private_key is None):
+            raise InvalidArgument("certificate_chain and private_key go together")
         self.target, self.timeout = target, timeout
         self.retry = retry or RetryPolicy()
         self._metadata: tuple[tuple[str, str], ...] = ()
         channel_options = [*_CHANNEL_OPTIONS, *options]
         if tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=private_key,
+                certificate_chain=certificate_chain,
+            )
             if token:
                 creds = grpc.composite_channel_credentials(
                     creds, grpc.access_token_call_credentials(token)

@@ -260,7 +260,8 @@ def run_demo(cfg: DemoConfig, *, stream: TextIO | None = None) -> DemoResult:
     )
     labels = {name: task.label for name, task in TASKS.items()}
     server, port = build_server(
-        ServerConfig(store=str(cfg.out / "store"), port=0, metrics_port=0, log_level="WARNING"),
+        ServerConfig(store=str(cfg.out / "store"), port=0, metrics_port=0, log_level="WARNING",
+                     insecure=True),  # loopback only
         CollectorRegistry(),
     )
     try:

@@ -4,7 +4,10 @@
 starts the grpc.aio server (SelectionService, grpc.health.v1 Health, server
 reflection) on its own event loop in a background thread, starts /metrics on
 its own port, and returns at once with a `RunningServer` handle and the bound
-gRPC port. `main()` is the `gradmix-server` entry point: it only loads the
+gRPC port. The gRPC port serves TLS from the configured certificate files
+(mutual TLS when a client CA is set) and checks every SelectionService call's
+bearer token (`gradmix.server.auth`); plaintext only when the config says
+`insecure`. `main()` is the `gradmix-server` entry point: it only loads the
 config, calls `build_server`, prints the start-up line and waits for SIGTERM
 or SIGINT, then drains the streams and stops within the grace period.
 """
@@ -14,14 +17,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
+import grpc
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
+from gradmix.server.auth import AuthInterceptor, TokenTable
 from gradmix.server.config import ConfigError, ServerConfig, load_config
 from gradmix.server.convert import mixture_to_pb
 from gradmix.server.errors import ServerError
@@ -50,8 +56,10 @@ class ServerStartError(ServerError):
 class _Core:
     """The parts that live on the server's event loop."""
 
-    def __init__(self, config: ServerConfig, store: SketchStore, metrics: ServerMetrics) -> None:
+    def __init__(self, config: ServerConfig, store: SketchStore, metrics: ServerMetrics,
+                 interceptors: Sequence[aio.ServerInterceptor]) -> None:
         self.config = config
+        self.interceptors = list(interceptors)
         self.store = store
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(config.estimation_workers,
@@ -60,6 +68,8 @@ class _Core:
         self.registry = JobRegistry(store, config, metrics, self.publisher, self.executor)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
+        self.health_server: aio.Server | None = None
+        self.health_port: int | None = None
 
     async def _load_history(self, job: str, after_version: int) -> list[pb.Mixture]:
         records = await asyncio.to_thread(self.store.read_mixtures, job, after_version)
@@ -70,7 +80,7 @@ class _Core:
         options = [("grpc.so_reuseport", 0),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
                    ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        server = aio.server(options=options)
+        server = aio.server(options=options, interceptors=self.interceptors)
         add_instrumented_service(
             pb_grpc.add_SelectionServiceServicer_to_server,
             SelectionServicer(self.registry, self.publisher, self.metrics), server,
@@ -80,23 +90,45 @@ class _Core:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            port = server.add_insecure_port(address)
+            credentials = _server_credentials(self.config)
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ServerStartError(f"cannot bind gRPC to {address}: {exc}") from exc
         if port == 0:
             raise ServerStartError(f"cannot bind gRPC to {address}")
         await server.start()
+        self.server = server
+        if self.config.health_port is not None:
+            await self._start_health_port()
         serving = health_pb2.HealthCheckResponse.SERVING
         await self.health.set("", serving)
         await self.health.set(SERVICE_NAME, serving)
-        self.server = server
         return port
+
+    async def _start_health_port(self) -> None:
+        """Plaintext grpc.health.v1 alone, for probes that cannot speak TLS."""
+        server = aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.config.host}:{self.config.health_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ServerStartError(f"cannot bind the health port {address}: {exc}") from exc
+        if port == 0:
+            raise ServerStartError(f"cannot bind the health port {address}")
+        await server.start()
+        self.health_server, self.health_port = server, port
 
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         self.publisher.close()  # ends watch streams so the drain below can finish
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await self.registry.close()
 
 
@@ -113,6 +145,8 @@ class RunningServer:
         self._stop_lock = threading.Lock()
         self.port = port
         self.metrics_port = endpoint.port
+        self.health_port = core.health_port
+        """The plaintext health-only port (None: not configured)."""
         self.config = core.config
 
     @property
@@ -139,6 +173,49 @@ class RunningServer:
         return self._stopped.wait(timeout)
 
 
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ServerStartError(f"cannot read {path}: {exc}") from exc
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials of the gRPC port (None: plaintext, `insecure`)."""
+    if config.insecure:
+        return None
+    client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(config.tls_key), _read(config.tls_cert))],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+def _interceptors(config: ServerConfig,
+                  registry: CollectorRegistry) -> list[aio.ServerInterceptor]:
+    """The token check, when tokens are configured (always under TLS)."""
+    if not (config.auth_tokens_file or config.auth_tokens):
+        return []
+    return [AuthInterceptor(TokenTable(config.auth_tokens_file, config.auth_tokens), registry)]
+
+
+def _metrics_endpoint(config: ServerConfig, registry: CollectorRegistry) -> MetricsEndpoint:
+    if not config.tls_metrics:
+        return MetricsEndpoint(registry, config.host, config.metrics_port)
+    return MetricsEndpoint(registry, config.host, config.metrics_port,
+                           certfile=config.tls_cert, keyfile=config.tls_key,
+                           client_cafile=config.tls_client_ca or None)
+
+
+def describe_access(config: ServerConfig) -> str:
+    """How the ports are protected, for the start-up line: `insecure`, `tls+tokens`,
+    `mtls+tokens`, with `+metrics-tls` when /metrics is HTTPS."""
+    access = "insecure" if config.insecure else "mtls" if config.tls_client_ca else "tls"
+    if config.auth_tokens_file or config.auth_tokens:
+        access += "+tokens"
+    return access + ("+metrics-tls" if config.tls_metrics else "")
+
+
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
     asyncio.set_event_loop(loop)
     loop.run_forever()
@@ -162,16 +239,17 @@ def build_server(config: ServerConfig,
         StoreError: the store could not be opened or read.
     """
     registry = REGISTRY if registry is None else registry
+    interceptors = _interceptors(config, registry)  # a bad token table fails before anything
     store = SketchStore.open(config.store)
     metrics = ServerMetrics(registry)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="gradmix-server",
                               daemon=True)
     thread.start()
-    core = _Core(config, store, metrics)
+    core = _Core(config, store, metrics, interceptors)
     try:
         port = asyncio.run_coroutine_threadsafe(core.start(), loop).result()
-        endpoint = MetricsEndpoint(registry, config.host, config.metrics_port)
+        endpoint = _metrics_endpoint(config, registry)
     except BaseException:
         asyncio.run_coroutine_threadsafe(core.stop(0), loop).result()
         loop.call_soon_threadsafe(loop.stop)
@@ -179,7 +257,10 @@ def build_server(config: ServerConfig,
         core.executor.shutdown(wait=False, cancel_futures=True)
         raise
     running = RunningServer(core, loop, thread, port, endpoint)
-    log.info("gradmix-server started on %s", running.address)
+    log.info("gradmix-server started on %s (%s)", running.address, describe_access(config))
+    if config.insecure:
+        log.warning("serving plaintext gRPC (insecure): tokens and data cross the network "
+                    "unencrypted")
     return running, port
 
 
@@ -194,11 +275,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server, port = build_server(config)
-    except (ServerError, StoreError, OSError) as exc:
+    except (ServerError, StoreError, OSError, ssl.SSLError) as exc:
         print(f"gradmix-server: {exc}", file=sys.stderr)
         return 1
     print(f"gradmix-server listening grpc={config.host}:{port} "
-          f"metrics={config.host}:{server.metrics_port} store={config.store}", flush=True)
+          f"metrics={config.host}:{server.metrics_port} store={config.store} "
+          + (f"health={config.host}:{server.health_port} " if server.health_port else "")
+          + f"access={describe_access(config)}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -3,7 +3,9 @@
 Precedence, lowest first: the defaults below < a TOML file (`--config`) <
 `GRADMIX_*` environment variables (`GRADMIX_STORE`, `GRADMIX_PORT`, ... one
 per field, upper-cased) < command-line flags (`--store`, `--port`, ... one per
-field, dashes for underscores).
+field, dashes for underscores; bool fields are switches, `--insecure`).
+In the TOML file, `[tls]` and `[auth]` tables hold the `tls_*` and `auth_*`
+fields without their prefix (`[tls] cert = ...`).
 
 The policy fields are the server's defaults for jobs whose `PolicySettings`
 leave a field at zero; `None` means "the estimator's own default"
@@ -122,6 +124,25 @@ class ServerConfig:
     max_page_size: int = _LIMITS.max_page_size
     """Largest page of a List call."""
 
+    # ---- [tls] and [auth]: who may connect and call (see gradmix.server.auth)
+    insecure: bool = False
+    """Serve plaintext gRPC (no TLS). Must be asked for; the start-up line says so."""
+    tls_cert: str = ""
+    """PEM certificate chain of the gRPC (and, with tls_metrics, /metrics) port."""
+    tls_key: str = ""
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: str = ""
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+    tls_metrics: bool = False
+    """Serve /metrics over TLS with the same certificate (and client CA, if set)."""
+    auth_tokens_file: str = ""
+    """Token table file (sha256, role, jobs, name per line), re-read when it changes."""
+    auth_tokens: str = ""
+    """More token-table lines, e.g. from GRADMIX_AUTH_TOKENS (hashes, never tokens)."""
+    health_port: int | None = None
+    """A plaintext port serving only grpc.health.v1, for probes that cannot speak TLS
+    (Kubernetes' gRPC probes); None: health is only on the main port."""
+
     def __post_init__(self) -> None:
         if not self.store:
             raise ConfigError("store must name a path or URL")
@@ -156,10 +177,27 @@ class ServerConfig:
             self.limits()
         except InvalidArgumentError as exc:
             raise ConfigError(f"limits: {exc}") from exc
+        self._check_access()
 
     def limits(self) -> Limits:
         """The `[limits]` block as the `Limits` the server checks requests against."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+    def _check_access(self) -> None:
+        """TLS unless `insecure`; with TLS, tokens too. (The files are read at start-up.)"""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.insecure and self.tls_cert:
+            raise ConfigError("insecure and tls_cert exclude each other")
+        if not self.insecure and not self.tls_cert:
+            raise ConfigError("no TLS certificate: set tls_cert and tls_key "
+                              "(or --insecure to serve plaintext)")
+        if (self.tls_client_ca or self.tls_metrics) and not self.tls_cert:
+            raise ConfigError("tls_client_ca and tls_metrics need tls_cert")
+        if self.tls_cert and not (self.auth_tokens_file or self.auth_tokens):
+            raise ConfigError("TLS without tokens: set auth_tokens_file or auth_tokens")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"health_port must be in 0..65535, got {self.health_port}")
 
     def policy_defaults(self) -> dict[str, Any]:
         """The policy settings this server fills in, without the unset (None) ones."""
@@ -215,6 +253,13 @@ def _from_toml(path: str, kinds: Mapping[str, type]) -> dict[str, Any]:
     limits = flat.pop("limits", None)
     if isinstance(limits, dict):
         flat.update(limits)
+    for table_name in ("tls", "auth"):  # [tls] cert = ... is tls_cert, [auth] tokens_file ...
+        table = flat.pop(table_name, None)
+        if table is not None and not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{table_name}] must be a table")
+        flat.update({f"{table_name}_{k}": v for k, v in (table or {}).items()})
+    if "tls_insecure" in flat:  # [tls] insecure = true
+        flat["insecure"] = flat.pop("tls_insecure")
     unknown = sorted(set(flat) - set(kinds))
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(kinds)}")
@@ -235,9 +280,13 @@ def _parser(kinds: Mapping[str, type]) -> argparse.ArgumentParser:
         prog="gradmix-server",
         description="gradmix selection server (gRPC API v1, Prometheus metrics).")
     parser.add_argument("--config", help="TOML file of settings (field names as keys)")
-    for name in kinds:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                            metavar=name.upper())
+    for name, kind in kinds.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:  # a switch: --insecure, --tls-metrics
+            parser.add_argument(flag, dest=name, action="store_const", const="true",
+                                default=None)
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper())
     return parser
 
 

@@ -246,10 +246,18 @@ def _label_sets(metric: Counter | Gauge | Histogram, job: str) -> set[tuple[str,
 
 
 class MetricsEndpoint:
-    """The /metrics HTTP server (prometheus_client's, in a daemon thread)."""
+    """The /metrics HTTP server (prometheus_client's, in a daemon thread).
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+    With `certfile` and `keyfile` it serves HTTPS; with `client_cafile` too,
+    scrapers must present a certificate that CA signed.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, *,
+                 certfile: str | None = None, keyfile: str | None = None,
+                 client_cafile: str | None = None) -> None:
+        server, thread = start_http_server(
+            port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile,
+            client_cafile=client_cafile, client_auth_required=client_cafile is not None)
         self._server: WSGIServer = server
         self._thread: threading.Thread = thread
         self.port: int = server.server_port

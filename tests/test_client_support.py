@@ -29,7 +29,8 @@ def free_port() -> int:
 
 def start_server(store: Path, port: int = 0) -> tuple[RunningServer, int]:
     """The real selection server on `store`, gRPC on `port` (0: a free one)."""
-    config = ServerConfig(store=str(store), port=port, metrics_port=0, debounce_seconds=0.05)
+    config = ServerConfig(store=str(store), port=port, metrics_port=0, debounce_seconds=0.05,
+                          insecure=True)
     return build_server(config, CollectorRegistry())
 
 

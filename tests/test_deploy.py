@@ -152,10 +152,11 @@ def test_server_config_ports_and_probes_agree(rendered: dict[str, list[dict[str,
     config = server_config(objects, tmp_path)
     container = server_container(objects)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert ports == {"grpc": config.port, "metrics": config.metrics_port,
+                     "health": config.health_port}
     assert config.host == "0.0.0.0"
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"] == {"port": config.port}, probe
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):  # kubelet: no TLS
+        assert container[probe]["grpc"] == {"port": config.health_port}, probe
     service_ports = {p["name"]: p["targetPort"] for p in one(objects, "Service")["spec"]["ports"]}
     assert service_ports == {"grpc": "grpc", "metrics": "metrics"}
     mounted = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -220,7 +221,11 @@ def test_network_policy_admits_trainers_to_grpc_and_prometheus_to_metrics(
     trainer_labels = one(rendered["trainer"], "Job")["spec"]["template"]["metadata"]["labels"]
     by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
     assert set(by_port) == {"grpc", "metrics"}
-    assert [selects(peer["podSelector"], trainer_labels) for peer in by_port["grpc"]] == [True]
+    # Trainers of this namespace, and of namespaces labelled to run gradmix trainers.
+    assert [selects(peer["podSelector"], trainer_labels) for peer in by_port["grpc"]] == [
+        True, True]
+    assert [peer.get("namespaceSelector") for peer in by_port["grpc"]] == [
+        None, {"matchLabels": {"gradmix.io/trainers": "allowed"}}]
     assert not any(selects(peer["podSelector"], trainer_labels) for peer in by_port["metrics"])
     (prometheus,) = by_port["metrics"]
     assert prometheus["namespaceSelector"]["matchLabels"]
@@ -272,7 +277,7 @@ def test_trainer_job_launches_one_torchrun_node_per_index(
     assert container["args"][-4:] == ["--no-python", "gradmix-train", "--config",
                                       "/etc/gradmix/job.toml"]
 
-def test_trainer_config_loads_and_points_at_the_prod_server_and_store(
+def test_trainer_config_loads_and_points_at_the_prod_server_in_upload_mode(
         rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
     path.write_text(one(rendered["trainer"], "ConfigMap")["data"]["job.toml"])
@@ -281,7 +286,18 @@ def test_trainer_config_loads_and_points_at_the_prod_server_and_store(
     service = one(prod, "Service")
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert config.server == f"{service['metadata']['name']}:{grpc_port}"
-    assert config.store == server_config(prod, tmp_path).store
+    # Rows go over gRPC: the trainer pods hold no store credentials, only the server does.
+    assert config.upload is True
+    (trainer,) = one(rendered["trainer"], "Job")["spec"]["template"]["spec"]["containers"]
+    assert "envFrom" not in trainer
+    assert "gradmix-store-credentials" not in yaml.safe_dump(rendered["trainer"])
+    assert config.tls and config.ca_cert and config.token_file
+    mounts = {m["name"]: m["mountPath"] for m in trainer["volumeMounts"]}
+    assert {Path(config.ca_cert).parent, Path(config.token_file).parent} == {
+        Path(mounts["credentials"])}
+    volumes = one(rendered["trainer"], "Job")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "credentials", "secret": {"secretName": "gradmix-trainer-credentials",
+                                              "defaultMode": 0o440}} in volumes
     # The init container writes the demo tasks where [data] looks for them.
     pod = one(rendered["trainer"], "Job")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
@@ -292,6 +308,27 @@ def test_trainer_config_loads_and_points_at_the_prod_server_and_store(
     written = write_tasks(tmp_path / "data", count=2, target_count=2)
     names = {written.target.name, *(p.name for p in written.tasks.values())}
     assert {f.name for f in files} <= names
+
+
+@pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
+def test_server_serves_tls_and_tokens_from_mounted_secrets(
+        rendered: dict[str, list[dict[str, Any]]], overlay: str, tmp_path: Path) -> None:
+    objects = rendered[overlay]
+    config = server_config(objects, tmp_path)
+    assert not config.insecure and config.auth_tokens_file
+    container = server_container(objects)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in one(objects, "StatefulSet")["spec"]["template"]["spec"]
+               ["volumes"]}
+    for name, secret, files in (("tls", "gradmix-server-tls", (config.tls_cert, config.tls_key)),
+                                ("tokens", "gradmix-server-tokens", (config.auth_tokens_file,))):
+        assert volumes[name]["secret"]["secretName"] == secret
+        # A whole-directory mount (no subPath): an updated Secret reaches the pod, and the
+        # server re-reads the token file without a restart.
+        assert "subPath" not in mounts[name] and mounts[name]["readOnly"] is True
+        assert {str(Path(f).parent) for f in files} == {mounts[name]["mountPath"]}
+    # Only the server holds the store's credentials (prod: the s3:// Secret).
+    assert "gradmix-store-credentials" not in yaml.safe_dump(rendered["trainer"])
 
 
 def test_promtool_accepts_and_unit_tests_the_rules() -> None:

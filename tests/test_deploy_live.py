@@ -120,7 +120,7 @@ def populate(stub: pb_grpc.SelectionServiceStub) -> None:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     config = ServerConfig(store=str(tmp_path_factory.mktemp("store")), host="127.0.0.1",
-                          port=0, metrics_port=0, debounce_seconds=0.05)
+                          port=0, metrics_port=0, debounce_seconds=0.05, insecure=True)
     server, port = build_server(config, CollectorRegistry())
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

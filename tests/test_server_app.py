@@ -19,7 +19,8 @@ from gradmix.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-LINE = re.compile(r"^gradmix-server listening grpc=(\S+):(\d+) metrics=(\S+):(\d+) store=(\S+)$")
+LINE = re.compile(r"^gradmix-server listening grpc=(\S+):(\d+) metrics=(\S+):(\d+) store=(\S+)"
+                  r" access=insecure$")
 
 
 def test_entry_point_prints_ports_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -27,7 +28,7 @@ def test_entry_point_prints_ports_serves_and_stops_on_sigterm(tmp_path: Path) ->
     env = {**os.environ, "GRADMIX_GRACE_SECONDS": "2"}
     process = subprocess.Popen(
         [sys.executable, "-m", "gradmix.server.app", "--store", str(store), "--port", "0",
-         "--metrics-port", "0", "--log-level", "WARNING"],
+         "--metrics-port", "0", "--log-level", "WARNING", "--insecure"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert process.stdout is not None
@@ -63,7 +64,7 @@ def test_entry_point_prints_ports_serves_and_stops_on_sigterm(tmp_path: Path) ->
 
 
 def test_a_taken_port_is_a_clear_start_error(tmp_path: Path) -> None:
-    config = ServerConfig(store=str(tmp_path / "store"), port=0, metrics_port=0)
+    config = ServerConfig(store=str(tmp_path / "store"), port=0, metrics_port=0, insecure=True)
     first, port = build_server(config, CollectorRegistry())
     try:
         taken = dataclasses.replace(config, port=port)

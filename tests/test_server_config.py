@@ -9,8 +9,8 @@ from gradmix.server.config import ConfigError, ServerConfig, load_config
 
 
 def test_defaults_match_the_documented_ports() -> None:
-    config = load_config([], env={})
-    assert config == ServerConfig()
+    config = load_config(["--insecure"], env={})
+    assert config == ServerConfig(insecure=True)
     assert (config.host, config.port, config.metrics_port) == ("127.0.0.1", 50551, 9551)
     assert config.debounce_seconds == 0.2
 
@@ -19,7 +19,8 @@ def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
     toml = tmp_path / "server.toml"
     toml.write_text('store = "/data/toml"\nport = 1000\nmetrics_port = 2000\n'
                     'debounce_seconds = 0.5\n[policy]\nname = "surrogate"\ntemperature = 0.3\n')
-    env = {"GRADMIX_PORT": "1001", "GRADMIX_METRICS_PORT": "2001", "GRADMIX_FLOOR": "0.02"}
+    env = {"GRADMIX_PORT": "1001", "GRADMIX_METRICS_PORT": "2001", "GRADMIX_FLOOR": "0.02",
+           "GRADMIX_INSECURE": "1"}
     config = load_config(["--config", str(toml), "--port", "1002"], env=env)
     assert config.store == "/data/toml"           # TOML over the default
     assert config.metrics_port == 2001             # env over TOML
@@ -32,7 +33,7 @@ def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
 def test_config_file_from_the_environment(tmp_path: Path) -> None:
     toml = tmp_path / "s.toml"
     toml.write_text('host = "0.0.0.0"\n')
-    assert load_config([], env={"GRADMIX_CONFIG": str(toml)}).host == "0.0.0.0"
+    assert load_config(["--insecure"], env={"GRADMIX_CONFIG": str(toml)}).host == "0.0.0.0"
 
 
 @pytest.mark.parametrize(("argv", "env", "message"), [

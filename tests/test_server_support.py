@@ -46,7 +46,7 @@ class Harness:
 def start(store_dir: Path, **overrides: object) -> Harness:
     """A real server on 127.0.0.1, port 0, on the store at `store_dir`."""
     settings: dict[str, object] = {"store": str(store_dir), "port": 0, "metrics_port": 0,
-                                   "debounce_seconds": 0.02}
+                                   "debounce_seconds": 0.02, "insecure": True}
     settings.update(overrides)
     config = ServerConfig(**settings)  # type: ignore[arg-type]
     registry = CollectorRegistry()

@@ -97,7 +97,9 @@ batch_size = 4
 def server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A real selection server on a loopback port, over a store in tmp_path."""
     store = tmp_path / "store"
-    config = ServerConfig(store=str(store), port=0, metrics_port=0, debounce_seconds=0.1)
+    config = ServerConfig(
+        store=str(store), port=0, metrics_port=0, debounce_seconds=0.1, insecure=True
+    )
     running, port = build_server(config, registry=CollectorRegistry())
     yield port, store
     running.stop(grace=1.0)
@@ -292,7 +294,7 @@ def test_training_goes_on_while_the_server_is_away(tmp_path: Path) -> None:
 
     def start(port: int) -> tuple[RunningServer, int]:
         config = ServerConfig(
-            store=str(store_path), port=port, metrics_port=0, debounce_seconds=0.1
+            store=str(store_path), port=port, metrics_port=0, debounce_seconds=0.1, insecure=True
         )
         return build_server(config, registry=CollectorRegistry())
 

@@ -88,7 +88,8 @@ class AnchorProtocol:
         projector: the job's projector.
         pool: task data.
         client: the server client (each rank commits its own rows).
-        store: the sketch store (each rank writes its own rows).
+        store: the sketch store (each rank writes its own rows); None: rows go to the
+            server over gRPC (upload mode).
         log: this rank's run log.
         files: rank 0's task file directory.
         reachable: rank 0's view of whether the server is reachable.
@@ -104,7 +105,7 @@ class AnchorProtocol:
         projector: Projector,
         pool: TaskPool,
         client: SelectionClient,
-        store: SketchStore,
+        store: SketchStore | None,
         log: RunLog,
         files: TaskFiles,
         reachable: Callable[[], bool],

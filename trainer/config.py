@@ -8,6 +8,8 @@ flags. Relative paths in the file are resolved against the file's directory.
     output_dir = "runs/arith"          # checkpoints and per-rank JSON-lines logs
     server = "127.0.0.1:50551"
     store = "./gradmix-store"          # path or fsspec URL
+    # upload = true                    # rows over gRPC: no store access needed
+    # tls = true, ca_cert = "ca.pem", token_file = "token"   (token: or env GRADMIX_TOKEN)
 
     [model]                            # a transformers causal LM, never downloaded:
     config = { model_type = "gpt2", n_embd = 64, n_layer = 2, n_head = 2 }
@@ -242,6 +244,19 @@ class TrainConfig:
     """The sketch store: local path or fsspec URL (the server's store)."""
     metrics_port: int = 0
     """Rank 0 serves Prometheus metrics (`gradmix.trainer.metrics`) on this port; 0: none."""
+    upload: bool = False
+    """Send sketch rows over gRPC (UploadSketch) instead of writing `store`: the
+    trainer then needs no store access or credentials."""
+    tls: bool = False
+    """Connect to the server with TLS."""
+    ca_cert: str = ""
+    """PEM CA to trust under tls (empty: the system roots)."""
+    client_cert: str = ""
+    """PEM client certificate, for a server that asks for one (mutual TLS)."""
+    client_key: str = ""
+    """PEM key of client_cert."""
+    token_file: str = ""
+    """File holding the bearer token (else env GRADMIX_TOKEN, else none)."""
     model: ModelConfig
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig
@@ -262,6 +277,10 @@ class TrainConfig:
                 raise ConfigError(f"bad {what} name {name!r}: {exc}") from exc
         _require(bool(self.output_dir), "output_dir is required")
         _require(0 <= self.metrics_port <= 65535, "metrics_port must be in 0..65535")
+        for name in ("ca_cert", "client_cert", "client_key"):
+            _require(self.tls or not getattr(self, name), f"{name} needs tls = true")
+        _require(bool(self.client_cert) == bool(self.client_key),
+                 "client_cert and client_key go together")
         stage = int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
         _require(stage in (0, 1, 2), f"ZeRO stage {stage} unsupported (0–2: sketching vmaps)")
         unknown = set(self.policy) - {f.name for f in dataclasses.fields(_policy_fields())}
@@ -287,6 +306,10 @@ _PATH_FIELDS = {
     ("model", "path"),
     ("tokenizer", "path"),
     ("top", "output_dir"),
+    ("top", "ca_cert"),
+    ("top", "client_cert"),
+    ("top", "client_key"),
+    ("top", "token_file"),
 }
 
 
@@ -297,8 +320,10 @@ def load_config(
 
     Args:
         path: the TOML file.
-        env: environment (default os.environ); GRADMIX_SERVER and GRADMIX_STORE override.
-        overrides: top-level fields set by flags (server, store, output_dir), None ignored.
+        env: environment (default os.environ); GRADMIX_SERVER, GRADMIX_STORE and
+            GRADMIX_TOKEN_FILE override.
+        overrides: top-level fields set by flags (server, store, output_dir, upload), None
+            ignored.
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown keys, wrong types or bad values
@@ -313,7 +338,7 @@ def load_config(
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
     base = path.resolve().parent
     env = os.environ if env is None else env
-    for key in ("server", "store"):
+    for key in ("server", "store", "token_file"):
         if env.get(f"GRADMIX_{key.upper()}"):
             doc[key] = env[f"GRADMIX_{key.upper()}"]
     doc.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,6 +1,7 @@
 """`gradmix-train`: run a job from its TOML file (alone, or under torchrun / deepspeed).
 
     gradmix-train --config job.toml [--server HOST:PORT] [--store URL] [--output-dir DIR]
+                  [--upload]
 
 A run resumes from `<output_dir>/checkpoints` when a checkpoint is there.
 """
@@ -24,6 +25,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server", help="host:port of the selection server")
     parser.add_argument("--store", help="sketch store path or fsspec URL")
     parser.add_argument("--output-dir", help="checkpoints and per-rank logs")
+    parser.add_argument("--upload", action="store_true", default=None,
+                        help="send sketch rows over gRPC; the store is never opened")
     parser.add_argument("--log-level", default="INFO", help="Python logging level")
     return parser.parse_args(argv)
 
@@ -39,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.config,
             server=args.server,
             store=args.store,
+            upload=args.upload,
             output_dir=str(Path(args.output_dir).resolve()) if args.output_dir else None,
         )
     except TrainerError as error:

@@ -1,4 +1,5 @@
-"""Building what the loop trains: tokenizer, model, DeepSpeed engine, task data.
+"""Building what the loop trains: tokenizer, model, DeepSpeed engine, task data, and
+the client of the selection server.
 
 Nothing is ever downloaded: the model comes from a transformers config dict
 or a local directory, the tokenizer is the built-in character tokenizer or a
@@ -8,10 +9,13 @@ local directory.
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from gradmix.client import SelectionClient
 from gradmix.trainer.config import ModelConfig, TokenizerConfig, TrainConfig
 from gradmix.trainer.data import CharTokenizer, HFTokenizer, TaskPool, Tokenizer
 from gradmix.trainer.errors import ConfigError
@@ -94,4 +98,35 @@ def build_pool(config: TrainConfig, tokenizer: Tokenizer) -> TaskPool:
     paths.update({t: Path(p) for t, p in config.data.tasks.items()})
     return TaskPool(
         tokenizer, max_length=config.data.max_length, seed=config.training.seed, paths=paths
+    )
+
+
+def build_client(config: TrainConfig, env: Mapping[str, str] | None = None) -> SelectionClient:
+    """The client of the job's server: TLS and the bearer token as configured.
+
+    The token comes from `token_file`, else the GRADMIX_TOKEN environment variable.
+
+    Raises:
+        ConfigError: a certificate or token file cannot be read.
+    """
+    env = os.environ if env is None else env
+
+    def read(name: str) -> bytes | None:
+        path = getattr(config, name)
+        if not path:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {name} {path}: {exc}") from exc
+
+    token_bytes = read("token_file")
+    token = token_bytes.decode().strip() if token_bytes else env.get("GRADMIX_TOKEN") or None
+    return SelectionClient(
+        config.server,
+        tls=config.tls,
+        root_certificates=read("ca_cert"),
+        certificate_chain=read("client_cert"),
+        private_key=read("client_key"),
+        token=token,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gradmix.client import MixtureSampler, SelectionClient
+from gradmix.client import MixtureSampler
 from gradmix.store import SketchStore
 from gradmix.trainer import checkpoint
 from gradmix.trainer.anchors import AnchorProtocol, AnchorState, TaskFiles
@@ -28,7 +28,13 @@ from gradmix.trainer.follow import MixtureSync, ServerWatch
 from gradmix.trainer.metrics import serve_metrics
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.runlog import RunLog
-from gradmix.trainer.setup import build_engine, build_model, build_pool, build_tokenizer
+from gradmix.trainer.setup import (
+    build_client,
+    build_engine,
+    build_model,
+    build_pool,
+    build_tokenizer,
+)
 from gradmix.trainer.sketch import eval_mode
 from gradmix.trainer.values import completion_loss
 from tqdm import tqdm
@@ -73,7 +79,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     log = RunLog(config.output_dir, dist.rank)
     metrics = serve_metrics(config.job, config.metrics_port, log) \
         if dist.is_main and config.metrics_port else None
-    client, store = SelectionClient(config.server), SketchStore.open(config.store)
+    client = build_client(config)
+    store = None if config.upload else SketchStore.open(config.store)  # upload: rows over gRPC
     files = TaskFiles(config, client)
     sampler = MixtureSampler(config.training.seed, rank=dist.rank, world_size=dist.world_size)
     sync = MixtureSync(dist, sampler, log, None, pool, _readable_file(files, pool))

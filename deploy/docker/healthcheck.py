@@ -6,8 +6,9 @@ requested service, 1 otherwise (not serving, unreachable, timed out), and
 prints one line saying which.
 
 Usage: python healthcheck.py [--address HOST:PORT] [--service NAME] [--timeout S]
-The address defaults to 127.0.0.1 and the port the server was told
-(GRADMIX_PORT, else 50551).
+The address defaults to 127.0.0.1 and the server's plaintext health port
+(GRADMIX_HEALTH_PORT) if it has one, else its gRPC port (GRADMIX_PORT, else
+50551; plaintext only when the server runs --insecure).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ DEFAULT_PORT = 50551
 
 def default_address() -> str:
     """The loopback address of the server configured in this container."""
-    return f"127.0.0.1:{os.environ.get('GRADMIX_PORT') or DEFAULT_PORT}"
+    port = os.environ.get("GRADMIX_HEALTH_PORT") or os.environ.get("GRADMIX_PORT")
+    return f"127.0.0.1:{port or DEFAULT_PORT}"
 
 
 def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:

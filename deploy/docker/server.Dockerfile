@@ -41,19 +41,24 @@ RUN groupadd --system --gid "${UID}" gradmix \
 COPY --from=build /opt/gradmix /opt/gradmix
 COPY deploy/docker/healthcheck.py /opt/gradmix/healthcheck.py
 # The server binds all interfaces in a container; the store defaults to the
-# volume below. Both (and every other setting) can be overridden by flags,
-# GRADMIX_* variables or a TOML file passed with --config.
+# volume below; grpc.health.v1 is also served in plaintext on 50552 (for the
+# health check below and Kubernetes probes, which cannot speak TLS). All of
+# them (and every other setting) can be overridden by flags, GRADMIX_*
+# variables or a TOML file passed with --config. The server needs TLS
+# settings (GRADMIX_TLS_CERT, GRADMIX_TLS_KEY and tokens) or --insecure.
 ENV PATH=/opt/gradmix/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/var/lib/gradmix \
     GRADMIX_HOST=0.0.0.0 \
-    GRADMIX_STORE=/var/lib/gradmix/store
+    GRADMIX_STORE=/var/lib/gradmix/store \
+    GRADMIX_HEALTH_PORT=50552
 WORKDIR /var/lib/gradmix
 VOLUME ["/var/lib/gradmix"]
 USER ${UID}:${UID}
-# 50551: gRPC (gradmix.v1, grpc.health.v1, reflection); 9551: /metrics.
-EXPOSE 50551 9551
+# 50551: gRPC (gradmix.v1, grpc.health.v1, reflection); 9551: /metrics;
+# 50552: plaintext grpc.health.v1 only.
+EXPOSE 50551 9551 50552
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/opt/gradmix/healthcheck.py"]
 ENTRYPOINT ["gradmix-server"]
