@@ -17,6 +17,7 @@ weighted uniformly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -109,6 +110,24 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                        anchor_loss=estimator.anchor_loss(), estimated_loss=estimated,
                        subsets_estimated=counted + 1,
                        score_error=error)
+
+
+def kept_composition(previous: Mapping[str, float], new: Composition,
+                     estimator: SubsetEstimator, regularization: float) -> Composition:
+    """`new` with the `previous` weights kept (an implausible estimate held back).
+
+    Tasks absent from `previous` get no weight. The estimated loss is that of the
+    kept weights at this anchor, so that the next anchor's calibration compares
+    what happened with what was predicted for the mixture actually in force.
+    """
+    weights = {t: previous.get(t, 0.0) for t in new.weights}
+    total = sum(weights.values())
+    weights = {t: w / total for t, w in weights.items()} if total > 0 else dict(new.weights)
+    active = [t for t in new.weights if new.states[t] == ACTIVE and weights[t] > 0]
+    mass = sum(weights[t] for t in active)
+    estimated = _estimated_loss(estimator, active, {t: weights[t] / mass for t in active},
+                                regularization) if mass > 0 else new.anchor_loss
+    return dataclasses.replace(new, weights=weights, estimated_loss=estimated)
 
 
 def _estimated_loss(estimator: SubsetEstimator, active: Sequence[str],

@@ -22,8 +22,12 @@ job's with `regularization` replaced by it; the estimator's own default λ
 stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
 
 An estimate whose predicted loss is implausibly far from the anchor's own
-(`gradmix.server.sanity`) is not published: the previous version stays in
-force, and the outcome says why, for the log and the metrics.
+(`gradmix.server.sanity`) is held back: its weights are not published, the
+outcome says why (for the log and the metrics), and the previous weights stay
+in force. At a new anchor they are published again as that anchor's version,
+with their own estimated loss there (`kept_composition`), so that the next
+anchor's calibration still learns from the interval: holding back would
+otherwise repeat at every anchor of a run whose λ starts far off.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from gradmix.server.calibration import calibrated_policy, interval_scale
-from gradmix.server.compose import Composition, compose_mixture, mixture_changed
+from gradmix.server.compose import (
+    Composition,
+    compose_mixture,
+    kept_composition,
+    mixture_changed,
+)
 from gradmix.server.convert import ACTIVE, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
@@ -203,7 +212,13 @@ class JobState:
                             pending_since=_pending_since(infos, anchors, anchor, composition))
         if composition.subsets_estimated:
             outcome = self._checked(outcome, anchor, composition)
-        if outcome.held or not mixture_changed(self.last, anchor, composition, self.tolerance):
+        if outcome.held:
+            if self.last is None or self.last.anchor == anchor or estimator is None:
+                return outcome
+            with self.lock:
+                composition = kept_composition(self.last.weights, composition, estimator,
+                                               policy.regularization)
+        if not mixture_changed(self.last, anchor, composition, self.tolerance):
             return outcome
         record = self._record(anchor, composition, calibration)
         self.store.append_mixture(self.name, record)
@@ -227,8 +242,8 @@ class JobState:
                 "job %r: implausible estimate at anchor %r (%s, bound a factor %g): anchor "
                 "loss %.4g, estimated loss %.4g; %s", self.name, anchor, reason,
                 self.max_loss_ratio, composition.anchor_loss, composition.estimated_loss,
-                f"version {self.last.version} stays in force" if self.last is not None
-                else "published: no earlier mixture to keep")
+                f"the weights of version {self.last.version} stay in force"
+                if self.last is not None else "published: no earlier mixture to keep")
         return dataclasses.replace(outcome, implausible=reason, held=held)
 
     def _known_error(self, anchor: str, estimator: SubsetEstimator | None,

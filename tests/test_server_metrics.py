@@ -235,22 +235,25 @@ def test_an_implausible_estimate_is_held_back_flagged_and_counted(
                 s, "gradmix_estimate_held", gradmix_job="job") == 1, "the held estimate")
         assert value(held, "gradmix_implausible_estimates_total", gradmix_job="job",
                      reason="loss_change") >= 1
-        assert value(held, "gradmix_mixture_version", gradmix_job="job") == before.version
-        latest = h.stub.GetMixture(pb.GetMixtureRequest(job="job"))
-        assert latest.version == before.version and weights(latest) == weights(before)
+        # The anchor's version keeps the previous weights (no swing), with their own
+        # estimated loss at the anchor, for the next anchor's calibration.
+        kept = watcher.until(lambda m: m.anchor == "a0", "the anchor's version")
+        assert kept.version == before.version + 1 and weights(kept) == weights(before)
+        assert not kept.pending_tasks and kept.estimated_loss != kept.anchor_loss
+        assert h.stub.GetMixture(pb.GetMixtureRequest(job="job")) == kept
+        assert value(scrape(h)[1], "gradmix_mixture_version", gradmix_job="job") == kept.version
         (message,) = {r.getMessage() for r in caplog.records if "implausible" in r.getMessage()}
         assert "job 'job': implausible estimate at anchor 'a0' (loss_change" in message
-        assert f"version {before.version} stays in force" in message
+        assert f"the weights of version {before.version} stay in force" in message
         watcher.cancel()
     finally:
         h.close()
-    # The same rows under the default bound are plausible: the estimate is published.
+    # The same rows under the default bound are plausible: nothing is held back.
     h = start(tmp_path / "store")
     try:
-        published = wait_for(lambda: h.stub.GetMixture(pb.GetMixtureRequest(job="job")),
-                             lambda m: m.version > before.version, "the estimate's version")
-        assert isinstance(published, pb.Mixture) and not published.pending_tasks
-        _, after = scrape(h)
+        after = wait_for(lambda: scrape(h)[1], lambda s: value(
+            s, "gradmix_estimation_duration_seconds_count", gradmix_job="job") >= 1,
+            "the start-up re-estimate")
         assert value(after, "gradmix_estimate_held", gradmix_job="job") == 0
         assert value(after, "gradmix_implausible_estimates_total", gradmix_job="job",
                      reason="loss_change") == 0
