@@ -187,8 +187,8 @@ def as_tokenizer(tokenizer: Any) -> Tokenizer:
 
 def _model_section(model: nn.Module) -> ModelConfig:
     """The job config's [model] describing `model` (its transformers config if it has one)."""
-    config = getattr(model, "config", None)
-    described = config.to_dict() if hasattr(config, "to_dict") else {}
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    described: dict[str, Any] = to_dict() if callable(to_dict) else {}
     described.setdefault("model_type", type(model).__name__)
     return ModelConfig(config=described)
 
