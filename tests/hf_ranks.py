@@ -73,7 +73,7 @@ def _run(
         model=model,
         args=args,
         train_dataset=stream,
-        data_collator=pad_collator(tokenizer().pad_id),
+        data_collator=pad_collator(tokenizer().pad_id, width=16),
         callbacks=[callback],
     )
     trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{steps // 2}") if resume else None)

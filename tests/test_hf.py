@@ -26,6 +26,7 @@ import pytest
 import torch
 from api_ranks import tokenizer, write_data
 from gradmix.client.errors import SamplerError, UnknownTaskError
+from gradmix.trainer.errors import DataError
 from gradmix.trainer.mixture_stream import MixtureStream, completion_example, pad_collator
 from hf_ranks import train_and_resume
 from test_client_support import Served, serve
@@ -98,6 +99,10 @@ def test_completion_rows_score_the_completion_and_pad() -> None:
     assert batch["input_ids"].shape == (2, 9)
     assert batch["attention_mask"][0].tolist() == [1] * 6 + [0] * 3
     assert batch["labels"][0, 6:].tolist() == [-100] * 3
+    fixed = pad_collator(tok.pad_id, width=12)([row])
+    assert fixed["input_ids"].shape == (1, 12)
+    with pytest.raises(DataError, match="width 4"):
+        pad_collator(tok.pad_id, width=4)([row])
 
 
 def _check_run(result: dict[str, Any], steps: int = 6, lag: int = 2) -> None:

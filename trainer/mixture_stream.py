@@ -201,15 +201,30 @@ def completion_example(
     return {"input_ids": list(example.input_ids), "labels": labels}
 
 
-def pad_collator(pad_id: int) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]]:
-    """A data collator right-padding `input_ids` (with `pad_id`), `labels` (with -100) and
-    building the `attention_mask`."""
+def pad_collator(
+    pad_id: int, width: int | None = None
+) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, torch.Tensor]]:
+    """A data collator right-padding `input_ids` (with `pad_id`) and `labels` (with -100)
+    and building the `attention_mask`.
+
+    Args:
+        pad_id: the padding token id.
+        width: pad every batch to this many tokens (default: the longest row). Several
+            ranks reading one stream through accelerate (its default for an
+            IterableDataset) need batches of one shape.
+
+    Raises:
+        DataError: a row longer than `width`.
+    """
 
     def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        longest = max(len(r["input_ids"]) for r in rows)
+        if width is not None and longest > width:
+            raise DataError(f"a row of {longest} tokens does not fit width {width}")
+        size = width or longest
+        ids = torch.full((len(rows), size), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), size), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), size), dtype=torch.long)
         for row, r in enumerate(rows):
             n = len(r["input_ids"])
             ids[row, :n] = torch.as_tensor(r["input_ids"])
