@@ -5,16 +5,21 @@ parameters) covers exactly the LoRA A/B factors, each a linear layer
 (`lora_A.<adapter>`, `lora_B.<adapter>`) the structured projector sketches
 from its input and output gradient. The hooks' sketch must equal the
 projection of exact per-sample gradients over the adapters (torch.func).
+`gradmix-train` builds the same adapters from `[model].lora`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from api_ranks import tiny_gpt2, tokenizer
 from gradmix.trainer import api
-from gradmix.trainer.config import SketchingConfig
+from gradmix.trainer.config import ModelConfig, SketchingConfig, TokenizerConfig, load_config
 from gradmix.trainer.data import collate
+from gradmix.trainer.errors import ConfigError
+from gradmix.trainer.setup import build_model, build_tokenizer
 from gradmix.trainer.sketch import per_sample_gradients
 
 peft = pytest.importorskip("peft")
@@ -76,3 +81,34 @@ def test_dense_lora_sketch_runs_over_the_adapters() -> None:
     projector = api.projector_for(model, SketchingConfig(dim=32, projector="dense"))
     grads, _ = api.sketch(model, projector, exs, batch_size=2)
     assert grads.shape == (4, 32) and float(grads.norm()) > 0
+
+
+def test_gradmix_train_model_lora_settings(tmp_path: Path) -> None:
+    """`[model].lora` in a job TOML: the model gradmix-train builds trains only adapters."""
+    (tmp_path / "t.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    (tmp_path / "job.toml").write_text(
+        """
+job = "lora"
+output_dir = "out"
+[model]
+config = { model_type = "gpt2", n_embd = 32, n_layer = 2, n_head = 2, n_positions = 32 }
+lora = { r = 4, lora_alpha = 8, target_modules = ["c_attn"] }
+[data]
+target = "t.jsonl"
+"""
+    )
+    config = load_config(tmp_path / "job.toml")
+    assert config.model.lora["r"] == 4
+    model = build_model(config.model, build_tokenizer(config.tokenizer))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    projector = api.projector_for(model, config.sketching)
+    assert projector.manifest.names == trainable
+
+
+def test_bad_lora_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"\[model\]\.lora"):
+        build_model(
+            ModelConfig(config={"model_type": "gpt2", "n_layer": 1}, lora={"rank_typo": 4}),
+            build_tokenizer(TokenizerConfig()),
+        )
