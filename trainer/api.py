@@ -193,6 +193,41 @@ def _model_section(model: nn.Module) -> ModelConfig:
     return ModelConfig(config=described)
 
 
+#: Registration metadata `path` of a task whose examples were handed over in memory.
+IN_PROCESS = "in-process:"
+
+Source = str | Path | Sequence[TokenizedExample]
+"""A sketched source: a JSONL file of {"prompt", "completion"}, or its examples."""
+
+
+class _Pool(TaskPool):
+    """Task data with some sources handed over in memory instead of read from files."""
+
+    def __init__(self, given: Mapping[str | None, Sequence[TokenizedExample]], **kw: Any) -> None:
+        super().__init__(**kw)
+        self._given = dict(given)
+
+    def examples(self, task: str | None) -> list[TokenizedExample]:
+        if task in self._given:
+            return self._given[task]  # type: ignore[return-value]  # indexed, never mutated
+        return super().examples(task)
+
+
+class _Files(TaskFiles):
+    """Rank 0's task data directory, knowing the in-memory tasks too."""
+
+    def __init__(self, config: TrainConfig, client: SelectionClient, given: set[str]) -> None:
+        super().__init__(config, client)
+        self._given = given
+
+    def path(self, task: str) -> str | None:
+        return IN_PROCESS + task if task in self._given else super().path(task)
+
+
+def _in_memory(source: Source) -> bool:
+    return not isinstance(source, str | Path)
+
+
 class Sketcher:
     """Runs gradmix anchors over a model from any training loop (every rank makes one).
 
@@ -202,8 +237,10 @@ class Sketcher:
         store: the sketch store (a path or fsspec URL; the server's store).
         model: the model being trained (unwrapped: not the DDP/DeepSpeed wrapper).
         tokenizer: a gradmix `Tokenizer` or a transformers tokenizer.
-        target: the target's JSONL file of {"prompt", "completion"}.
-        tasks: task name → JSONL file, registered with the server when the job is set up.
+        target: the target's JSONL file of {"prompt", "completion"}, or its examples.
+        tasks: task name → JSONL file or examples (`TokenizedExample`s; from rows with
+            `gradmix.trainer.hf_data.as_examples`), registered with the server when the
+            job is set up (a task given in memory with metadata path "in-process:<task>").
         output_dir: where each rank's run log goes (`logs/rank-<r>.jsonl`).
         sketching: projector, dim, schedule and sample sizes (default `SketchingConfig()`).
         steps: the run's planned optimizer steps (the anchors' horizon).
@@ -226,8 +263,8 @@ class Sketcher:
         store: str,
         model: nn.Module,
         tokenizer: Any,
-        target: str | Path,
-        tasks: Mapping[str, str | Path] | None = None,
+        target: Source,
+        tasks: Mapping[str, Source] | None = None,
         output_dir: str | Path,
         sketching: SketchingConfig | None = None,
         steps: int,
@@ -240,6 +277,7 @@ class Sketcher:
         dist: Dist | None = None,
         reachable: Callable[[], bool] | None = None,
     ) -> None:
+        given = dict(tasks or {})
         self.config = TrainConfig(
             job=job,
             output_dir=str(output_dir),
@@ -247,8 +285,8 @@ class Sketcher:
             store=str(store),
             model=_model_section(model),
             data=DataConfig(
-                target=str(target),
-                tasks={t: str(p) for t, p in (tasks or {}).items()},
+                target=IN_PROCESS + "target" if _in_memory(target) else str(target),
+                tasks={t: IN_PROCESS + t if _in_memory(p) else str(p) for t, p in given.items()},
                 task_dir=str(task_dir),
                 max_length=max_length,
             ),
@@ -262,12 +300,16 @@ class Sketcher:
         self.dist = dist or process_group(device)
         self.tokenizer = as_tokenizer(tokenizer)
         self.projector = projector_for(model, self.config.sketching)
-        self.pool = TaskPool(
-            self.tokenizer,
+        sources: dict[str | None, Source] = {None: target}
+        sources.update(given)
+        self.pool = _Pool(
+            {t: s for t, s in sources.items() if not isinstance(s, str | Path)},
+            tokenizer=self.tokenizer,
             max_length=max_length,
             seed=seed,
-            paths={None: Path(target), **{t: Path(p) for t, p in self.config.data.tasks.items()}},
+            paths={t: Path(s) for t, s in sources.items() if isinstance(s, str | Path)},
         )
+        memory = {t for t, s in given.items() if _in_memory(s)}
         self.client = SelectionClient(server)
         self.log = RunLog(output_dir, self.dist.rank)
         self.protocol = AnchorProtocol(
@@ -279,7 +321,7 @@ class Sketcher:
             self.client,
             SketchStore.open(str(store)),
             self.log,
-            TaskFiles(self.config, self.client),
+            _Files(self.config, self.client, memory),
             reachable=reachable or (lambda: True),
             learning_rate=current_lr,
         )

@@ -38,16 +38,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gradmix.client import Mixture
 from gradmix.trainer.anchors import AnchorState
-from gradmix.trainer.api import Sketcher, process_group
+from gradmix.trainer.api import Sketcher, Source, process_group
 from gradmix.trainer.config import SketchingConfig
 from gradmix.trainer.errors import TrainerError
 from gradmix.trainer.follow import ServerWatch
+from gradmix.trainer.hf_data import as_examples
 from gradmix.trainer.mixture_stream import MixtureStream
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -62,9 +63,10 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         server: host:port of the selection server.
         store: the sketch store (path or fsspec URL; the server's store).
         tokenizer: a gradmix `Tokenizer` or a transformers tokenizer (for sketching).
-        target: the target's JSONL file of {"prompt", "completion"}.
-        tasks: task name → JSONL file of the same examples the stream draws from
-            (sketched at anchors; registered with the server).
+        target: the target's JSONL file of {"prompt", "completion"}, or its rows
+            ({"input_ids", "labels"}, e.g. from `gradmix.trainer.hf_data.task_rows`).
+        tasks: task name → JSONL file to sketch the task from (default: the stream's
+            own rows of every task); registered with the server.
         sketching: projector, dim, schedule and sample sizes.
         max_length: longest sketched example in tokens.
         policy: PolicySettings fields for a new job.
@@ -82,8 +84,8 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         server: str,
         store: str,
         tokenizer: Any,
-        target: str | Path,
-        tasks: Mapping[str, str | Path],
+        target: str | Path | Sequence[Mapping[str, Any]],
+        tasks: Mapping[str, str | Path] | None = None,
         sketching: SketchingConfig | None = None,
         max_length: int = 128,
         policy: Mapping[str, Any] | None = None,
@@ -94,7 +96,13 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         if lag < 2:
             raise TrainerError(f"lag must be >= 2 optimizer steps, got {lag}")
         self.stream, self.job, self.server, self.store = stream, job, server, str(store)
-        self.tokenizer, self.target, self.tasks = tokenizer, target, dict(tasks)
+        self.tokenizer = tokenizer
+        self.target: Source = target if isinstance(target, str | Path) else as_examples(target)
+        self.tasks: dict[str, Source] = (
+            {t: as_examples(rows) for t, rows in stream.tasks.items()}
+            if tasks is None
+            else dict(tasks)
+        )
         self.sketching, self.max_length, self.policy = sketching, max_length, policy
         self.lag, self.wait_for_mixture, self.output_dir = lag, wait_for_mixture, output_dir
         self.history: list[dict[str, Any]] = []
