@@ -10,15 +10,21 @@ projection of exact per-sample gradients over the adapters (torch.func).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from api_ranks import tiny_gpt2, tokenizer
+from gradmix.store import SketchStore
 from gradmix.trainer import api
 from gradmix.trainer.config import ModelConfig, SketchingConfig, TokenizerConfig, load_config
 from gradmix.trainer.data import collate
 from gradmix.trainer.errors import ConfigError
+from gradmix.trainer.runlog import log_path, read_log
 from gradmix.trainer.setup import build_model, build_tokenizer
 from gradmix.trainer.sketch import per_sample_gradients
 
@@ -112,3 +118,42 @@ def test_bad_lora_settings_are_config_errors() -> None:
             ModelConfig(config={"model_type": "gpt2", "n_layer": 1}, lora={"rank_typo": 4}),
             build_tokenizer(TokenizerConfig()),
         )
+
+
+@pytest.mark.slow
+def test_gradmix_train_trains_and_sketches_lora_adapters(tmp_path: Path) -> None:
+    """A short `gradmix-train` run (one process, DeepSpeed ZeRO-1 on CPU) with `[model].lora`:
+    the job's manifest is the adapters', their rows land in the store, training runs."""
+    from test_client_support import start_server
+    from test_trainer_run import write_config, write_data
+
+    server, port = start_server(tmp_path / "store")
+    try:
+        data = write_data(tmp_path / "data")
+        config = write_config(
+            data, job="lora", port=port, store=tmp_path / "store", training="steps = 4"
+        )
+        text = config.read_text().replace(
+            "[tokenizer]", '[model.lora]\nr = 2\ntarget_modules = ["c_attn"]\n[tokenizer]'
+        )
+        config.write_text(text)
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "gradmix.trainer.main", "--config", str(config)],
+            cwd=data,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    finally:
+        server.stop(0)
+    store = SketchStore.open(str(tmp_path / "store"))
+    events = read_log(log_path(data / "out", 0))
+    manifest = json.loads(next(e for e in events if e["event"] == "job")["manifest"])
+    names = [entry[0] for entry in manifest["entries"]]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    anchor = next(e for e in events if e["event"] == "anchor_complete")["anchor"]
+    assert len(store.read_rows("lora", anchor, "add")[0]) == 8
+    assert len([e for e in events if e["event"] == "step"]) == 4
