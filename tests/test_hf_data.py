@@ -137,3 +137,21 @@ def test_sketcher_sketches_rows_given_in_memory(served: Served, tmp_path: Path) 
     store = SketchStore.open(str(served.store))
     assert len(store.read_rows("rows", state.name, "chat")[0]) == SKETCHING.examples_per_task
     assert [t.metadata for t in served.client.list_tasks("rows")] == [{"path": "in-process:chat"}]
+
+
+def test_stream_draws_rows_from_hf_datasets() -> None:
+    """A `MixtureStream` over `datasets.Dataset`s of rows: the dynamic counterpart of
+    `interleave_datasets(probabilities=...)`."""
+    from gradmix.trainer.mixture_stream import MixtureStream
+
+    tok = char_tokenizer()
+    tasks = {
+        name: datasets.Dataset.from_list(
+            task_rows([{"prompt": f"{name}{i}=", "completion": str(i)} for i in range(6)], tok, 32)
+        )
+        for name in ("x", "y")
+    }
+    stream = MixtureStream(tasks, seed=0, mixture={"x": 1.0})
+    stream.update({"y": 1.0}, at_draw=5)
+    drawn = [text(tok, row["input_ids"])[0] for row, _ in zip(stream, range(10), strict=False)]
+    assert drawn == ["x"] * 5 + ["y"] * 5
