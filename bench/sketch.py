@@ -11,7 +11,13 @@ Measures, in one run and on the same model and examples:
 Last line: `sketch: dense_ratio=<...> structured_ratio=<...>` (sketch time per
 example / train time per example).
 
-    python bench/sketch.py [--dim 256] [--batch 16] [--device cpu]
+With `--lora R` the model carries rank-R LoRA adapters (peft, on every
+attention and MLP projection) and only they train and are sketched, the
+method paper's setting: the training step is then forward, backward and an
+AdamW step over the adapters, and both projectors sketch the adapters' A/B
+factors (the structured one from their inputs and output gradients).
+
+    python bench/sketch.py [--dim 256] [--batch 16] [--device cpu] [--lora 8]
 """
 
 from __future__ import annotations
@@ -42,6 +48,21 @@ def make_model(device: str) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).to(device)
 
 
+def with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """The model with rank-`rank` LoRA adapters on c_attn, c_proj and c_fc (peft); only the
+    adapters stay trainable."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+    )
+    return peft.get_peft_model(model, config)
+
+
 def make_examples(n: int, length: int, vocab: int) -> list[TokenizedExample]:
     """n random examples of `length` tokens, the second half scored."""
     gen = torch.Generator().manual_seed(1)
@@ -51,10 +72,10 @@ def make_examples(n: int, length: int, vocab: int) -> list[TokenizedExample]:
 
 
 def time_training(
-    model: GPT2LMHeadModel, exs: list[TokenizedExample], batch: int, steps: int, device: str
+    model: torch.nn.Module, exs: list[TokenizedExample], batch: int, steps: int, device: str
 ) -> float:
     """Seconds per example of fwd + bwd + AdamW step (after one warm-up step)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     elapsed = 0.0
     for step in range(steps + 1):
@@ -71,7 +92,7 @@ def time_training(
 
 
 def time_sketch(
-    model: GPT2LMHeadModel,
+    model: torch.nn.Module,
     kind: str,
     exs: list[TokenizedExample],
     dim: int,
@@ -107,18 +128,22 @@ def main() -> None:
     parser.add_argument("--structured-batches", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = make_model(args.device)
-    n_params = sum(p.numel() for p in model.parameters())
+    base = make_model(args.device)
+    vocab, n_params = base.config.vocab_size, sum(p.numel() for p in base.parameters())
+    model: torch.nn.Module = base
     print(
         f"model: GPT-2 {n_params / 1e6:.2f}M parameters on {args.device}, "
         f"{torch.get_num_threads()} threads; d={args.dim} batch={args.batch} T={args.length}"
     )
-    exs = make_examples(
-        args.batch * max(args.steps, args.structured_batches), args.length, model.config.vocab_size
-    )
+    if args.lora:
+        model = with_lora(model, args.lora).to(args.device)
+        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"lora: rank {args.lora}, {adapters / 1e6:.3f}M adapter parameters trained")
+    exs = make_examples(args.batch * max(args.steps, args.structured_batches), args.length, vocab)
     train = time_training(model, exs, args.batch, args.steps, args.device)
     print(f"train: {train * 1e3:.2f} ms/example")
     dense = time_sketch(

@@ -82,6 +82,9 @@ class ModelConfig:
     """A local model directory (instead of `config`)."""
     attn_implementation: str = "eager"
     """Attention kernel; "eager" is the one torch.func can vmap per example."""
+    lora: dict[str, Any] = field(default_factory=dict)
+    """peft `LoraConfig` fields, e.g. `{ r = 8, target_modules = ["c_attn"] }` (empty:
+    full fine-tuning). With adapters only they train and are sketched (`gradmix.trainer.lora`)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.config) != bool(self.path), "[model]: give exactly one of config, path")

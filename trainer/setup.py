@@ -19,6 +19,7 @@ from gradmix.client import SelectionClient
 from gradmix.trainer.config import ModelConfig, TokenizerConfig, TrainConfig
 from gradmix.trainer.data import CharTokenizer, HFTokenizer, TaskPool, Tokenizer
 from gradmix.trainer.errors import ConfigError
+from gradmix.trainer.lora import apply_lora
 from torch import nn
 
 
@@ -62,7 +63,7 @@ def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> nn.Module:
     vocab = int(embeddings.weight.shape[0])
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"[model] vocab size {vocab} < tokenizer's {tokenizer.vocab_size}")
-    return model
+    return apply_lora(model, cfg.lora) if cfg.lora else model
 
 
 def deepspeed_config(config: TrainConfig) -> dict[str, Any]:

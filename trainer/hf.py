@@ -1,0 +1,250 @@
+"""gradmix inside the Hugging Face Trainer: a `TrainerCallback` and its data.
+
+    stream = MixtureStream({"add": add_rows, "mul": mul_rows})
+    callback = GradmixCallback(stream, job="arith", server="127.0.0.1:50551",
+                               store="./gradmix-store", tokenizer=tokenizer,
+                               target="target.jsonl", tasks={"add": "add.jsonl", ...})
+    Trainer(model, args, train_dataset=stream, data_collator=pad_collator(pad_id),
+            callbacks=[callback]).train()
+
+What the callback does, on every rank (the Trainer calls it on each):
+
+- at the start of training it builds a `gradmix.trainer.api.Sketcher` on the
+  model (rank 0 creates or joins the job) and starts rank 0's watch of the
+  job's mixtures; a fresh run waits up to `wait_for_mixture` seconds for a
+  first mixture, else starts uniform over the stream's tasks;
+- at each optimizer step's start it runs a sketch point if one is due (the
+  anchor protocol of `gradmix-train`, collective over the ranks), then
+  broadcasts rank 0's newest mixture; every rank schedules it at one global
+  draw, the first draw of step `global_step + lag`, so all ranks switch at
+  the same optimizer step. The lag covers the batches the Trainer and
+  accelerate fetch ahead of the step they train. After a sketch point that
+  completed an anchor, rank 0 waits up to `wait_for_mixture` seconds for
+  that anchor's mixture, so the switch step follows the anchor, not the
+  server's timing;
+- its state (the stream's schedule, the mixture history, the anchor) is
+  saved with each Trainer checkpoint (`trainer_state.json`, as a stateful
+  callback) and restored when `trainer.train(resume_from_checkpoint=...)`
+  resumes: the resumed run draws exactly what the uninterrupted run drew.
+  Leave `TrainingArguments.restore_callback_states_from_checkpoint` off (its
+  default): the callback restores itself.
+
+The stream is global and read by accelerate, which hands each rank its own
+batches; keep `dataloader_num_workers=0` (a worker process would not see the
+mixtures scheduled during the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from gradmix.client import Mixture
+from gradmix.trainer.anchors import AnchorState
+from gradmix.trainer.api import Sketcher, Source, process_group
+from gradmix.trainer.config import SketchingConfig
+from gradmix.trainer.errors import TrainerError
+from gradmix.trainer.follow import ServerWatch
+from gradmix.trainer.hf_data import as_examples
+from gradmix.trainer.mixture_stream import MixtureStream
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+
+class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
+    """Sketches at anchors and follows the job's mixtures inside `transformers.Trainer`.
+
+    Args:
+        stream: the Trainer's `train_dataset`.
+        job: the job's name on the server and in the store.
+        server: host:port of the selection server.
+        store: the sketch store (path or fsspec URL; the server's store).
+        tokenizer: a gradmix `Tokenizer` or a transformers tokenizer (for sketching).
+        target: the target's JSONL file of {"prompt", "completion"}, or its rows
+            ({"input_ids", "labels"}, e.g. from `gradmix.trainer.hf_data.task_rows`).
+        tasks: task name → JSONL file to sketch the task from (default: the stream's
+            own rows of every task); registered with the server.
+        sketching: projector, dim, schedule and sample sizes.
+        max_length: longest sketched example in tokens.
+        policy: PolicySettings fields for a new job.
+        lag: optimizer steps between a mixture's arrival and its first step (>= 2).
+        wait_for_mixture: seconds rank 0 waits for a first mixture, and for a newly
+            completed anchor's.
+        output_dir: where the run logs go (default: the Trainer's output_dir).
+    """
+
+    def __init__(
+        self,
+        stream: MixtureStream,
+        *,
+        job: str,
+        server: str,
+        store: str,
+        tokenizer: Any,
+        target: str | Path | Sequence[Mapping[str, Any]],
+        tasks: Mapping[str, str | Path] | None = None,
+        sketching: SketchingConfig | None = None,
+        max_length: int = 128,
+        policy: Mapping[str, Any] | None = None,
+        lag: int = 2,
+        wait_for_mixture: float = 10.0,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        if lag < 2:
+            raise TrainerError(f"lag must be >= 2 optimizer steps, got {lag}")
+        self.stream, self.job, self.server, self.store = stream, job, server, str(store)
+        self.tokenizer = tokenizer
+        self.target: Source = target if isinstance(target, str | Path) else as_examples(target)
+        self.tasks: dict[str, Source] = (
+            {t: as_examples(rows) for t, rows in stream.tasks.items()}
+            if tasks is None
+            else dict(tasks)
+        )
+        self.sketching, self.max_length, self.policy = sketching, max_length, policy
+        self.lag, self.wait_for_mixture, self.output_dir = lag, wait_for_mixture, output_dir
+        self.history: list[dict[str, Any]] = []
+        self.sketcher: Sketcher | None = None
+        self.watch: ServerWatch | None = None
+        self._lr_scheduler: Any = None
+        self._seen_version = 0
+        self._per_step = 1
+
+    # ------------------------------------------------------------ saved state
+
+    def state(self) -> dict[str, Any]:
+        """What a Trainer checkpoint keeps (in trainer_state.json's stateful callbacks)."""
+        anchor = self.sketcher.state.to_dict() if self.sketcher else AnchorState().to_dict()
+        saved = {"stream": self.stream.state_dict(), "history": self.history, "anchor": anchor}
+        return {"args": {}, "attributes": {"gradmix": saved}}
+
+    def _restore(self, args: Any, state: Any) -> None:
+        """Continue a resumed run from the state its checkpoint kept."""
+        stored = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if stored is None:
+            raise TrainerError("the checkpoint has no gradmix state to resume the stream from")
+        saved = (stored[0] if isinstance(stored, list) else stored)["attributes"]["gradmix"]
+        stream_state = dict(saved["stream"])
+        # The Trainer replays skipped batches from the stream's start unless told not to.
+        stream_state["draw"] = state.global_step * self._per_step if args.ignore_data_skip else 0
+        self.stream.load_state_dict(stream_state)
+        self.history = list(saved["history"])
+        self._seen_version = max((h["version"] for h in self.history), default=0)
+        assert self.sketcher is not None
+        self.sketcher.state = AnchorState(**saved["anchor"])
+
+    # ------------------------------------------------------------ Trainer events
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.dataloader_num_workers:
+            raise TrainerError("GradmixCallback needs dataloader_num_workers=0 (see its docstring)")
+        model = kwargs["model"]
+        self._lr_scheduler = kwargs.get("lr_scheduler")
+        dist = process_group(next(model.parameters()).device)
+        self._per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * dist.world_size
+        )
+        self.sketcher = Sketcher(
+            job=self.job,
+            server=self.server,
+            store=self.store,
+            model=model,
+            tokenizer=self.tokenizer,
+            target=self.target,
+            tasks=self.tasks,
+            output_dir=self.output_dir or args.output_dir,
+            sketching=self.sketching,
+            steps=max(state.max_steps, 1),
+            learning_rate=args.learning_rate,
+            current_lr=self._current_lr,
+            max_length=self.max_length,
+            seed=args.seed,
+            policy=self.policy,
+            dist=dist,
+            reachable=lambda: self.watch is None or self.watch.reachable,
+        )
+        if state.global_step > 0:
+            self._restore(args, state)
+        self.sketcher.setup_job()
+        if dist.is_main:
+            self.watch = ServerWatch(
+                self.sketcher.client, self.job, after_version=self._seen_version
+            ).start()
+            if state.global_step == 0:
+                self.watch.wait_first(self.wait_for_mixture)
+        if state.global_step == 0:
+            self._follow(step=0, at_draw=0)
+            if not self.stream.schedule:
+                self._apply({t: 1.0 for t in self.stream.tasks}, step=0, at_draw=0)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self.sketcher is not None
+        step = state.global_step
+        if self.sketcher.due(step):
+            before = self.sketcher.state
+            after = self.sketcher.sketch_point(step)
+            if after.complete and not (before.complete and before.name == after.name):
+                self._await_anchor_mixture(after.name)
+        self._follow(step, at_draw=(step + self.lag) * self._per_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
+        if self.sketcher is not None:
+            self.sketcher.close()
+
+    # ------------------------------------------------------------ mixtures
+
+    def _follow(self, step: int, at_draw: int) -> None:
+        """Collective: schedule rank 0's newest unseen mixture on every rank."""
+        assert self.sketcher is not None
+        fresh: Mixture | None = None
+        if self.sketcher.dist.is_main and self.watch is not None:
+            latest = self.watch.latest()
+            if latest is not None and latest.version > self._seen_version:
+                fresh = latest
+        fresh = self.sketcher.dist.broadcast(fresh)
+        if fresh is None:
+            return
+        usable = {t: w for t, w in fresh.weights.items() if t in self.stream.tasks and w > 0}
+        dropped = sorted(t for t, w in fresh.weights.items() if w > 0 and t not in usable)
+        if dropped:
+            self.sketcher.log.event(
+                "mixture_tasks_without_data", version=fresh.version, tasks=dropped
+            )
+        self._seen_version = fresh.version
+        if usable:
+            self._apply(dataclasses.replace(fresh, weights=usable), step, at_draw)
+
+    def _apply(self, mixture: Mixture | dict[str, float], step: int, at_draw: int) -> None:
+        assert self.sketcher is not None
+        self.stream.update(mixture, at_draw=at_draw)
+        version = mixture.version if isinstance(mixture, Mixture) else 0
+        weights = dict(mixture.weights if isinstance(mixture, Mixture) else mixture)
+        first_step = at_draw // self._per_step
+        entry = {"version": version, "step": first_step, "draw": at_draw, "weights": weights}
+        self.history.append(entry)
+        self.sketcher.log.event(
+            "mixture", f"mixture version {version} takes effect at step {first_step}", **entry
+        )
+
+    def _await_anchor_mixture(self, anchor: str) -> None:
+        """Rank 0: wait (bounded) until the watch has a mixture of `anchor`."""
+        if self.watch is None:
+            return
+        deadline = time.monotonic() + self.wait_for_mixture
+        while time.monotonic() < deadline:
+            latest = self.watch.latest()
+            if latest is not None and latest.anchor == anchor:
+                return
+            time.sleep(0.05)
+
+    def _current_lr(self) -> float | None:
+        try:
+            rates = self._lr_scheduler.get_last_lr()
+        except AttributeError:  # no scheduler: the configured rate
+            return None
+        return float(rates[0]) if rates else None
