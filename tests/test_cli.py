@@ -35,14 +35,69 @@ def run_json(served: Served, *args: str) -> Any:
     return json.loads(run(served, *args, "--json").stdout)
 
 
+CONNECTION = {"--server", "--tls", "--ca-cert", "--token", "--timeout", "--json"}
+#: Every command with its positionals and its own flags (connection options aside).
+SURFACE = {
+    "jobs": ([], []),
+    "create-job": (
+        ["job"],
+        ["--dim", "--dtype", "--floor", "--manifest-hash", "--policy", "--policy-seed",
+         "--prior-weight", "--projector", "--regularization", "--seed", "--smoothing",
+         "--subset-count", "--subset-fraction", "--target", "--temperature", "--value-kind"],
+    ),
+    "tasks": (["job"], []),
+    "anchors": (["job"], []),
+    "register-task": (["job", "name"], ["--meta"]),
+    "mixture": (["job"], ["--version", "--watch"]),
+    "history": (["job"], ["--after", "--limit"]),
+    "estimate": (["job"], ["--anchor", "--mode", "--subset"]),
+    "select": (["job"], ["--anchor", "--k", "--method", "--mode", "--threshold"]),
+}
+
+
 def test_command_surface_is_frozen() -> None:
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command")
-    assert sorted(commands.choices) == sorted(  # type: ignore[arg-type]
-        ["jobs", "tasks", "anchors", "register-task", "mixture", "history", "estimate", "select"]
-    )
+    seen = {}
+    for name, sub in commands.choices.items():  # type: ignore[union-attr]
+        flags = {o for a in sub._actions for o in a.option_strings if o.startswith("--")}
+        assert flags >= CONNECTION, name
+        positionals = [a.dest for a in sub._actions if not a.option_strings]
+        seen[name] = (positionals, sorted(flags - CONNECTION - {"--help"}))
+    assert seen == SURFACE
     top = {o for a in parser._actions for o in a.option_strings}
-    assert {"--server", "--tls", "--ca-cert", "--token", "--timeout", "--json"} <= top
+    assert top >= CONNECTION
+
+
+@pytest.mark.parametrize("command", [None, *SURFACE])
+def test_every_help_prints_and_exits_zero(command: str | None, capsys: Any) -> None:
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: gradmix") and "GRADMIX_SERVER" in text
+
+
+def test_create_job_takes_the_spec_fields(served: Served) -> None:
+    job = run_json(
+        served, "create-job", "made", "--dim", "16", "--projector", "dense", "--seed", "3",
+        "--target", "t.jsonl", "--policy", "uniform", "--temperature", "0.7",
+    )
+    assert job["name"] == "made" and job["spec"]["sketch"]["dim"] == 16
+    assert job["spec"]["sketch"]["projector"] == "dense" and job["spec"]["sketch"]["seed"] == 3
+    assert job["spec"]["policy"]["policy"] == "uniform"
+    assert job["spec"]["policy"]["temperature"] == pytest.approx(0.7)
+    assert job["spec"]["target"] == "t.jsonl"
+    again = run_json(served, "create-job", "made", "--dim", "16", "--projector", "dense",
+                     "--seed", "3", "--policy", "uniform")
+    assert again["created_at"] == job["created_at"]
+    clash = run(served, "create-job", "made", "--dim", "32", ok=False)
+    assert clash.returncode != 0
+    assert clash.stderr.count("\n") == 1 and "ALREADY_EXISTS" in clash.stderr
+    bad = run(served, "create-job", "other", "--dim", "8", "--smoothing", "2", ok=False)
+    assert bad.returncode != 0 and "INVALID_ARGUMENT" in bad.stderr
+    assert run_json(served, "register-task", "made", "x")["name"] == "x"
 
 
 def test_jobs_tasks_register_and_mixture(served: Served) -> None:
@@ -147,3 +202,20 @@ def test_mixture_watch_refreshes_the_table(served: Served) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_server_help_describes_every_setting_with_its_default() -> None:
+    import dataclasses
+
+    from gradmix.server.config import ServerConfig, field_docs
+
+    server = str(Path(sys.executable).parent / "gradmix-server")
+    done = subprocess.run([server, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    docs = field_docs()
+    for field in dataclasses.fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in text and " ".join(docs[field.name].split()[:4]) in text, field.name
+        shown = "the estimator's own" if field.default is None else repr(field.default)
+        assert f"(default {shown}; env GRADMIX_{field.name.upper()})" in text, field.name
