@@ -28,6 +28,7 @@ from gradmix.client.types import (
     Mixture,
     PolicySettings,
     Selection,
+    ServerInfo,
     SketchSpec,
     Task,
 )
@@ -145,6 +146,11 @@ class SelectionClient:
         """Every job on the server."""
         response = self._call("ListJobs", pb.ListJobsRequest())
         return [convert.job_from_pb(j) for j in response.jobs]
+
+    def server_info(self) -> ServerInfo:
+        """Where the server keeps its state (its store's identity and URL)."""
+        msg = self._call("GetServerInfo", pb.GetServerInfoRequest())
+        return ServerInfo(store_identity=msg.store_identity, store_url=msg.store_url)
 
     # ------------------------------------------------------------ tasks and anchors
 

@@ -106,6 +106,16 @@ class JobSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    """Where a server keeps its state."""
+
+    store_identity: str
+    """Where its store's data lives ("file:/abs/path", "s3:bucket/prefix", ...)."""
+    store_url: str
+    """The store as the server was configured with it."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Job:
     """A training run that wants a mixture."""
 

@@ -219,3 +219,9 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         await self._query(request.job, result)
         assert isinstance(result.response, pb.SelectTasksResponse)
         return result.response
+
+    # ---------------------------------------------------------------- server
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: aio.ServicerContext) -> pb.ServerInfo:
+        return pb.ServerInfo(store_identity=self._store.identity, store_url=self._store.url)

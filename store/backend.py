@@ -68,6 +68,14 @@ def store_identity(store: Store) -> str:
     return f"{type(store).__name__}:{id(store)}"
 
 
+def url_identity(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """`store_identity` of the store at `url`, without creating a local directory."""
+    local = url[len("file://") :] if url.startswith("file://") else url
+    if "://" not in local:
+        return f"file:{Path(local).expanduser().resolve()}"
+    return store_identity(open_zarr_store(url, storage_options))
+
+
 def _group_doc(attributes: dict[str, Any]) -> bytes:
     doc = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
     return json.dumps(doc, allow_nan=False, sort_keys=True).encode()

@@ -70,6 +70,11 @@ class SketchStore:
         self._docs.ensure("")
         self._docs.ensure(layout.jobs_dir())
 
+    @property
+    def identity(self) -> str:
+        """Where this store's data lives (`backend.store_identity`)."""
+        return store_identity(self._docs.store)
+
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> SketchStore:
         """Open (creating if needed) the store at a local path or fsspec URL.

@@ -7,7 +7,8 @@ flags. Relative paths in the file are resolved against the file's directory.
     job = "arith"
     output_dir = "runs/arith"          # checkpoints and per-rank JSON-lines logs
     server = "127.0.0.1:50551"
-    store = "./gradmix-store"          # path or fsspec URL
+    store = "./gradmix-store"          # path or fsspec URL: the server's store
+    on_server_error = "stop"           # or "continue": see TrainConfig.on_server_error
 
     [model]                            # a transformers causal LM, never downloaded:
     config = { model_type = "gpt2", n_embd = 64, n_layer = 2, n_head = 2 }
@@ -53,6 +54,7 @@ from gradmix.trainer.values import VALUE_KINDS
 PROJECTORS = ("dense", "structured")
 DTYPES = ("float16", "float32")
 POLICIES = ("ensemble", "surrogate", "simplex", "uniform", "gradient_similarity")
+ON_SERVER_ERROR = ("stop", "continue")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -239,6 +241,12 @@ class TrainConfig:
     sketching: SketchingConfig = field(default_factory=SketchingConfig)
     policy: dict[str, Any] = field(default_factory=dict)
     """PolicySettings fields sent when the job is created (empty: server defaults)."""
+    on_server_error: str = "stop"
+    """What a refusal by the server does once the job is set up (INVALID_ARGUMENT,
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, ...: answers a retry cannot
+    change). "stop" (the default) ends the run with the server's message;
+    "continue" logs it as an error and trains on under the mixture in force, which
+    then is no longer being estimated. An unreachable server never stops a run."""
 
     def __post_init__(self) -> None:
         from gradmix.store import validate_name
@@ -253,6 +261,14 @@ class TrainConfig:
         _require(stage in (0, 1, 2), f"ZeRO stage {stage} unsupported (0–2: sketching vmaps)")
         unknown = set(self.policy) - {f.name for f in dataclasses.fields(_policy_fields())}
         _require(not unknown, f"[policy]: unknown keys {sorted(unknown)}")
+        try:
+            _policy_fields()(**self.policy)
+        except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
+            raise ConfigError(f"[policy]: {' '.join(str(exc).split())}") from exc
+        _require(
+            self.on_server_error in ON_SERVER_ERROR,
+            f"on_server_error: {self.on_server_error!r} not in {ON_SERVER_ERROR}",
+        )
 
 
 def _policy_fields() -> Any:

@@ -31,12 +31,18 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def event(self, event: str, message: str = "", **fields: Any) -> None:
-        """Write one event (flushed at once, so a killed run keeps its trail)."""
+    def event(
+        self, event: str, message: str = "", *, level: int = logging.INFO, **fields: Any
+    ) -> None:
+        """Write one event (flushed at once, so a killed run keeps its trail); a `message`
+        also goes to the console at `level` (WARNING/ERROR: the mixture is not being
+        estimated as it should)."""
         record = {"time": time.time(), "rank": self.rank, "event": event, **fields}
         if message:
             record["message"] = message
-            logger.info("rank %d: %s", self.rank, message)
+            if level > logging.INFO:
+                record["level"] = logging.getLevelName(level)
+            logger.log(level, "rank %d: %s", self.rank, message)
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
 

@@ -1,0 +1,76 @@
+"""Checks run before anything heavy is built: a bad job fails in seconds, in one line.
+
+`preflight(config)` reads and tokenises the target's and the configured
+tasks' files, and asks the server where its store is. A trainer that writes
+its sketch rows into a store the server does not read would train on a
+uniform mixture while every commit failed; here it stops, naming both
+places. Every problem is a `ConfigError` whose message is one line (the
+caller prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradmix.client import SelectionClient
+from gradmix.client.errors import GradmixError
+from gradmix.store import StoreError
+from gradmix.store.backend import url_identity
+from gradmix.trainer.config import TrainConfig
+from gradmix.trainer.data import Tokenizer, read_jsonl
+from gradmix.trainer.errors import ConfigError, DataError
+
+#: Seconds the server gets to answer the start-up check.
+SERVER_CHECK_TIMEOUT = 5.0
+
+
+def preflight(config: TrainConfig, tokenizer: Tokenizer) -> None:
+    """Check the job's data files and its server before the model is built.
+
+    Raises:
+        ConfigError: a data file is missing or malformed, the server cannot be
+            reached, or the server's store is not the trainer's store.
+    """
+    files = {"[data].target": config.data.target}
+    files.update({f"[data].tasks.{t}": p for t, p in config.data.tasks.items()})
+    for key, path in files.items():
+        try:
+            read_jsonl(Path(path), tokenizer, config.data.max_length)
+        except DataError as error:
+            raise ConfigError(f"{key}: {_one_line(error)}") from error
+    check_server(config)
+
+
+def check_server(config: TrainConfig) -> None:
+    """The server answers, and its store is `config.store`.
+
+    Raises:
+        ConfigError: unreachable server, or another store (both are named).
+    """
+    try:
+        with SelectionClient(config.server, timeout=SERVER_CHECK_TIMEOUT) as client:
+            info = client.server_info()
+    except GradmixError as error:
+        raise ConfigError(
+            f"selection server {config.server} did not answer ({error.code.name}: "
+            f"{_one_line(error.details)}); start it (gradmix-server) or set server / "
+            "GRADMIX_SERVER / --server"
+        ) from error
+    try:
+        mine = url_identity(config.store)
+    except StoreError as error:
+        raise ConfigError(f"store {config.store!r}: {_one_line(error)}") from error
+    if info.store_identity != mine:
+        raise ConfigError(
+            f"the trainer's store is {_place(mine)} but the server at {config.server} "
+            f"uses {_place(info.store_identity)}: set the job's store (or GRADMIX_STORE / "
+            "--store) to the server's store"
+        )
+
+
+def _place(identity: str) -> str:
+    return identity.removeprefix("file:")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
