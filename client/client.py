@@ -147,6 +147,16 @@ class SelectionClient:
         response = self._call("ListJobs", pb.ListJobsRequest())
         return [convert.job_from_pb(j) for j in response.jobs]
 
+    def report_task_failure(self, job: str, task: str, reason: str) -> Task:
+        """Report that a task's data cannot be loaded: it leaves the mixture (state
+        "failed", weight 0) until the failure is cleared with an empty `reason`.
+
+        Raises:
+            NotFound: no such job or task.
+        """
+        request = pb.ReportTaskFailureRequest(job=job, task=task, reason=reason)
+        return convert.task_from_pb(self._call("ReportTaskFailure", request))
+
     def server_info(self) -> ServerInfo:
         """Where the server keeps its state (its store's identity and URL)."""
         msg = self._call("GetServerInfo", pb.GetServerInfoRequest())

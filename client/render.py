@@ -47,7 +47,9 @@ def tasks_table(tasks: Sequence[Task]) -> str:
          ",".join(f"{k}={v}" for k, v in sorted(t.metadata.items())) or "-")
         for t in tasks
     ]
-    return table(("TASK", "STATE", "ROWS", "METADATA"), rows)
+    text = table(("TASK", "STATE", "ROWS", "METADATA"), rows)
+    failures = [f"{t.name} failed: {t.failure}" for t in tasks if t.failure]
+    return "\n".join([text, *failures])
 
 
 def anchors_table(anchors: Sequence[Anchor]) -> str:

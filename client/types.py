@@ -138,10 +138,13 @@ class Task:
     name: str
     metadata: dict[str, str]
     state: str
-    """"pending" (no sketch at the current anchor yet) or "active"."""
+    """"pending" (no sketch at the current anchor yet), "active", or "failed" (its data
+    cannot be loaded: weight 0; `failure` says why)."""
     sketch_rows: int
     """Committed rows at the current anchor."""
     registered_at: float
+    failure: str = ""
+    """Why the task failed ("" unless its state is "failed")."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from gradmix.store import AnchorInfo, CalibrationRecord, Horizon, JobSpec, Mixtu
 
 PENDING = "pending"
 ACTIVE = "active"
+FAILED = "failed"
 
 _VALUE_KINDS = {pb.VALUE_KIND_UNSPECIFIED: "log_odds", pb.VALUE_KIND_LOG_ODDS: "log_odds",
                 pb.VALUE_KIND_GEOMETRIC_LOG_ODDS: "geometric_log_odds"}
@@ -29,7 +30,8 @@ _DTYPES = {pb.SKETCH_DTYPE_UNSPECIFIED: "float16", pb.SKETCH_DTYPE_FLOAT16: "flo
            pb.SKETCH_DTYPE_FLOAT32: "float32"}
 _POLICY_FIELDS = ("regularization", "temperature", "floor", "subset_count",
                   "subset_fraction", "prior_weight", "seed")
-_STATES = {PENDING: pb.TASK_STATE_PENDING, ACTIVE: pb.TASK_STATE_ACTIVE}
+_STATES = {PENDING: pb.TASK_STATE_PENDING, ACTIVE: pb.TASK_STATE_ACTIVE,
+           FAILED: pb.TASK_STATE_FAILED}
 _ANCHOR_STATES = {"open": pb.ANCHOR_STATE_OPEN, "complete": pb.ANCHOR_STATE_COMPLETE}
 _MODES = {pb.ESTIMATE_MODE_UNSPECIFIED: "fast", pb.ESTIMATE_MODE_FAST: "fast",
           pb.ESTIMATE_MODE_EXACT: "exact"}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from gradmix.server.calibration import calibrated_policy, interval_scale
 from gradmix.server.compose import Composition, compose_mixture, mixture_changed
-from gradmix.server.convert import ACTIVE, policy_config
+from gradmix.server.convert import ACTIVE, PENDING, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.policies import PolicyConfig
@@ -143,7 +143,8 @@ class JobState:
             full: read every source of the current anchor, not only `dirty`.
         """
         with self.lock:
-            tasks = [t.name for t in self.store.list_tasks(self.name)]
+            infos = self.store.list_tasks(self.name)
+            tasks = [t.name for t in infos]
             anchors = self.store.list_anchors(self.name)
             anchor = current_anchor(anchors)
             if anchor != self.anchor:
@@ -157,14 +158,15 @@ class JobState:
             previous = dict(before.weights) if before is not None else None
             known = self._known_error(anchor, estimator, policy.regularization)
             composition = compose_mixture(tasks, estimator, policy, previous=previous,
-                                          error=known.error if known else None)
+                                          error=known.error if known else None,
+                                          failed={t.name for t in infos if t.failure})
             if known is None and estimator is not None and composition.subsets_estimated:
                 self._error = ScoreError.of(anchor, estimator, policy.regularization,
                                             composition.score_error)
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
-        pending = len(composition.states) - active
+        pending = sum(state == PENDING for state in composition.states.values())
         if not mixture_changed(self.last, anchor, composition, self.tolerance):
             return Refreshed(None, composition.subsets_estimated, pending, active)
         record = self._record(anchor, composition, calibration)

@@ -67,11 +67,14 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     # ----------------------------------------------------------------- tasks
 
     def _task(self, runtime: JobRuntime, name: str, metadata: dict[str, str],
-              registered_at: float) -> pb.Task:
+              registered_at: float, failure: str = "") -> pb.Task:
         rows = runtime.state.task_rows.get(name, 0)
         state = pb.TASK_STATE_ACTIVE if rows else pb.TASK_STATE_PENDING
+        if failure:
+            state = pb.TASK_STATE_FAILED
         return pb.Task(job=runtime.name, name=name, metadata=metadata, state=state,
-                       sketch_rows=rows, registered_at=convert.timestamp(registered_at))
+                       sketch_rows=rows, registered_at=convert.timestamp(registered_at),
+                       failure=failure)
 
     async def RegisterTask(self, request: pb.RegisterTaskRequest, context: aio.ServicerContext
                            ) -> pb.Task:
@@ -79,14 +82,25 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         info = await asyncio.to_thread(self._store.register_task, request.job, request.name,
                                        dict(request.metadata))
         runtime.request()
-        return self._task(runtime, info.name, dict(info.metadata), info.registered_at)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          info.failure)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: aio.ServicerContext
                         ) -> pb.ListTasksResponse:
         runtime = await self._registry.get(request.job)
         infos = await asyncio.to_thread(self._store.list_tasks, request.job)
         return pb.ListTasksResponse(tasks=[
-            self._task(runtime, t.name, dict(t.metadata), t.registered_at) for t in infos])
+            self._task(runtime, t.name, dict(t.metadata), t.registered_at, t.failure)
+            for t in infos])
+
+    async def ReportTaskFailure(self, request: pb.ReportTaskFailureRequest,
+                                context: aio.ServicerContext) -> pb.Task:
+        runtime = await self._registry.get(request.job)
+        info = await asyncio.to_thread(self._store.set_task_failure, request.job, request.task,
+                                       " ".join(request.reason.split())[:1000])
+        runtime.request(full=True)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          info.failure)
 
     # --------------------------------------------------------------- anchors
 

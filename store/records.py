@@ -13,7 +13,7 @@ PROJECTORS = ("dense", "structured")
 VALUE_KINDS = ("log_odds", "geometric_log_odds")
 DTYPES = ("float16", "float32")
 ANCHOR_STATES = ("open", "complete")
-TASK_STATES = ("pending", "active")
+TASK_STATES = ("pending", "active", "failed")
 
 
 def _is_int(value: object) -> bool:
@@ -86,6 +86,8 @@ class TaskInfo:
     name: str
     metadata: dict[str, str]
     registered_at: float
+    failure: str = ""
+    """Why its data cannot be loaded, as a trainer reported it ("" if it can)."""
 
 
 @dataclass(frozen=True, kw_only=True)

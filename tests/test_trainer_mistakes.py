@@ -9,8 +9,8 @@ loopback port over a real store in tmp_path:
 - the server is not running;
 - a task file with a bad line;
 - a task registered without a `path=` the trainer can read (the README once
-  showed `uri=`): warned on the console, listed in the summary, left out of
-  training.
+  showed `uri=`): warned on the console, listed in the summary, reported to
+  the server, which gives it weight 0 (state failed).
 """
 
 from __future__ import annotations
@@ -163,3 +163,9 @@ def test_a_task_without_a_readable_path_is_warned_and_summarised(
     assert summary["anchors_completed"] and summary["versions"][0][1] == 0
     assert summary["sketch_seconds"] > 0
     assert json.dumps(summary)  # the run log keeps it whole
+    # The server was told: the task left the mixture, so no data loader draws it.
+    with SelectionClient(f"127.0.0.1:{port}") as client:
+        web = next(t for t in client.list_tasks("meta") if t.name == "web")
+        mixture = client.get_mixture("meta")
+    assert web.state == "failed" and "no data file found" in web.failure
+    assert mixture.weights["web"] == 0.0 and mixture.states["web"] == "failed"

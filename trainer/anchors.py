@@ -133,6 +133,7 @@ class AnchorProtocol:
         self.sketch_seconds = 0.0
         self.server_seconds = 0.0
         self._quiet_until = 0.0
+        self.reported_failed: set[str] = set()
         self._complete_refused = ""
 
     # ------------------------------------------------------------ schedule
@@ -170,6 +171,12 @@ class AnchorProtocol:
         self.state.sketched += done
         self.state.unusable += [s for s in bad if s != TARGET_KEY]
         self.sketched_ever.update(done)
+        if self.dist.is_main:
+            for source in bad:
+                self._report_failure(source, self.problems.get(source, "data cannot be loaded"))
+            for source in done:
+                if source in self.reported_failed:
+                    self._report_failure(source, "")
         finished = len(done) + len(bad) == len(plan["sources"]) and TARGET_KEY in done
         refused = refusals[0].removeprefix("refused: ") if refusals else ""
         if self.dist.is_main and finished and not self.state.complete:
@@ -229,15 +236,19 @@ class AnchorProtocol:
         paths = {t.name: p for t in tasks if (p := self.files.path(t.name)) is not None}
         for t in tasks:
             if t.name not in paths and t.name not in self.problems:
-                self.problems[t.name] = "no data file found (registration path=, [data].tasks "
-                self.problems[t.name] += "or <task_dir>/<task>.jsonl)"
+                self.problems[t.name] = (
+                    "no data file found (registration metadata path=, [data].tasks "
+                    "or <task_dir>/<task>.jsonl)"
+                )
                 self.log.event(
                     "task_without_data",
-                    f"task {t.name}: {self.problems[t.name]}; it cannot be sketched",
+                    f"task {t.name}: {self.problems[t.name]}; it cannot be sketched and "
+                    "leaves the mixture",
                     level=logging.WARNING,
                     task=t.name,
                     metadata=dict(t.metadata),
                 )
+                self._report_failure(t.name, self.problems[t.name])
         sources = [TARGET_KEY] + [t.name for t in tasks if t.name in paths]
         skip = set(self.state.sketched) | set(self.state.unusable)
         todo = [s for s in sources if s not in skip]
@@ -347,6 +358,23 @@ class AnchorProtocol:
             self.client, self.config.job, anchor, task, f"rank-{self.dist.rank}", store=self.store
         )
         writer.write(grads.numpy(), values.double().numpy(), np.asarray(ids, np.int64))
+
+    def _report_failure(self, task: str, reason: str) -> None:
+        """Rank 0: tell the server a task's data cannot be loaded (it leaves the mixture),
+        or, with an empty reason, that it can again."""
+        if task == TARGET_KEY:
+            return
+        try:
+            self.client.report_task_failure(self.config.job, task, reason)
+        except GradmixError as error:
+            self.log.event("task_failure_unreported", task=task, error=describe(error))
+            return
+        if reason:
+            self.reported_failed.add(task)
+            self.log.event("task_failed", task=task, reason=reason)
+        else:
+            self.reported_failed.discard(task)
+            self.log.event("task_recovered", f"task {task}: data loads again", task=task)
 
     def _complete(self, anchor: str) -> bool:
         self._complete_refused = ""

@@ -114,6 +114,11 @@ class SelectionServiceStub:
                 request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ReportTaskFailure = channel.unary_unary(
+                '/gradmix.v1.SelectionService/ReportTaskFailure',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
+                _registered_method=True)
 
 
 class SelectionServiceServicer:
@@ -229,6 +234,14 @@ class SelectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportTaskFailure(self, request, context):
+        """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+        weight 0, the reason kept); an empty reason clears the failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SelectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +324,11 @@ def add_SelectionServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.GetServerInfoRequest.FromString,
                     response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ServerInfo.SerializeToString,
+            ),
+            'ReportTaskFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTaskFailure,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +763,33 @@ class SelectionService:
             '/gradmix.v1.SelectionService/GetServerInfo',
             gradmix_dot_proto_dot_v1_dot_selection__pb2.GetServerInfoRequest.SerializeToString,
             gradmix_dot_proto_dot_v1_dot_selection__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTaskFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/ReportTaskFailure',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,10 @@ class SelectionServiceStub:
     """Where this server keeps its state: a trainer writing sketch rows into the
     store itself checks that it writes where the server reads.
     """
+    ReportTaskFailure: _grpc.UnaryUnaryMultiCallable[_selection_pb2.ReportTaskFailureRequest, _selection_pb2.Task]
+    """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+    weight 0, the reason kept); an empty reason clears the failure.
+    """
 
 @_typing.type_check_only
 class SelectionServiceAsyncStub(SelectionServiceStub):
@@ -107,6 +111,10 @@ class SelectionServiceAsyncStub(SelectionServiceStub):
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_selection_pb2.GetServerInfoRequest, _selection_pb2.ServerInfo]  # type: ignore[assignment]
     """Where this server keeps its state: a trainer writing sketch rows into the
     store itself checks that it writes where the server reads.
+    """
+    ReportTaskFailure: _aio.UnaryUnaryMultiCallable[_selection_pb2.ReportTaskFailureRequest, _selection_pb2.Task]  # type: ignore[assignment]
+    """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+    weight 0, the reason kept); an empty reason clears the failure.
     """
 
 class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -238,6 +246,16 @@ class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_selection_pb2.ServerInfo, _abc.Awaitable[_selection_pb2.ServerInfo]]:
         """Where this server keeps its state: a trainer writing sketch rows into the
         store itself checks that it writes where the server reads.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportTaskFailure(
+        self,
+        request: _selection_pb2.ReportTaskFailureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.Task, _abc.Awaitable[_selection_pb2.Task]]:
+        """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+        weight 0, the reason kept); an empty reason clears the failure.
         """
 
 def add_SelectionServiceServicer_to_server(servicer: SelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
