@@ -7,7 +7,7 @@ flags. Relative paths in the file are resolved against the file's directory.
     job = "arith"
     output_dir = "runs/arith"          # checkpoints and per-rank JSON-lines logs
     server = "127.0.0.1:50551"
-    store = "./gradmix-store"          # path or fsspec URL: the server's store
+    # store = "/data/gradmix-store"     # omitted: the server's store (it says where)
     on_server_error = "stop"           # or "continue": see TrainConfig.on_server_error
 
     [model]                            # a transformers causal LM, never downloaded:
@@ -230,8 +230,10 @@ class TrainConfig:
     """Checkpoints (`checkpoints/`) and per-rank logs (`logs/rank-<r>.jsonl`)."""
     server: str = "127.0.0.1:50551"
     """host:port of the selection server."""
-    store: str = "./gradmix-store"
-    """The sketch store: local path or fsspec URL (the server's store)."""
+    store: str = ""
+    """The sketch store the trainer writes its rows into: a local path or fsspec URL.
+    Empty (the default): the server's own store, as the server reports it. When
+    given, it must be the server's store (checked at start)."""
     model: ModelConfig
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig
@@ -372,7 +374,8 @@ def _resolve(section: str, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     for sec, key in _PATH_FIELDS:
         if sec == section and isinstance(out.get(key), str) and out[key]:
             out[key] = str(_abs(out[key], base))
-    if section == "top" and isinstance(out.get("store"), str) and "://" not in out["store"]:
+    store = out.get("store")
+    if section == "top" and isinstance(store, str) and store and "://" not in store:
         out["store"] = str(_abs(out["store"], base))
     return out
 

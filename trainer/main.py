@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     try:
-        preflight(config, build_tokenizer(config.tokenizer))
+        config = preflight(config, build_tokenizer(config.tokenizer))
         result = train(config)
     except (ConfigError, DataError) as error:
         print(f"gradmix-train: {error}", file=sys.stderr)

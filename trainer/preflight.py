@@ -10,6 +10,7 @@ caller prints it and exits 2).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from gradmix.client import SelectionClient
@@ -24,8 +25,9 @@ from gradmix.trainer.errors import ConfigError, DataError
 SERVER_CHECK_TIMEOUT = 5.0
 
 
-def preflight(config: TrainConfig, tokenizer: Tokenizer) -> None:
-    """Check the job's data files and its server before the model is built.
+def preflight(config: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
+    """Check the job's data files and its server before the model is built; returns the
+    config with `store` set to the server's store when the job left it empty.
 
     Raises:
         ConfigError: a data file is missing or malformed, the server cannot be
@@ -38,11 +40,11 @@ def preflight(config: TrainConfig, tokenizer: Tokenizer) -> None:
             read_jsonl(Path(path), tokenizer, config.data.max_length)
         except DataError as error:
             raise ConfigError(f"{key}: {_one_line(error)}") from error
-    check_server(config)
+    return check_server(config)
 
 
-def check_server(config: TrainConfig) -> None:
-    """The server answers, and its store is `config.store`.
+def check_server(config: TrainConfig) -> TrainConfig:
+    """The server answers, and its store is `config.store` (empty: taken from the server).
 
     Raises:
         ConfigError: unreachable server, or another store (both are named).
@@ -56,6 +58,10 @@ def check_server(config: TrainConfig) -> None:
             f"{_one_line(error.details)}); start it (gradmix-server) or set server / "
             "GRADMIX_SERVER / --server"
         ) from error
+    if not config.store:
+        place = info.store_identity
+        store = place.removeprefix("file:") if place.startswith("file:") else info.store_url
+        return dataclasses.replace(config, store=store)
     try:
         mine = url_identity(config.store)
     except StoreError as error:
@@ -64,8 +70,9 @@ def check_server(config: TrainConfig) -> None:
         raise ConfigError(
             f"the trainer's store is {_place(mine)} but the server at {config.server} "
             f"uses {_place(info.store_identity)}: set the job's store (or GRADMIX_STORE / "
-            "--store) to the server's store"
+            "--store) to the server's store, or leave it out"
         )
+    return config
 
 
 def _place(identity: str) -> str:
