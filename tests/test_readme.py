@@ -90,7 +90,7 @@ def test_the_readme_commands_run_as_written(tmp_path: Path) -> None:
                               env=env, capture_output=True, text=True, timeout=500)
         assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
         assert "never produced an estimated mixture" not in done.stderr
-        assert "run summary: 60 steps" in done.stderr
+        assert "run summary: 40 steps" in done.stderr
 
         (snippet,) = blocks(text, "python")
         ran = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env=env,

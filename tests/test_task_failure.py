@@ -47,7 +47,7 @@ def test_a_failed_task_gets_weight_zero_until_cleared(served: Served) -> None:
 
     # A restarted server on the same store still knows.
     served.server.stop(0)
-    again, port = start_server(served.store, served.port)
+    again, _ = start_server(served.store, served.port)
     try:
         listed = {t.name: t for t in client.list_tasks("job")}
         assert listed["broken"].failure == "no data file found"
