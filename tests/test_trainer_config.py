@@ -222,3 +222,26 @@ def test_cpu_threads_are_capped_per_local_rank_unless_set() -> None:
         assert cap_cpu_threads(gpu, {}) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_unknown_characters_and_truncation_are_counted_and_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    tokenizer = CharTokenizer("0123456789+=")
+    rows = [("12+3=", "15"), ("s6604=", "1"), ("r6604=", "1"), ("1+1=", "2" * 20)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    with caplog.at_level(logging.WARNING, logger="gradmix.trainer"):
+        examples = read_jsonl(path, tokenizer, 12)
+    assert len(examples) == 4
+    assert examples[1].input_ids == examples[2].input_ids  # why the warning matters
+    assert "2 of 4 examples have characters outside the tokenizer's alphabet rs" in caplog.text
+    assert "1 of 4 examples are longer than max_length 12 tokens and are cut" in caplog.text
+    with pytest.raises(DataError, match="1 of 4 examples are longer than max_length"):
+        read_jsonl(path, tokenizer, 12, max_truncated=0.2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradmix.trainer"):
+        read_jsonl(path, tokenizer, 12, warn=False)
+    assert not caplog.text

@@ -18,7 +18,7 @@ from gradmix.client.errors import GradmixError
 from gradmix.store import StoreError
 from gradmix.store.backend import url_identity
 from gradmix.trainer.config import TrainConfig
-from gradmix.trainer.data import Tokenizer, read_jsonl
+from gradmix.trainer.data import MAX_TARGET_TRUNCATED, Tokenizer, read_jsonl
 from gradmix.trainer.errors import ConfigError, DataError
 
 #: Seconds the server gets to answer the start-up check.
@@ -36,8 +36,10 @@ def preflight(config: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
     files = {"[data].target": config.data.target}
     files.update({f"[data].tasks.{t}": p for t, p in config.data.tasks.items()})
     for key, path in files.items():
-        try:
-            read_jsonl(Path(path), tokenizer, config.data.max_length)
+        limit = MAX_TARGET_TRUNCATED if key == "[data].target" else 1.0
+        try:  # the trainer reads them again, and warns about them, when it loads them
+            read_jsonl(Path(path), tokenizer, config.data.max_length, max_truncated=limit,
+                       warn=False)
         except DataError as error:
             raise ConfigError(f"{key}: {_one_line(error)}") from error
     return check_server(config)
