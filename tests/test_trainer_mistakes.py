@@ -8,6 +8,9 @@ loopback port over a real store in tmp_path:
 - a typo in the policy name;
 - the server is not running;
 - a task file with a bad line;
+- the server refusing the job after set-up (it came back on another store):
+  the run stops with one line, exit 1, or trains on with
+  `on_server_error = "continue"`;
 - a task registered without a `path=` the trainer can read (the README once
   showed `uri=`): warned on the console, listed in the summary, reported to
   the server, which gives it weight 0 (state failed).
@@ -25,7 +28,10 @@ from pathlib import Path
 
 import pytest
 from gradmix.client import SelectionClient
+from gradmix.server.app import RunningServer, build_server
+from gradmix.server.config import ServerConfig
 from gradmix.trainer.runlog import log_path, read_log
+from prometheus_client import CollectorRegistry
 from test_trainer_run import server, write_config, write_data  # noqa: F401 (fixture)
 
 MAIN = [sys.executable, "-m", "gradmix.trainer.main", "--config"]
@@ -169,3 +175,57 @@ def test_a_task_without_a_readable_path_is_warned_and_summarised(
         mixture = client.get_mixture("meta")
     assert web.state == "failed" and "no data file found" in web.failure
     assert mixture.weights["web"] == 0.0 and mixture.states["web"] == "failed"
+
+
+def _start(store: Path, port: int = 0) -> tuple[RunningServer, int]:
+    config = ServerConfig(store=str(store), port=port, metrics_port=0, debounce_seconds=0.1)
+    return build_server(config, registry=CollectorRegistry())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "continue"])
+def test_a_refusal_after_set_up_ends_the_run_unless_told_to_continue(
+    tmp_path: Path, policy: str
+) -> None:
+    """The server comes back on another (empty) store: the job is NOT_FOUND there."""
+    first, port = _start(tmp_path / "store")
+    data = write_data(tmp_path / "data")
+    steps = 150 if policy == "stop" else 50  # a stopped run ends early; the other trains on
+    config = write_config(
+        data, job="gone", port=port, store=tmp_path / "store",
+        training=f"steps = {steps}", sketching="interval = 10",
+    )
+    config.write_text(f'on_server_error = "{policy}"\n' + config.read_text())
+    proc = subprocess.Popen(
+        [*MAIN, str(config)], cwd=data, env=_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    rank0 = log_path(data / "out", 0)
+    second = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            events = read_log(rank0) if rank0.exists() else []
+            if any(e["event"] == "mixture" and e["version"] >= 2 for e in events):
+                break
+            time.sleep(0.2)
+        first.stop(grace=0)
+        second, _ = _start(tmp_path / "other-store", port)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        if second is not None:
+            second.stop(grace=0)
+    events = read_log(rank0)
+    done = [e["step"] for e in events if e["event"] == "step"]
+    if policy == "stop":
+        assert proc.returncode == 1, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("gradmix-train: stopped at step") and "NOT_FOUND" in last, last
+        assert len(done) < steps
+        summary = next(e for e in events if e["event"] == "summary")
+        assert "NOT_FOUND" in summary["stopped_by"]
+    else:
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "ERROR" in stderr and "no longer being estimated" in stderr, stderr[-3000:]
+        assert len(done) == steps

@@ -104,8 +104,10 @@ class ServerWatch:
             try:
                 self._client.get_job(self._job)
             except GradmixError as error:
-                self.error = describe(error)
-                continue
+                if is_transient(error):
+                    self.error = describe(error)
+                    continue
+                # it answers, with a refusal: reachable; the watch reports the refusal
             self.reachable, self.error = True, ""
             return
 
