@@ -13,12 +13,13 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from gradmix.client import render
 from gradmix.client.client import DEFAULT_SERVER, SelectionClient
-from gradmix.client.errors import GradmixError, InvalidArgument
+from gradmix.client.errors import DeadlineExceeded, GradmixError, InvalidArgument, Unavailable
 from gradmix.client.types import (
     DTYPES,
     METHODS,
@@ -186,20 +187,51 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
     return meta
 
 
+#: Seconds of failed reconnects after which `mixture --watch` shows it is disconnected.
+WATCH_GIVE_UP = 2.0
+
+
 def _watch_mixture(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None:
-    """Print the latest version, then each new one, until Ctrl-C."""
-    first = client.get_mixture(args.job)
+    """Print the latest version, then each new one, until Ctrl-C. While the server is
+    away the table is marked disconnected (one line on stderr for --json or a pipe)."""
+    last = client.get_mixture(args.job)
     clear = out.isatty() and not args.json
 
-    def show(mixture: Mixture) -> None:
+    def show(mixture: Mixture, since: float | None = None) -> None:
         if clear:
             out.write("\x1b[2J\x1b[H")
-        _emit(args, mixture, render.mixture_table, out)
+            _emit(args, mixture, lambda m: render.mixture_table(m, since), out)
+        elif since is None:
+            _emit(args, mixture, render.mixture_table, out)
+        else:
+            print(f"gradmix: disconnected from {args.server}; reconnecting", file=sys.stderr)
 
-    show(first)
-    with client.watch(args.job, after_version=first.version) as stream:
-        for mixture in stream:
-            show(mixture)
+    show(last)
+    while True:
+        try:
+            with client.watch(
+                args.job, after_version=last.version, give_up_after=WATCH_GIVE_UP
+            ) as stream:
+                for mixture in stream:
+                    last = mixture
+                    show(mixture)
+            return
+        except (Unavailable, DeadlineExceeded):
+            show(last, time.time() - WATCH_GIVE_UP)
+            while not _answers(client, args.job):
+                time.sleep(1.0)
+            if clear:
+                show(last)
+            else:
+                print(f"gradmix: reconnected to {args.server}", file=sys.stderr)
+
+
+def _answers(client: SelectionClient, job: str) -> bool:
+    try:
+        client.get_job(job)
+    except (Unavailable, DeadlineExceeded):
+        return False
+    return True
 
 
 def _run(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None:

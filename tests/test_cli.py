@@ -194,6 +194,7 @@ def test_mixture_watch_refreshes_the_table(served: Served) -> None:
         lines = iter(proc.stdout.readline, "")
         header = next(line for line in lines if line.startswith("job job"))
         assert f"version {first + 1} " in header
+        assert next(lines).startswith("anchor_loss ")  # the header's second line
         rows = [next(lines), next(lines), next(lines)]
         assert rows[0].split() == ["TASK", "WEIGHT", "SCORE", "STATE"]
         assert {r.split()[0] for r in rows[1:]} == {"a", "b"}
@@ -219,3 +220,49 @@ def test_server_help_describes_every_setting_with_its_default() -> None:
         assert flag in text and " ".join(docs[field.name].split()[:4]) in text, field.name
         shown = "the estimator's own" if field.default is None else repr(field.default)
         assert f"(default {shown}; env GRADMIX_{field.name.upper()})" in text, field.name
+
+
+@pytest.mark.timeout(180)
+def test_mixture_watch_says_when_it_is_disconnected_and_back(served: Served) -> None:
+    from test_client_support import start_server
+
+    create_job(served.client)
+    served.client.register_task("job", "a")
+    first = wait_for(lambda: served.client.get_job("job").mixture_version or None, "version 1")
+    env = {**os.environ, "GRADMIX_SERVER": served.address}
+    proc = subprocess.Popen([GRADMIX, "mixture", "job", "--watch", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    again = None
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["version"] == first
+        served.server.stop(0)
+        assert proc.stderr.readline().startswith(f"gradmix: disconnected from {served.address}")
+        again, _ = start_server(served.store, served.port)
+        assert proc.stderr.readline().startswith(f"gradmix: reconnected to {served.address}")
+        served.client.register_task("job", "b")
+        assert json.loads(proc.stdout.readline())["version"] == first + 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        if again is not None:
+            again.stop(0)
+
+
+def test_the_mixture_header_fits_80_columns() -> None:
+    from gradmix.client.render import mixture_table
+    from gradmix.client.types import Mixture
+
+    mixture = Mixture(
+        job="arith", version=12, anchor="anchor-00000300", policy="gradient_similarity",
+        weights={"add": 0.5, "mul": 0.5}, scores={"add": -0.1, "mul": 0.1},
+        states={"add": "active", "mul": "active"}, pending_tasks=(), anchor_loss=1.2345,
+        estimated_loss=1.1,
+        created_at=1.7e9,
+    )
+    for since in (None, 1.7e9):
+        text = mixture_table(mixture, since)
+        assert all(len(line) <= 80 for line in text.splitlines()), text
+    assert mixture_table(mixture, 1.7e9).startswith("DISCONNECTED since ")
