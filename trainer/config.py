@@ -141,6 +141,17 @@ class TrainingConfig:
     """Target examples in that evaluation (the first ones of the target's file)."""
     wait_for_mixture: float = 10.0
     """Seconds rank 0 waits at start for the server's first mixture (else uniform)."""
+    reproducible: bool = False
+    """Apply mixtures at deterministic steps: each estimated mixture takes effect at the
+    sketch point that completed its anchor (rank 0 waits there up to
+    `mixture_timeout` seconds for the server's estimate at that anchor), and versions
+    published in between wait for the next such point. Two runs with the same config
+    and seed then draw the same tasks at the same steps, given the same tasks (tasks
+    registered while a run trains arrive when they arrive). A timeout is a warning
+    and the run goes on under the mixture in force. Off: each version takes effect at
+    the first step after it arrives."""
+    mixture_timeout: float = 120.0
+    """Seconds a reproducible run waits at a completed anchor for its mixture."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "[training].steps must be >= 0")
@@ -150,6 +161,7 @@ class TrainingConfig:
         _require(self.checkpoint_every >= 0, "[training].checkpoint_every must be >= 0")
         _require(self.eval_every >= 0, "[training].eval_every must be >= 0")
         _require(self.wait_for_mixture >= 0, "[training].wait_for_mixture must be >= 0")
+        _require(self.mixture_timeout >= 0, "[training].mixture_timeout must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -71,6 +71,17 @@ class ServerWatch:
         with self._lock:
             return self._latest
 
+    def wait_at_anchor(self, anchor: str, timeout: float) -> Mixture | None:
+        """Block up to `timeout` seconds for a version estimated at `anchor` (None if none
+        came)."""
+        with self._lock:
+            self._lock.wait_for(
+                lambda: self._latest is not None and self._latest.anchor == anchor,
+                timeout=timeout,
+            )
+            latest = self._latest
+        return latest if latest is not None and latest.anchor == anchor else None
+
     def wait_first(self, timeout: float) -> Mixture | None:
         """Block up to `timeout` seconds for a first version."""
         with self._lock:
@@ -150,12 +161,14 @@ class MixtureSync:
         """The watch's last non-retryable refusal ("" if none)."""
         self.applied_version = 0
         self._seen_version = 0
+        self.hold = False
+        """Reproducible mode: new versions wait for `at_anchor` instead of `boundary`."""
 
     def boundary(self, step: int) -> None:
         """Collective: called by every rank before drawing step `step`'s task."""
         payload: tuple[Mixture | None, dict[str, str], bool | None, str, str] | None = None
         if self.dist.is_main and self.watch is not None:
-            latest = self.watch.latest()
+            latest = None if self.hold else self.watch.latest()
             fresh = latest if latest and latest.version > self._seen_version else None
             self._seen_version = fresh.version if fresh else self._seen_version
             watch = self.watch
@@ -185,6 +198,31 @@ class MixtureSync:
                     step=step,
                     error=error,
                 )
+        if mixture is not None:
+            self.apply(mixture, step)
+
+    def at_anchor(self, step: int, anchor: str, timeout: float) -> None:
+        """Collective (reproducible mode): apply the server's mixture estimated at `anchor`,
+        just completed at this sketch point, at `step`; rank 0 waits for it."""
+        payload: tuple[Mixture | None, dict[str, str]] = (None, {})
+        if self.dist.is_main and self.watch is not None:
+            mixture = self.watch.wait_at_anchor(anchor, timeout)
+            if mixture is None:
+                self.log.event(
+                    "mixture_timeout",
+                    f"no mixture estimated at {anchor} within {timeout:.0f} s; this run's "
+                    f"steps are no longer reproducible (mixture version {self.applied_version} "
+                    "stays in force)",
+                    level=logging.WARNING,
+                    anchor=anchor,
+                    step=step,
+                )
+            else:
+                self._seen_version = max(self._seen_version, mixture.version)
+                payload = self._usable(mixture)
+        mixture, paths = self.dist.broadcast(payload)
+        for task, path in paths.items():
+            self.pool.add(task, Path(path))
         if mixture is not None:
             self.apply(mixture, step)
 

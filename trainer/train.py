@@ -104,6 +104,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     if start == 0:
         _first_mixture(config, dist, sync, anchors)
     waited = time.monotonic() - waited
+    sync.hold = config.training.reproducible
 
     # ---- the loop
     steps, eval_every = config.training.steps, config.training.eval_every
@@ -116,7 +117,10 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         for step in range(start, config.training.steps):
             sync.boundary(step)  # every rank switches mixture at this same step
             if anchors.due(step):
+                completed = len(anchors.completed)
                 anchors.sketch_point(step)
+                if sync.hold and len(anchors.completed) > completed:
+                    sync.at_anchor(step, anchors.state.name, config.training.mixture_timeout)
             stopped_by = _refusal(config, sync, anchors, log, step, reported)
             if stopped_by:
                 break
