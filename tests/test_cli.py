@@ -266,3 +266,20 @@ def test_the_mixture_header_fits_80_columns() -> None:
         text = mixture_table(mixture, since)
         assert all(len(line) <= 80 for line in text.splitlines()), text
     assert mixture_table(mixture, 1.7e9).startswith("DISCONNECTED since ")
+
+
+def test_a_busy_metrics_port_is_named(tmp_path: Path) -> None:
+    import socket
+
+    server = str(Path(sys.executable).parent / "gradmix-server")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [server, "--store", str(tmp_path / "store"), "--port", "0",
+             "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in done.stderr, done.stderr
