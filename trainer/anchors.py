@@ -163,7 +163,10 @@ class AnchorProtocol:
         self.state = AnchorState(**plan["state"])
         for task, path in plan["paths"].items():
             self.pool.add(task, Path(path))
-        outcomes = {src: self._sketch_source(src, self.state.name) for src in plan["sources"]}
+        outcomes: dict[str, str] = {}
+        sources = plan["sources"]
+        for number, src in enumerate(sources, start=1):
+            outcomes[src] = self._sketch_source(src, self.state.name, number, len(sources))
         gathered = self.dist.all_gather(outcomes)
         done = [s for s in plan["sources"] if all(o[s] == "done" for o in gathered)]
         bad = [s for s in plan["sources"] if any(o[s] == "bad data" for o in gathered)]
@@ -297,7 +300,7 @@ class AnchorProtocol:
         params = dict(self.module.named_parameters())
         return {n: params[n].detach().float().cpu().clone() for n in self.projector.manifest.names}
 
-    def _sketch_source(self, source: str, anchor: str) -> str:
+    def _sketch_source(self, source: str, anchor: str, number: int = 1, total: int = 1) -> str:
         """Sketch this rank's share of one source and write it.
 
         Returns:
@@ -305,6 +308,7 @@ class AnchorProtocol:
             "failed" (server, store or sketching trouble: retried at the next point).
         """
         task = None if source == TARGET_KEY else source
+        began = time.monotonic()
         try:
             ids = self.pool.sketch_draw(task, anchor, self.cfg.examples_per_task)
             mine = ids[self.dist.rank :: self.dist.world_size]
@@ -335,9 +339,11 @@ class AnchorProtocol:
             )
             return "failed" if transient else f"refused: {describe(error)}"
         self.problems.pop(source, None)
+        seconds = time.monotonic() - began
         self.log.event(
             "sketch",
-            f"sketched {len(mine)} rows of {source} at {anchor}",
+            f"sketched {len(mine)} rows of {source} at {anchor} ({number}/{total} sources, "
+            f"{seconds:.1f} s; eta {seconds * (total - number):.0f} s)",
             anchor=anchor,
             source=source,
             rows=len(mine),
