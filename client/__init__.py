@@ -21,6 +21,7 @@ from gradmix.client.types import (
     Mixture,
     PolicySettings,
     Selection,
+    ServerInfo,
     SketchSpec,
     Task,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RetryPolicy",
     "Selection",
     "SelectionClient",
+    "ServerInfo",
     "SketchSpec",
     "SketchWriter",
     "Task",

@@ -14,13 +14,24 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from gradmix.client import render
 from gradmix.client.client import DEFAULT_SERVER, SelectionClient
-from gradmix.client.errors import GradmixError, InvalidArgument
-from gradmix.client.types import METHODS, MODES, Mixture
+from gradmix.client.errors import DeadlineExceeded, GradmixError, InvalidArgument, Unavailable
+from gradmix.client.types import (
+    DTYPES,
+    METHODS,
+    MODES,
+    POLICIES,
+    PROJECTORS,
+    VALUE_KINDS,
+    Mixture,
+    PolicySettings,
+    SketchSpec,
+)
 
 EXIT_ERROR = 1
 
@@ -32,10 +43,12 @@ def _env_flag(name: str) -> bool:
 def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """Options valid before or after the command (the latter win)."""
     default: Callable[[Any], Any] = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    server = os.environ.get("GRADMIX_SERVER", DEFAULT_SERVER)
     parser.add_argument(
         "--server",
-        default=default(os.environ.get("GRADMIX_SERVER", DEFAULT_SERVER)),
-        help="host:port of the selection server (env GRADMIX_SERVER; default %(default)s)",
+        default=default(server),
+        # no %(default)s: a subcommand's default is SUPPRESS, which help cannot format
+        help=f"host:port of the selection server (env GRADMIX_SERVER; default {server})",
     )
     parser.add_argument(
         "--tls", action="store_true", default=default(_env_flag("GRADMIX_TLS")),
@@ -83,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     command("jobs", "list the jobs")
+    _create_job_command(command("create-job", "create a job (idempotent for the same spec)"))
     command("tasks", "list a job's tasks").add_argument("job")
     command("anchors", "list a job's anchors").add_argument("job")
     sub = command("register-task", "register a task with a job (idempotent)")
@@ -116,6 +130,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _create_job_command(sub: argparse.ArgumentParser) -> None:
+    """The job spec's fields as flags: the sketch spec, the target and the policy settings."""
+    sub.add_argument("job")
+    sketch = sub.add_argument_group("sketch spec (fixed for the job's life)")
+    sketch.add_argument("--dim", type=int, required=True, help="projection dimension d")
+    sketch.add_argument("--seed", type=int, default=0, help="projection seed (default 0)")
+    sketch.add_argument("--projector", choices=PROJECTORS, default="structured",
+                        help="projector kind (default structured, as gradmix-train)")
+    sketch.add_argument("--manifest-hash", default="",
+                        help="hash of the sketched parameter manifest (default empty)")
+    sketch.add_argument("--dtype", choices=DTYPES, default="float16",
+                        help="storage dtype of the sketches (default float16)")
+    sketch.add_argument("--value-kind", choices=VALUE_KINDS, default="geometric_log_odds",
+                        help="the sketched value f(x) (default geometric_log_odds)")
+    sub.add_argument("--target", default="", help="the target's description (e.g. its file)")
+    policy = sub.add_argument_group("policy settings (unset: the server's defaults)")
+    policy.add_argument("--policy", choices=POLICIES, default="ensemble",
+                        help="the policy (default ensemble; the same one re-creates the job)")
+    for name, kind, text in (
+        ("regularization", float, "λ of the subset regression"),
+        ("temperature", float, "τ, in units of the scores' standard error"),
+        ("floor", float, "ε, the minimum weight of an active task"),
+        ("subset-count", int, "subsets drawn by ensemble/surrogate"),
+        ("subset-fraction", float, "q: subset size = ceil(q·n)"),
+        ("prior-weight", float, "weight of a pending task, relative to the mean"),
+        ("policy-seed", int, "subset-sampling seed"),
+        ("smoothing", float, "share of the previous anchor's mixture kept, in [0, 1)"),
+    ):
+        policy.add_argument(f"--{name}", type=kind, default=None, help=text)
+
+
+def _create_job(client: SelectionClient, args: argparse.Namespace) -> Any:
+    sketch = SketchSpec(dim=args.dim, seed=args.seed, projector=args.projector,
+                        manifest_hash=args.manifest_hash, dtype=args.dtype,
+                        value_kind=args.value_kind)
+    names = ("regularization", "temperature", "floor", "subset_count", "subset_fraction",
+             "prior_weight", "smoothing")
+    fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.policy_seed is not None:
+        fields["seed"] = args.policy_seed
+    policy = PolicySettings(policy=args.policy, **fields)
+    return client.create_job(args.job, sketch=sketch, policy=policy, target=args.target)
+
+
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
@@ -142,20 +200,51 @@ def _parse_meta(items: Sequence[str]) -> dict[str, str]:
     return meta
 
 
+#: Seconds of failed reconnects after which `mixture --watch` shows it is disconnected.
+WATCH_GIVE_UP = 2.0
+
+
 def _watch_mixture(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None:
-    """Print the latest version, then each new one, until Ctrl-C."""
-    first = client.get_mixture(args.job)
+    """Print the latest version, then each new one, until Ctrl-C. While the server is
+    away the table is marked disconnected (one line on stderr for --json or a pipe)."""
+    last = client.get_mixture(args.job)
     clear = out.isatty() and not args.json
 
-    def show(mixture: Mixture) -> None:
+    def show(mixture: Mixture, since: float | None = None) -> None:
         if clear:
             out.write("\x1b[2J\x1b[H")
-        _emit(args, mixture, render.mixture_table, out)
+            _emit(args, mixture, lambda m: render.mixture_table(m, since), out)
+        elif since is None:
+            _emit(args, mixture, render.mixture_table, out)
+        else:
+            print(f"gradmix: disconnected from {args.server}; reconnecting", file=sys.stderr)
 
-    show(first)
-    with client.watch(args.job, after_version=first.version) as stream:
-        for mixture in stream:
-            show(mixture)
+    show(last)
+    while True:
+        try:
+            with client.watch(
+                args.job, after_version=last.version, give_up_after=WATCH_GIVE_UP
+            ) as stream:
+                for mixture in stream:
+                    last = mixture
+                    show(mixture)
+            return
+        except (Unavailable, DeadlineExceeded):
+            show(last, time.time() - WATCH_GIVE_UP)
+            while not _answers(client, args.job):
+                time.sleep(1.0)
+            if clear:
+                show(last)
+            else:
+                print(f"gradmix: reconnected to {args.server}", file=sys.stderr)
+
+
+def _answers(client: SelectionClient, job: str) -> bool:
+    try:
+        client.get_job(job)
+    except (Unavailable, DeadlineExceeded):
+        return False
+    return True
 
 
 def _run(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None:
@@ -163,6 +252,8 @@ def _run(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None
     name = args.command
     if name == "jobs":
         _emit(args, client.list_jobs(), render.jobs_table, out)
+    elif name == "create-job":
+        _emit(args, _create_job(client, args), lambda j: render.jobs_table([j]), out)
     elif name == "tasks":
         _emit(args, client.list_tasks(args.job), render.tasks_table, out)
     elif name == "anchors":

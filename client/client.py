@@ -28,6 +28,7 @@ from gradmix.client.types import (
     Mixture,
     PolicySettings,
     Selection,
+    ServerInfo,
     SketchSpec,
     Task,
 )
@@ -157,6 +158,21 @@ class SelectionClient:
         """Every job on the server."""
         return [convert.job_from_pb(j)
                 for j in self._pages("ListJobs", pb.ListJobsRequest(), "jobs")]
+
+    def report_task_failure(self, job: str, task: str, reason: str) -> Task:
+        """Report that a task's data cannot be loaded: it leaves the mixture (state
+        "failed", weight 0) until the failure is cleared with an empty `reason`.
+
+        Raises:
+            NotFound: no such job or task.
+        """
+        request = pb.ReportTaskFailureRequest(job=job, task=task, reason=reason)
+        return convert.task_from_pb(self._call("ReportTaskFailure", request))
+
+    def server_info(self) -> ServerInfo:
+        """Where the server keeps its state (its store's identity and URL)."""
+        msg = self._call("GetServerInfo", pb.GetServerInfoRequest())
+        return ServerInfo(store_identity=msg.store_identity, store_url=msg.store_url)
 
     # ------------------------------------------------------------ tasks and anchors
 

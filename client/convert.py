@@ -57,7 +57,7 @@ def policy_name(value: int) -> str:
 
 
 def task_state_name(value: int) -> str:
-    """TaskState enum -> "pending" | "active" | "unspecified"."""
+    """TaskState enum -> "pending" | "active" | "failed" | "unspecified"."""
     return _enum_name(pb.TaskState, "TASK_STATE_", value, "unspecified")
 
 
@@ -143,6 +143,7 @@ def task_from_pb(msg: pb.Task) -> Task:
         state=task_state_name(msg.state),
         sketch_rows=msg.sketch_rows,
         registered_at=_time(msg.registered_at),
+        failure=msg.failure,
     )
 
 

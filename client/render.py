@@ -47,7 +47,9 @@ def tasks_table(tasks: Sequence[Task]) -> str:
          ",".join(f"{k}={v}" for k, v in sorted(t.metadata.items())) or "-")
         for t in tasks
     ]
-    return table(("TASK", "STATE", "ROWS", "METADATA"), rows)
+    text = table(("TASK", "STATE", "ROWS", "METADATA"), rows)
+    failures = [f"{t.name} failed: {t.failure}" for t in tasks if t.failure]
+    return "\n".join([text, *failures])
 
 
 def anchors_table(anchors: Sequence[Anchor]) -> str:
@@ -66,13 +68,21 @@ def _horizon(anchor: Anchor) -> str:
     return f"{h.optimizer} lr={h.learning_rate:.3g} steps={h.steps} p={h.parameters}"
 
 
-def mixture_table(mixture: Mixture) -> str:
-    """A header line, then one line per task, heaviest first."""
+def mixture_table(mixture: Mixture, disconnected_since: float | None = None) -> str:
+    """Two header lines (each fits 80 columns for usual names), then one line per
+    task, heaviest first; with `disconnected_since`, a first line saying the table is
+    the last one received before the server went away."""
     head = (
         f"job {mixture.job}  version {mixture.version}  anchor {mixture.anchor or '-'}  "
-        f"policy {mixture.policy}  anchor_loss {mixture.anchor_loss:.4f}  "
-        f"estimated_loss {mixture.estimated_loss:.4f}  at {_when(mixture.created_at)}"
+        f"policy {mixture.policy}\n"
+        f"anchor_loss {mixture.anchor_loss:.4f}  estimated_loss {mixture.estimated_loss:.4f}"
+        f"  at {_when(mixture.created_at)}"
     )
+    if disconnected_since is not None:
+        head = (
+            f"DISCONNECTED since {_when(disconnected_since)}: reconnecting; "
+            f"last version received:\n{head}"
+        )
     order = sorted(mixture.weights, key=lambda t: (-mixture.weights[t], t))
     rows = [
         (t, f"{mixture.weights[t]:.4f}", f"{mixture.scores.get(t, 0.0):+.5f}",

@@ -121,6 +121,16 @@ class JobSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    """Where a server keeps its state."""
+
+    store_identity: str
+    """Where its store's data lives ("file:/abs/path", "s3:bucket/prefix", ...)."""
+    store_url: str
+    """The store as the server was configured with it."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Job:
     """A training run that wants a mixture."""
 
@@ -143,10 +153,13 @@ class Task:
     name: str
     metadata: dict[str, str]
     state: str
-    """"pending" (no sketch at the current anchor yet) or "active"."""
+    """"pending" (no sketch at the current anchor yet), "active", or "failed" (its data
+    cannot be loaded: weight 0; `failure` says why)."""
     sketch_rows: int
     """Committed rows at the current anchor."""
     registered_at: float
+    failure: str = ""
+    """Why the task failed ("" unless its state is "failed")."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -249,7 +249,12 @@ def build_server(config: ServerConfig,
     core = _Core(config, store, metrics, interceptors)
     try:
         port = asyncio.run_coroutine_threadsafe(core.start(), loop).result()
-        endpoint = _metrics_endpoint(config, registry)
+        try:
+            endpoint = _metrics_endpoint(config, registry)
+        except OSError as exc:
+            raise ServerStartError(
+                f"cannot serve /metrics on {config.host}:{config.metrics_port}: "
+                f"{exc.strerror or exc} (set metrics_port, or 0 for a free one)") from exc
     except BaseException:
         asyncio.run_coroutine_threadsafe(core.stop(0), loop).result()
         loop.call_soon_threadsafe(loop.stop)

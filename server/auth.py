@@ -230,6 +230,8 @@ RPC_ROLES: dict[str, Requirement] = {
     "ListMixtures": Requirement(Role.READER, _field("job")),
     "EstimateSubsets": Requirement(Role.READER, _field("job")),
     "SelectTasks": Requirement(Role.READER, _field("job")),
+    "ReportTaskFailure": Requirement(Role.WRITER, _field("job")),
+    "GetServerInfo": Requirement(Role.READER, None),  # where the store is: no job data
 }
 
 

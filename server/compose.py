@@ -12,17 +12,18 @@ current anchor, the active weights are then smoothed towards it
 weight, i.e. with prior_weight = 1 it is sampled as often as an average active
 task; the whole vector is then renormalised to sum to 1. With no active task,
 or before the target is sketched (nothing to score against), every task is
-weighted uniformly.
+weighted uniformly. A failed task (its data cannot be loaded, as a trainer
+reported) is left out of all of this: weight 0, state failed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
-from gradmix.server.convert import ACTIVE, PENDING
+from gradmix.server.convert import ACTIVE, FAILED, PENDING
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.mixture import (
     cap_weights,
@@ -59,7 +60,8 @@ class Composition:
 def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                     policy: PolicyConfig,
                     previous: Mapping[str, float] | None = None,
-                    error: float | None = None) -> Composition:
+                    error: float | None = None,
+                    failed: Collection[str] = ()) -> Composition:
     """Weights over `tasks` (registration order) from what `estimator` holds.
 
     Args:
@@ -69,7 +71,15 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
         previous: the weights in force before the current anchor (None: none).
         error: the scores' standard error if already known for these rows
             (the bootstrap, the costly part, is then skipped); None: bootstrap.
+        failed: tasks whose data cannot be loaded: weight 0, state failed.
     """
+    if failed:
+        kept = compose_mixture([t for t in tasks if t not in failed], estimator, policy,
+                               previous=previous, error=error)
+        gone = [t for t in tasks if t in failed]
+        return replace(kept, weights={**kept.weights, **dict.fromkeys(gone, 0.0)},
+                       scores={**kept.scores, **dict.fromkeys(gone, 0.0)},
+                       states={**kept.states, **dict.fromkeys(gone, FAILED)})
     rows = {t: estimator.task_rows(t) if estimator and t in estimator.tasks else 0
             for t in tasks}
     active = [t for t in tasks if rows[t] > 0]

@@ -15,8 +15,12 @@ leave a field at zero; `None` means "the estimator's own default"
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import itertools
 import os
+import textwrap
 import tomllib
 import types
 import typing
@@ -275,18 +279,37 @@ def _from_env(env: Mapping[str, str], kinds: Mapping[str, type]) -> dict[str, An
     return values
 
 
+def field_docs() -> dict[str, str]:
+    """Each setting's description: the docstring under its field in `ServerConfig`."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(ServerConfig)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for field, doc in itertools.pairwise(body):
+        if (isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)):
+            docs[field.target.id] = " ".join(str(doc.value.value).split())
+    return docs
+
+
 def _parser(kinds: Mapping[str, type]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradmix-server",
-        description="gradmix selection server (gRPC API v1, Prometheus metrics).")
+        description="gradmix selection server (gRPC API v1, Prometheus metrics).",
+        epilog="Each setting also reads from the TOML file (its name as key) and from "
+               "GRADMIX_<NAME>; flags win.")
     parser.add_argument("--config", help="TOML file of settings (field names as keys)")
-    for name, kind in kinds.items():
+    docs = field_docs()
+    for field in dataclasses.fields(ServerConfig):
+        name, kind = field.name, kinds[field.name]
         flag = "--" + name.replace("_", "-")
+        shown = "the estimator's own" if field.default is None else repr(field.default)
+        text = f"{docs.get(name, '')} (default {shown}; env {ENV_PREFIX}{name.upper()})"
+        text = text.replace("%", "%%")
         if kind is bool:  # a switch: --insecure, --tls-metrics
             parser.add_argument(flag, dest=name, action="store_const", const="true",
-                                default=None)
+                                default=None, help=text)
         else:
-            parser.add_argument(flag, dest=name, default=None, metavar=name.upper())
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=text)
     return parser
 
 

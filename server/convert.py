@@ -32,9 +32,11 @@ from gradmix.vocabulary import (
 
 PENDING = TaskState.PENDING
 ACTIVE = TaskState.ACTIVE
+FAILED = TaskState.FAILED
 
 _POLICY_FIELDS = ("regularization", "temperature", "floor", "subset_count",
                   "subset_fraction", "prior_weight", "seed")
+FAILED = TaskState.FAILED
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -198,7 +198,8 @@ class JobState:
             previous = dict(before.weights) if before is not None else None
             known = self._known_error(anchor, estimator, policy.regularization)
             composition = compose_mixture(tasks, estimator, policy, previous=previous,
-                                          error=known.error if known else None)
+                                          error=known.error if known else None,
+                                          failed={t.name for t in infos if t.failure})
             if known is None and estimator is not None and composition.subsets_estimated:
                 self._error = ScoreError.of(anchor, estimator, policy.regularization,
                                             composition.score_error)

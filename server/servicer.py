@@ -87,11 +87,14 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     # ----------------------------------------------------------------- tasks
 
     def _task(self, runtime: JobRuntime, name: str, metadata: dict[str, str],
-              registered_at: float) -> pb.Task:
+              registered_at: float, failure: str = "") -> pb.Task:
         rows = runtime.state.task_rows.get(name, 0)
         state = pb.TASK_STATE_ACTIVE if rows else pb.TASK_STATE_PENDING
+        if failure:
+            state = pb.TASK_STATE_FAILED
         return pb.Task(job=runtime.name, name=name, metadata=metadata, state=state,
-                       sketch_rows=rows, registered_at=convert.timestamp(registered_at))
+                       sketch_rows=rows, registered_at=convert.timestamp(registered_at),
+                       failure=failure)
 
     async def RegisterTask(self, request: pb.RegisterTaskRequest, context: aio.ServicerContext
                            ) -> pb.Task:
@@ -101,7 +104,8 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         self._limits.check_metadata(metadata)
         info = await asyncio.to_thread(self._register_task, request.job, request.name, metadata)
         runtime.request()
-        return self._task(runtime, info.name, dict(info.metadata), info.registered_at)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          info.failure)
 
     def _register_task(self, job: str, name: str, metadata: dict[str, str]) -> TaskInfo:
         """Register (idempotent by name), refusing a new task past `max_tasks_per_job`."""
@@ -117,8 +121,17 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         chosen = page(infos, lambda t: [t.registered_at, t.name], request.page_token,
                       self._limits.page_size(request.page_size))
         return pb.ListTasksResponse(tasks=[
-            self._task(runtime, t.name, dict(t.metadata), t.registered_at)
+            self._task(runtime, t.name, dict(t.metadata), t.registered_at, t.failure)
             for t in chosen.items], next_page_token=chosen.next_token)
+
+    async def ReportTaskFailure(self, request: pb.ReportTaskFailureRequest,
+                                context: aio.ServicerContext) -> pb.Task:
+        runtime = await self._registry.get(request.job)
+        info = await asyncio.to_thread(self._store.set_task_failure, request.job, request.task,
+                                       " ".join(request.reason.split())[:1000])
+        runtime.request(full=True)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          info.failure)
 
     # --------------------------------------------------------------- anchors
 
@@ -292,6 +305,12 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         await self._query(request.job, result)
         assert isinstance(result.response, pb.SelectTasksResponse)
         return result.response
+
+    # ---------------------------------------------------------------- server
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: aio.ServicerContext) -> pb.ServerInfo:
+        return pb.ServerInfo(store_identity=self._store.identity, store_url=self._store.url)
 
 
 def _fitting(mixtures: list[pb.Mixture], budget: int) -> list[pb.Mixture]:

@@ -28,6 +28,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gradmix.store.errors import StoreError, StoreUnavailableError
@@ -175,3 +176,11 @@ def open_backend(url: str, storage_options: Mapping[str, Any] | None = None) -> 
             raise StoreError("storage_options apply to fsspec URLs, not to local paths")
         return LocalBackend(url)
     return ObjectBackend(url, storage_options)
+
+
+def url_identity(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """`StoreBackend.identity` of the store at `url`, without creating a local directory."""
+    local = url[len("file://") :] if url.startswith("file://") else url
+    if "://" not in local:
+        return f"file:{Path(local).expanduser().resolve()}"
+    return open_backend(url, storage_options).identity()

@@ -96,6 +96,8 @@ class TaskInfo:
     name: str
     metadata: dict[str, str]
     registered_at: float
+    failure: str = ""
+    """Why its data cannot be loaded, as a trainer reported it ("" if it can)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -73,6 +73,11 @@ class SketchStore:
         self._docs.ensure("")
         self._docs.ensure(layout.jobs_dir())
 
+    @property
+    def identity(self) -> str:
+        """Where this store's data lives (`StoreBackend.identity`)."""
+        return self.backend.identity()
+
     @classmethod
     def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> SketchStore:
         """Open (creating if needed) the store at a local path or fsspec URL.
@@ -151,6 +156,16 @@ class SketchStore:
                 f"metadata.{key}", info.metadata.get(key), meta.get(key), what=f"task {task}"
             )
         return info
+
+    def set_task_failure(self, job: str, task: str, reason: str) -> TaskInfo:
+        """Record why a task's data cannot be loaded ("" clears it); the task must exist."""
+        self.get_job(job)
+        validate_name(task, "task")
+        attrs = self._docs.read(layout.task_dir(job, task))
+        if attrs is None:
+            raise NotFoundError(f"task {task!r} is not registered with job {job!r}")
+        self._docs.write(layout.task_dir(job, task), {**attrs, "failure": str(reason)})
+        return _task_info(task, {**attrs, "failure": str(reason)})
 
     def list_tasks(self, job: str) -> list[TaskInfo]:
         """The job's tasks in registration order."""
@@ -378,7 +393,8 @@ def _job_info(job: str, attrs: dict[str, Any]) -> JobInfo:
 
 
 def _task_info(task: str, attrs: dict[str, Any]) -> TaskInfo:
-    return TaskInfo(task, dict(attrs.get("metadata", {})), float(attrs["registered_at"]))
+    return TaskInfo(task, dict(attrs.get("metadata", {})), float(attrs["registered_at"]),
+                    str(attrs.get("failure", "")))
 
 
 def _anchor_info(anchor: str, attrs: dict[str, Any]) -> AnchorInfo:

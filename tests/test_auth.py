@@ -132,6 +132,8 @@ def _set_up_jobs(stub: pb_grpc.SelectionServiceStub, store_dir: Path) -> None:
     stub.CompleteAnchor(pb.CompleteAnchorRequest(job=JOB, anchor="a0"), metadata=md)
     wait_for(lambda: stub.GetMixture(pb.GetMixtureRequest(job=JOB), metadata=md),
              lambda m: bool(m.anchor == "a0" and not m.pending_tasks), "alpha's mixture")
+    # A task whose data a trainer reports unloadable (ReportTaskFailure): never sketched.
+    stub.RegisterTask(pb.RegisterTaskRequest(job=JOB, name="unloadable"), metadata=md)
 
 
 def spec() -> pb.JobSpec:
@@ -186,6 +188,9 @@ CALLS: dict[str, Call] = {
         job=JOB, subsets=[pb.Subset(tasks=["helpful-0"]), pb.Subset()]), metadata=md),
     "SelectTasks": lambda s, md: s.SelectTasks(pb.SelectTasksRequest(
         job=JOB, method=pb.SELECTION_METHOD_THRESHOLD), metadata=md),
+    "ReportTaskFailure": lambda s, md: s.ReportTaskFailure(pb.ReportTaskFailureRequest(
+        job=JOB, task="unloadable", reason="no such file"), metadata=md),
+    "GetServerInfo": lambda s, md: s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md),
 }
 
 WHO = ["no-token", "wrong-token", "reader", "writer", "admin", "other-job"]
@@ -204,7 +209,8 @@ def expected(rpc: str, who: str) -> grpc.StatusCode:
     if who in ("no-token", "wrong-token"):
         return grpc.StatusCode.UNAUTHENTICATED
     if who == "other-job":  # ListJobs names no job: it answers, filtered (see below)
-        return grpc.StatusCode.OK if rpc == "ListJobs" else grpc.StatusCode.PERMISSION_DENIED
+        return grpc.StatusCode.OK if RPC_ROLES[rpc].job_of is None else \
+            grpc.StatusCode.PERMISSION_DENIED
     if ROLES[who] < RPC_ROLES[rpc].role:
         return grpc.StatusCode.PERMISSION_DENIED
     return grpc.StatusCode.OK
@@ -441,7 +447,7 @@ def test_the_trainer_connects_with_tls_and_its_token_file(secured: Secured,
     config = load_train_config(path, env={})
     assert config.upload and config.ca_cert == str(tmp_path / "pki" / "ca.pem")
     with build_client(config, env={}) as client:
-        assert [t.name for t in client.list_tasks(JOB)] == ["helpful-0", "harmful-0"]
+        assert [t.name for t in client.list_tasks(JOB)] == ["helpful-0", "harmful-0", "unloadable"]
         with pytest.raises(PermissionDenied):
             client.create_job(JOB, sketch=client.get_job(JOB).spec.sketch)
     # Without the file, the token comes from GRADMIX_TOKEN.

@@ -57,7 +57,8 @@ REQUESTS = {
     "CommitSketch": pb.CommitSketchRequest, "UploadSketch": pb.UploadSketchRequest,
     "GetMixture": pb.GetMixtureRequest, "WatchMixture": pb.WatchMixtureRequest,
     "ListMixtures": pb.ListMixturesRequest, "EstimateSubsets": pb.EstimateSubsetsRequest,
-    "SelectTasks": pb.SelectTasksRequest,
+    "SelectTasks": pb.SelectTasksRequest, "ReportTaskFailure": pb.ReportTaskFailureRequest,
+    "GetServerInfo": pb.GetServerInfoRequest,
 }
 
 
@@ -515,6 +516,33 @@ def test_fuzz_select_tasks(server: Harness, data: st.DataObject) -> None:
                                     k=k, threshold=t), st.integers(1, 2**32 - 1),
                   st.floats(-1e300, 1e300)),
     )
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_report_task_failure(server: Harness, data: st.DataObject) -> None:
+    """Only refusals: a failure reported on a real task would change the job (checked
+    elsewhere, tests/test_task_failure.py)."""
+    def report(job: str, task: str) -> Any:
+        return pb.ReportTaskFailureRequest(job=job, task=task, reason="unreadable")
+
+    cases = st.one_of(
+        job_cases("ReportTaskFailure", lambda n: report(n, "t1")),
+        unknown_names.map(lambda n: Case("unknown task", unary(
+            "ReportTaskFailure", report(JOB, n)), Code.NOT_FOUND)),
+        bad_names.map(lambda n: Case("bad task name", unary(
+            "ReportTaskFailure", report(JOB, n)), Code.INVALID_ARGUMENT)),
+        raw_bytes("ReportTaskFailure"))
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_get_server_info(server: Harness, data: st.DataObject) -> None:
+    cases = st.one_of(
+        st.just(Case("the server", unary("GetServerInfo", pb.GetServerInfoRequest()), Code.OK)),
+        raw_bytes("GetServerInfo"))
     fuzz_rpc(server, data, cases)
 
 

@@ -165,3 +165,83 @@ def test_the_shipped_example_job_loads() -> None:
     config = load_config(path, env={})
     assert config.job == "arith" and config.sketching.reanchor_every == 100
     assert config.model.config["model_type"] == "gpt2" and config.policy == {"policy": "ensemble"}
+
+
+@pytest.mark.parametrize("relative", ["trainer/example_job.toml", "examples/arith/job.toml"])
+def test_the_shipped_jobs_name_files_that_exist_and_parse(relative: str) -> None:
+    from gradmix.trainer.data import read_jsonl
+    from gradmix.trainer.setup import build_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    config = load_config(root / relative, env={})
+    assert config.store == "", "the server's store, as the server reports it"
+    tokenizer = build_tokenizer(config.tokenizer)
+    for path in [config.data.target, *config.data.tasks.values()]:
+        assert read_jsonl(Path(path), tokenizer, config.data.max_length)
+    assert Path(config.data.task_dir).is_dir()
+
+
+def test_on_server_error_and_the_policy_are_checked_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "j.toml"
+    base = 'job = "j"\noutput_dir = "o"\n[model]\nconfig = { model_type = "gpt2" }\n'
+    base += '[data]\ntarget = "t.jsonl"\n'
+    path.write_text('on_server_error = "ignore"\n' + base)
+    with pytest.raises(ConfigError, match="on_server_error"):
+        load_config(path, env={})
+    path.write_text(base + '[policy]\npolicy = "ensembel"\n')
+    with pytest.raises(ConfigError, match=r"\[policy\]: policy must be one of"):
+        load_config(path, env={})
+    path.write_text(base + "[policy]\nsmoothing = 1.5\n")
+    with pytest.raises(ConfigError, match="smoothing"):
+        load_config(path, env={})
+    path.write_text('on_server_error = "continue"\n' + base)
+    assert load_config(path, env={}).on_server_error == "continue"
+
+
+def test_the_deepspeed_launchers_local_rank_flag_is_accepted() -> None:
+    args = parse_args(["--config", "j.toml", "--local_rank=3"])
+    assert args.local_rank == 3
+    assert parse_args(["--config", "j.toml"]).local_rank is None
+
+
+def test_cpu_threads_are_capped_per_local_rank_unless_set() -> None:
+    import os
+
+    import torch
+    from gradmix.trainer.distributed import Dist, cap_cpu_threads
+
+    cpu = Dist(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        assert cap_cpu_threads(cpu, {"LOCAL_WORLD_SIZE": "2"}) == max(1, cores // 2)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        assert cap_cpu_threads(cpu, {"LOCAL_WORLD_SIZE": str(4 * cores)}) == 1
+        assert cap_cpu_threads(cpu, {"OMP_NUM_THREADS": "7"}) is None
+        gpu = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+        assert cap_cpu_threads(gpu, {}) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_unknown_characters_and_truncation_are_counted_and_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    tokenizer = CharTokenizer("0123456789+=")
+    rows = [("12+3=", "15"), ("s6604=", "1"), ("r6604=", "1"), ("1+1=", "2" * 20)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in rows))
+    with caplog.at_level(logging.WARNING, logger="gradmix.trainer"):
+        examples = read_jsonl(path, tokenizer, 12)
+    assert len(examples) == 4
+    assert examples[1].input_ids == examples[2].input_ids  # why the warning matters
+    assert "2 of 4 examples have characters outside the tokenizer's alphabet rs" in caplog.text
+    assert "1 of 4 examples are longer than max_length 12 tokens and are cut" in caplog.text
+    with pytest.raises(DataError, match="1 of 4 examples are longer than max_length"):
+        read_jsonl(path, tokenizer, 12, max_truncated=0.2)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradmix.trainer"):
+        read_jsonl(path, tokenizer, 12, warn=False)
+    assert not caplog.text

@@ -29,7 +29,9 @@ anchor is complete.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +52,7 @@ from gradmix.store import SketchStore, StoreError
 from gradmix.trainer.config import SketchingConfig, TrainConfig
 from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
-from gradmix.trainer.errors import DataError, TrainerError
+from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describe, is_transient
 from gradmix.trainer.projectors import Projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.sketch import sketch_examples
@@ -59,6 +61,9 @@ from torch import nn
 
 #: How the target is named in plans, logs and the sketched list.
 TARGET_KEY = TARGET
+#: Seconds sketch points are skipped after one found the server unavailable (the
+#: watch's reachability, when it notices first, skips them too).
+QUIET_AFTER_FAILURE = 10.0
 
 
 @dataclass
@@ -119,6 +124,19 @@ class AnchorProtocol:
         self.state = AnchorState()
         self.job_ready = False
         self._reference: dict[str, torch.Tensor] = {}
+        # what the end-of-run summary reports (see trainer.summary)
+        self.refused = ""
+        """The server's last refusal of a sketch point (same on every rank; "" if none)."""
+        self.completed: list[tuple[str, int]] = []
+        self.sketched_ever: set[str] = set()
+        self.known_tasks: set[str] = set(config.data.tasks)
+        self.problems: dict[str, str] = {}
+        """Why a source is not sketched (latest reason; cleared when it is)."""
+        self.sketch_seconds = 0.0
+        self.server_seconds = 0.0
+        self._quiet_until = 0.0
+        self.reported_failed: set[str] = set()
+        self._complete_refused = ""
 
     # ------------------------------------------------------------ schedule
 
@@ -136,28 +154,51 @@ class AnchorProtocol:
 
     def sketch_point(self, step: int) -> None:
         """Collective: run one sketch point at `step` on every rank."""
+        started = time.monotonic()
         plan = self._plan(step) if self.dist.is_main else None
         plan = self.dist.broadcast(plan)
         if plan is None:
             return
+        if "refused" in plan:
+            self.refused = plan["refused"]
+            return
         self.state = AnchorState(**plan["state"])
         for task, path in plan["paths"].items():
             self.pool.add(task, Path(path))
-        outcomes = {src: self._sketch_source(src, self.state.name) for src in plan["sources"]}
+        outcomes: dict[str, str] = {}
+        sources = plan["sources"]
+        for number, src in enumerate(sources, start=1):
+            outcomes[src] = self._sketch_source(src, self.state.name, number, len(sources))
         gathered = self.dist.all_gather(outcomes)
         done = [s for s in plan["sources"] if all(o[s] == "done" for o in gathered)]
         bad = [s for s in plan["sources"] if any(o[s] == "bad data" for o in gathered)]
+        refusals = [o[s] for o in gathered for s in plan["sources"] if o[s].startswith("refused")]
         self.state.sketched += done
         self.state.unusable += [s for s in bad if s != TARGET_KEY]
+        self.sketched_ever.update(done)
+        if self.dist.is_main:
+            for source in bad:
+                self._report_failure(source, self.problems.get(source, "data cannot be loaded"))
+            for source in done:
+                if source in self.reported_failed:
+                    self._report_failure(source, "")
         finished = len(done) + len(bad) == len(plan["sources"]) and TARGET_KEY in done
+        refused = refusals[0].removeprefix("refused: ") if refusals else ""
         if self.dist.is_main and finished and not self.state.complete:
             self.state.complete = self._complete(self.state.name)
-        self.state = AnchorState(**self.dist.broadcast(self.state.to_dict()))
+            refused = refused or self._complete_refused
+        state, self.refused = self.dist.broadcast((self.state.to_dict(), refused))
+        self.state = AnchorState(**state)
+        if self.state.complete and self.state.name not in (n for n, _ in self.completed):
+            self.completed.append((self.state.name, self.state.step))
+        self.sketch_seconds += time.monotonic() - started
 
     def _plan(self, step: int) -> dict[str, Any] | None:
-        """Rank 0: what this sketch point does (None: nothing, or the server is away)."""
-        if not self.reachable():
+        """Rank 0: what this sketch point does (None: nothing, or the server is away;
+        {"refused": message}: the server refused a call no retry can change)."""
+        if self.reachable() is False or time.monotonic() < self._quiet_until:
             return None  # do not stall training on calls bound to fail
+        started = time.monotonic()
         try:
             self._ensure_job()
             tasks = self.client.list_tasks(self.config.job)
@@ -175,10 +216,44 @@ class AnchorProtocol:
                     horizon=asdict(horizon) if horizon is not None else None,
                 )
         except GradmixError as error:
-            self.log.event("sketch_point_skipped", step=step, error=f"{error}")
+            self.server_seconds += time.monotonic() - started
+            if not is_transient(error):
+                self.log.event(
+                    "sketch_point_refused",
+                    f"the server refused the sketch point at step {step}: {describe(error)}",
+                    level=logging.ERROR,
+                    step=step,
+                    error=describe(error),
+                )
+                return {"refused": describe(error)}
+            self._quiet_until = time.monotonic() + QUIET_AFTER_FAILURE
+            self.log.event(
+                "sketch_point_skipped",
+                f"sketch point at step {step} skipped: server unavailable ({describe(error)})",
+                level=logging.WARNING,
+                step=step,
+                error=describe(error),
+            )
             return None
+        self.server_seconds += time.monotonic() - started
         self.files.remember(tasks)
+        self.known_tasks.update(t.name for t in tasks)
         paths = {t.name: p for t in tasks if (p := self.files.path(t.name)) is not None}
+        for t in tasks:
+            if t.name not in paths and t.name not in self.problems:
+                self.problems[t.name] = (
+                    "no data file found (registration metadata path=, [data].tasks "
+                    "or <task_dir>/<task>.jsonl)"
+                )
+                self.log.event(
+                    "task_without_data",
+                    f"task {t.name}: {self.problems[t.name]}; it cannot be sketched and "
+                    "leaves the mixture",
+                    level=logging.WARNING,
+                    task=t.name,
+                    metadata=dict(t.metadata),
+                )
+                self._report_failure(t.name, self.problems[t.name])
         sources = [TARGET_KEY] + [t.name for t in tasks if t.name in paths]
         skip = set(self.state.sketched) | set(self.state.unusable)
         todo = [s for s in sources if s not in skip]
@@ -227,7 +302,7 @@ class AnchorProtocol:
         params = dict(self.module.named_parameters())
         return {n: params[n].detach().float().cpu().clone() for n in self.projector.manifest.names}
 
-    def _sketch_source(self, source: str, anchor: str) -> str:
+    def _sketch_source(self, source: str, anchor: str, number: int = 1, total: int = 1) -> str:
         """Sketch this rank's share of one source and write it.
 
         Returns:
@@ -235,20 +310,42 @@ class AnchorProtocol:
             "failed" (server, store or sketching trouble: retried at the next point).
         """
         task = None if source == TARGET_KEY else source
+        began = time.monotonic()
         try:
             ids = self.pool.sketch_draw(task, anchor, self.cfg.examples_per_task)
             mine = ids[self.dist.rank :: self.dist.world_size]
             if mine:
                 self._write_rows(task, anchor, mine)
         except DataError as error:
-            self.log.event("sketch_failed", anchor=anchor, source=source, error=f"{error}")
+            self.problems[source] = f"data cannot be loaded: {describe(error)}"
+            self.log.event(
+                "sketch_failed",
+                f"{source}: data cannot be loaded ({describe(error)}); not sketched",
+                level=logging.ERROR,
+                anchor=anchor,
+                source=source,
+                error=describe(error),
+            )
             return "bad data"
         except (GradmixError, StoreError, TrainerError, OSError) as error:
-            self.log.event("sketch_failed", anchor=anchor, source=source, error=f"{error}")
-            return "failed"
+            transient = not isinstance(error, GradmixError) or is_transient(error)
+            self.problems[source] = f"sketch failed: {describe(error)}"
+            self.log.event(
+                "sketch_failed",
+                f"could not sketch {source} at {anchor}: {describe(error)}"
+                + ("; retried at the next sketch point" if transient else ""),
+                level=logging.WARNING if transient else logging.ERROR,
+                anchor=anchor,
+                source=source,
+                error=describe(error),
+            )
+            return "failed" if transient else f"refused: {describe(error)}"
+        self.problems.pop(source, None)
+        seconds = time.monotonic() - began
         self.log.event(
             "sketch",
-            f"sketched {len(mine)} rows of {source} at {anchor}",
+            f"sketched {len(mine)} rows of {source} at {anchor} ({number}/{total} sources, "
+            f"{seconds:.1f} s; eta {seconds * (total - number):.0f} s)",
             anchor=anchor,
             source=source,
             rows=len(mine),
@@ -270,12 +367,41 @@ class AnchorProtocol:
         )
         writer.write(grads.numpy(), values.double().numpy(), np.asarray(ids, np.int64))
 
+    def _report_failure(self, task: str, reason: str) -> None:
+        """Rank 0: tell the server a task's data cannot be loaded (it leaves the mixture),
+        or, with an empty reason, that it can again."""
+        if task == TARGET_KEY:
+            return
+        try:
+            self.client.report_task_failure(self.config.job, task, reason)
+        except GradmixError as error:
+            self.log.event("task_failure_unreported", task=task, error=describe(error))
+            return
+        if reason:
+            self.reported_failed.add(task)
+            self.log.event("task_failed", task=task, reason=reason)
+        else:
+            self.reported_failed.discard(task)
+            self.log.event("task_recovered", f"task {task}: data loads again", task=task)
+
     def _complete(self, anchor: str) -> bool:
+        self._complete_refused = ""
+        started = time.monotonic()
         try:
             self.client.complete_anchor(self.config.job, anchor)
         except GradmixError as error:
-            self.log.event("anchor_complete_failed", anchor=anchor, error=f"{error}")
+            if not is_transient(error):
+                self._complete_refused = describe(error)
+            self.log.event(
+                "anchor_complete_failed",
+                f"anchor {anchor} could not be completed: {describe(error)}",
+                level=logging.WARNING,
+                anchor=anchor,
+                error=describe(error),
+            )
             return False
+        finally:
+            self.server_seconds += time.monotonic() - started
         self.log.event("anchor_complete", f"anchor {anchor} complete", anchor=anchor)
         return True
 
@@ -294,12 +420,21 @@ class AnchorProtocol:
             try:
                 self._ensure_job()
             except AlreadyExists as error:
-                problem = f"job {self.config.job!r} exists with another spec: {error}"
+                problem = f"job {self.config.job!r} exists with another spec: {describe(error)}"
             except GradmixError as error:
-                self.log.event("server", f"cannot set up the job yet: {error}", error=f"{error}")
+                if not is_transient(error):
+                    problem = f"the server refused job {self.config.job!r}: {describe(error)}"
+                else:
+                    self.log.event(
+                        "server",
+                        f"cannot set up the job yet ({describe(error)}); retrying at the next "
+                        "sketch point, training on a uniform mixture meanwhile",
+                        level=logging.WARNING,
+                        error=describe(error),
+                    )
         problem = self.dist.broadcast(problem)
         if problem:
-            raise TrainerError(problem)
+            raise ConfigError(problem)
 
     def _ensure_job(self) -> None:
         """Rank 0: create the job and register the configured tasks (once)."""

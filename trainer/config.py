@@ -7,7 +7,8 @@ flags. Relative paths in the file are resolved against the file's directory.
     job = "arith"
     output_dir = "runs/arith"          # checkpoints and per-rank JSON-lines logs
     server = "127.0.0.1:50551"
-    store = "./gradmix-store"          # path or fsspec URL
+    # store = "/data/gradmix-store"     # omitted: the server's store (it says where)
+    on_server_error = "stop"           # or "continue": see TrainConfig.on_server_error
     # upload = true                    # rows over gRPC: no store access needed
     # tls = true, ca_cert = "ca.pem", token_file = "token"   (token: or env GRADMIX_TOKEN)
 
@@ -65,6 +66,7 @@ PROJECTORS = choices(Projector)
 DTYPES = choices(SketchDtype)
 POLICIES = choices(Policy)
 VALUE_KINDS = choices(ValueKind)
+ON_SERVER_ERROR = ("stop", "continue")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -154,6 +156,17 @@ class TrainingConfig:
     """Target examples in that evaluation (the first ones of the target's file)."""
     wait_for_mixture: float = 10.0
     """Seconds rank 0 waits at start for the server's first mixture (else uniform)."""
+    reproducible: bool = False
+    """Apply mixtures at deterministic steps: each estimated mixture takes effect at the
+    sketch point that completed its anchor (rank 0 waits there up to
+    `mixture_timeout` seconds for the server's estimate at that anchor), and versions
+    published in between wait for the next such point. Two runs with the same config
+    and seed then draw the same tasks at the same steps, given the same tasks (tasks
+    registered while a run trains arrive when they arrive). A timeout is a warning
+    and the run goes on under the mixture in force. Off: each version takes effect at
+    the first step after it arrives."""
+    mixture_timeout: float = 120.0
+    """Seconds a reproducible run waits at a completed anchor for its mixture."""
 
     def __post_init__(self) -> None:
         _require(self.steps >= 0, "[training].steps must be >= 0")
@@ -163,6 +176,7 @@ class TrainingConfig:
         _require(self.checkpoint_every >= 0, "[training].checkpoint_every must be >= 0")
         _require(self.eval_every >= 0, "[training].eval_every must be >= 0")
         _require(self.wait_for_mixture >= 0, "[training].wait_for_mixture must be >= 0")
+        _require(self.mixture_timeout >= 0, "[training].mixture_timeout must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -243,8 +257,10 @@ class TrainConfig:
     """Checkpoints (`checkpoints/`) and per-rank logs (`logs/rank-<r>.jsonl`)."""
     server: str = "127.0.0.1:50551"
     """host:port of the selection server."""
-    store: str = "./gradmix-store"
-    """The sketch store: local path or fsspec URL (the server's store)."""
+    store: str = ""
+    """The sketch store the trainer writes its rows into: a local path or fsspec URL.
+    Empty (the default): the server's own store, as the server reports it. When
+    given, it must be the server's store (checked at start)."""
     metrics_port: int = 0
     """Rank 0 serves Prometheus metrics (`gradmix.trainer.metrics`) on this port; 0: none."""
     upload: bool = False
@@ -269,6 +285,12 @@ class TrainConfig:
     sketching: SketchingConfig = field(default_factory=SketchingConfig)
     policy: dict[str, Any] = field(default_factory=dict)
     """PolicySettings fields sent when the job is created (empty: server defaults)."""
+    on_server_error: str = "stop"
+    """What a refusal by the server does once the job is set up (INVALID_ARGUMENT,
+    PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, ...: answers a retry cannot
+    change). "stop" (the default) ends the run with the server's message;
+    "continue" logs it as an error and trains on under the mixture in force, which
+    then is no longer being estimated. An unreachable server never stops a run."""
 
     def __post_init__(self) -> None:
         from gradmix.store import validate_name
@@ -288,6 +310,14 @@ class TrainConfig:
         _require(stage in (0, 1, 2), f"ZeRO stage {stage} unsupported (0–2: sketching vmaps)")
         unknown = set(self.policy) - {f.name for f in dataclasses.fields(_policy_fields())}
         _require(not unknown, f"[policy]: unknown keys {sorted(unknown)}")
+        try:
+            _policy_fields()(**self.policy)
+        except (ValueError, TypeError) as exc:  # InvalidArgument is a ValueError
+            raise ConfigError(f"[policy]: {' '.join(str(exc).split())}") from exc
+        _require(
+            self.on_server_error in ON_SERVER_ERROR,
+            f"on_server_error: {self.on_server_error!r} not in {ON_SERVER_ERROR}",
+        )
 
 
 def _policy_fields() -> Any:
@@ -397,7 +427,8 @@ def _resolve(section: str, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     for sec, key in _PATH_FIELDS:
         if sec == section and isinstance(out.get(key), str) and out[key]:
             out[key] = str(_abs(out[key], base))
-    if section == "top" and isinstance(out.get("store"), str) and "://" not in out["store"]:
+    store = out.get("store")
+    if section == "top" and isinstance(store, str) and store and "://" not in store:
         out["store"] = str(_abs(out["store"], base))
     return out
 

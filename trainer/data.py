@@ -10,6 +10,7 @@ rank), which is what makes a resumed run continue the same draws.
 from __future__ import annotations
 
 import json
+import logging
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,12 @@ import torch
 from gradmix.trainer.errors import DataError
 from gradmix.trainer.projectors import derive_seed
 from gradmix.vocabulary import TARGET
+
+logger = logging.getLogger("gradmix.trainer")
+
+#: The target is refused when more than this share of its examples would be cut: its
+#: loss, what the mixture is chosen for, would be measured on truncated examples.
+MAX_TARGET_TRUNCATED = 0.5
 
 
 class Tokenizer(Protocol):
@@ -49,6 +56,10 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [self._ids.get(c, self.unk_id) for c in text]
+
+    def unknown(self, text: str) -> set[str]:
+        """The characters of `text` outside the alphabet (each encodes as unk)."""
+        return {c for c in text if c not in self._ids}
 
 
 class HFTokenizer:
@@ -119,17 +130,31 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
-def read_jsonl(path: Path, tokenizer: Tokenizer, max_length: int) -> list[TokenizedExample]:
+def read_jsonl(
+    path: Path,
+    tokenizer: Tokenizer,
+    max_length: int,
+    *,
+    max_truncated: float = 1.0,
+    warn: bool = True,
+) -> list[TokenizedExample]:
     """Read and tokenise a JSONL file of {"prompt", "completion"} objects.
 
+    Examples longer than `max_length` tokens are cut, and characters the
+    character tokenizer does not know become unk; both are counted and, with
+    `warn`, logged as one warning per file.
+
     Raises:
-        DataError: unreadable file, bad JSON, missing fields, or no examples (names the line).
+        DataError: unreadable file, bad JSON, missing fields, no examples (names the
+            line), or more than `max_truncated` of the examples cut.
     """
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     out = []
+    truncated, unknown_in, unknown = 0, 0, set[str]()
+    find_unknown = getattr(tokenizer, "unknown", None)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -138,11 +163,33 @@ def read_jsonl(path: Path, tokenizer: Tokenizer, max_length: int) -> list[Tokeni
             prompt, completion = obj["prompt"], obj["completion"]
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 raise TypeError("prompt and completion must be strings")
-            out.append(tokenize(prompt, completion, tokenizer, max_length))
+            example = tokenize(prompt, completion, tokenizer, max_length)
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path}:{number}: bad example: {exc}") from exc
+        out.append(example)
+        full = len(tokenizer.encode(prompt)) + len(tokenizer.encode(completion)) + 1
+        truncated += full > max_length
+        if find_unknown is not None and (chars := find_unknown(prompt + completion)):
+            unknown_in += 1
+            unknown |= chars
     if not out:
         raise DataError(f"{path}: no examples")
+    if truncated > max_truncated * len(out):
+        raise DataError(
+            f"{path}: {truncated} of {len(out)} examples are longer than max_length "
+            f"{max_length} tokens and would be cut; raise [data].max_length"
+        )
+    if warn and truncated:
+        logger.warning(
+            "%s: %d of %d examples are longer than max_length %d tokens and are cut",
+            path, truncated, len(out), max_length,
+        )
+    if warn and unknown_in:
+        logger.warning(
+            "%s: %d of %d examples have characters outside the tokenizer's alphabet %s; "
+            "they all encode as one unknown token (add them to [tokenizer].alphabet)",
+            path, unknown_in, len(out), "".join(sorted(unknown))[:40],
+        )
     return out
 
 
@@ -183,7 +230,10 @@ class TaskPool:
                 path = self._resolve(task)
             if path is None:
                 raise DataError(f"no data file known for task {task!r}")
-            self._loaded[task] = read_jsonl(path, self.tokenizer, self.max_length)
+            limit = MAX_TARGET_TRUNCATED if task is None else 1.0
+            self._loaded[task] = read_jsonl(
+                path, self.tokenizer, self.max_length, max_truncated=limit
+            )
         return self._loaded[task]
 
     def train_batch(self, task: str, step: int, rank: int, batch_size: int) -> Batch:

@@ -83,6 +83,23 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+#: Variables by which a user sets the CPU thread count themselves.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def cap_cpu_threads(group: Dist, env: dict[str, str] | None = None) -> int | None:
+    """On CPU, give each local rank its share of the cores (at least one thread), unless
+    the user set a thread count: N ranks on C cores each using C threads oversubscribe
+    the machine. Returns the thread count set (None: left alone)."""
+    env = dict(os.environ) if env is None else env
+    if group.device.type != "cpu" or any(env.get(v) for v in THREAD_VARIABLES):
+        return None
+    local_ranks = int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1)
+    threads = max(1, len(os.sched_getaffinity(0)) // max(local_ranks, 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def shutdown() -> None:
     """Barrier, then leave the process group."""
     if dist.is_initialized():

@@ -13,6 +13,7 @@ progress line say so.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from gradmix.client import Mixture, MixtureSampler, SelectionClient
 from gradmix.client.errors import GradmixError
 from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
+from gradmix.trainer.errors import describe, is_transient
 from gradmix.trainer.runlog import RunLog
 
 
@@ -50,8 +52,11 @@ class ServerWatch:
         self._lock = threading.Condition()
         self._latest: Mixture | None = None
         self._last_version = after_version
-        self.reachable = True
+        self.reachable: bool | None = None
+        """None until the first answer (or failure), then whether the server answers."""
         self.error = ""
+        self.refused = ""
+        """The last non-retryable refusal of the watch ("" once a mixture arrives)."""
         self._stop = threading.Event()
         self._watch: Any = None
         self._thread = threading.Thread(target=self._run, name="gradmix-watch", daemon=True)
@@ -66,6 +71,17 @@ class ServerWatch:
         with self._lock:
             return self._latest
 
+    def wait_at_anchor(self, anchor: str, timeout: float) -> Mixture | None:
+        """Block up to `timeout` seconds for a version estimated at `anchor` (None if none
+        came)."""
+        with self._lock:
+            self._lock.wait_for(
+                lambda: self._latest is not None and self._latest.anchor == anchor,
+                timeout=timeout,
+            )
+            latest = self._latest
+        return latest if latest is not None and latest.anchor == anchor else None
+
     def wait_first(self, timeout: float) -> Mixture | None:
         """Block up to `timeout` seconds for a first version."""
         with self._lock:
@@ -75,16 +91,23 @@ class ServerWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self._client.get_job(self._job)  # known reachable even before a first mixture
+                with self._lock:
+                    self.reachable, self.error = True, ""
                 self._watch = self._client.watch(
                     self._job, after_version=self._last_version, give_up_after=self._give_up_after
                 )
                 for mixture in self._watch:
                     with self._lock:
                         self._latest, self._last_version = mixture, mixture.version
-                        self.reachable, self.error = True, ""
+                        self.reachable, self.error, self.refused = True, "", ""
                         self._lock.notify_all()
-            except GradmixError as error:  # unreachable (or refused): keep the last mixture
-                self.reachable, self.error = False, f"{type(error).__name__}: {error}"
+            except GradmixError as error:
+                if not is_transient(error):  # refused: the trainer decides; ask again later
+                    self.refused = describe(error)
+                    self._stop.wait(self._probe_every * 5)
+                    continue
+                self.reachable, self.error = False, describe(error)  # keep the last mixture
                 self._probe_until_back()
 
     def _probe_until_back(self) -> None:
@@ -92,8 +115,10 @@ class ServerWatch:
             try:
                 self._client.get_job(self._job)
             except GradmixError as error:
-                self.error = f"{type(error).__name__}: {error}"
-                continue
+                if is_transient(error):
+                    self.error = describe(error)
+                    continue
+                # it answers, with a refusal: reachable; the watch reports the refusal
             self.reachable, self.error = True, ""
             return
 
@@ -130,31 +155,74 @@ class MixtureSync:
         self.dist, self.sampler, self.log, self.watch = dist, sampler, log, watch
         self.pool, self.locate = pool, locate
         self.history: list[dict[str, Any]] = []
-        self.reachable = True
+        self.reachable: bool | None = None
+        """Rank 0's watch's view, the same on every rank: None until known."""
+        self.refused = ""
+        """The watch's last non-retryable refusal ("" if none)."""
         self.applied_version = 0
         self._seen_version = 0
+        self.hold = False
+        """Reproducible mode: new versions wait for `at_anchor` instead of `boundary`."""
 
     def boundary(self, step: int) -> None:
         """Collective: called by every rank before drawing step `step`'s task."""
-        payload: tuple[Mixture | None, dict[str, str], bool, str] | None = None
+        payload: tuple[Mixture | None, dict[str, str], bool | None, str, str] | None = None
         if self.dist.is_main and self.watch is not None:
-            latest = self.watch.latest()
+            latest = None if self.hold else self.watch.latest()
             fresh = latest if latest and latest.version > self._seen_version else None
             self._seen_version = fresh.version if fresh else self._seen_version
-            payload = (*self._usable(fresh), self.watch.reachable, self.watch.error)
-        mixture, paths, reachable, error = self.dist.broadcast(payload)
+            watch = self.watch
+            payload = (*self._usable(fresh), watch.reachable, watch.error, watch.refused)
+        if payload is None:
+            payload = (None, {}, self.reachable, "", "")
+        mixture, paths, reachable, error, self.refused = self.dist.broadcast(payload)
         for task, path in paths.items():
             self.pool.add(task, Path(path))
-        if reachable != self.reachable:
-            self.reachable = reachable
-            state = "reachable again" if reachable else f"unreachable ({error}); retrying"
-            self.log.event(
-                "server",
-                f"server {state}; keeping mixture version {self.applied_version}",
-                reachable=reachable,
-                step=step,
-                error=error,
-            )
+        if reachable is not None and reachable != self.reachable:
+            was, self.reachable = self.reachable, reachable
+            if reachable and was is False:
+                self.log.event(
+                    "server",
+                    f"server reachable again; mixture version {self.applied_version} in force",
+                    reachable=True,
+                    step=step,
+                    error="",
+                )
+            elif not reachable:
+                self.log.event(
+                    "server",
+                    f"server unreachable ({error}); retrying, training on under mixture "
+                    f"version {self.applied_version}, sketch points skipped meanwhile",
+                    level=logging.WARNING,
+                    reachable=False,
+                    step=step,
+                    error=error,
+                )
+        if mixture is not None:
+            self.apply(mixture, step)
+
+    def at_anchor(self, step: int, anchor: str, timeout: float) -> None:
+        """Collective (reproducible mode): apply the server's mixture estimated at `anchor`,
+        just completed at this sketch point, at `step`; rank 0 waits for it."""
+        payload: tuple[Mixture | None, dict[str, str]] = (None, {})
+        if self.dist.is_main and self.watch is not None:
+            mixture = self.watch.wait_at_anchor(anchor, timeout)
+            if mixture is None:
+                self.log.event(
+                    "mixture_timeout",
+                    f"no mixture estimated at {anchor} within {timeout:.0f} s; this run's "
+                    f"steps are no longer reproducible (mixture version {self.applied_version} "
+                    "stays in force)",
+                    level=logging.WARNING,
+                    anchor=anchor,
+                    step=step,
+                )
+            else:
+                self._seen_version = max(self._seen_version, mixture.version)
+                payload = self._usable(mixture)
+        mixture, paths = self.dist.broadcast(payload)
+        for task, path in paths.items():
+            self.pool.add(task, Path(path))
         if mixture is not None:
             self.apply(mixture, step)
 
@@ -178,7 +246,14 @@ class MixtureSync:
         paths = {t: p for t, w in mixture.weights.items() if w > 0 and (p := self.locate(t))}
         dropped = sorted(t for t, w in mixture.weights.items() if w > 0 and t not in paths)
         if dropped:
-            self.log.event("mixture_tasks_without_data", version=mixture.version, tasks=dropped)
+            self.log.event(
+                "mixture_tasks_without_data",
+                f"mixture version {mixture.version}: no readable data for {dropped}; "
+                "training leaves them out",
+                level=logging.WARNING,
+                version=mixture.version,
+                tasks=dropped,
+            )
         if not paths:
             return None, {}
         weights = {t: w for t, w in mixture.weights.items() if t in paths}

@@ -37,12 +37,18 @@ class RunLog:
         """Also hand every event written from now on to `listener` (e.g. metrics)."""
         self._listeners.append(listener)
 
-    def event(self, event: str, message: str = "", **fields: Any) -> None:
-        """Write one event (flushed at once, so a killed run keeps its trail)."""
+    def event(
+        self, event: str, message: str = "", *, level: int = logging.INFO, **fields: Any
+    ) -> None:
+        """Write one event (flushed at once, so a killed run keeps its trail); a `message`
+        also goes to the console at `level` (WARNING/ERROR: the mixture is not being
+        estimated as it should)."""
         record = {"time": time.time(), "rank": self.rank, "event": event, **fields}
         if message:
             record["message"] = message
-            logger.info("rank %d: %s", self.rank, message)
+            if level > logging.INFO:
+                record["level"] = logging.getLevelName(level)
+            logger.log(level, "rank %d: %s", self.rank, message)
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
         for listener in self._listeners:

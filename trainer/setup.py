@@ -102,7 +102,8 @@ def build_pool(config: TrainConfig, tokenizer: Tokenizer) -> TaskPool:
     )
 
 
-def build_client(config: TrainConfig, env: Mapping[str, str] | None = None) -> SelectionClient:
+def build_client(config: TrainConfig, env: Mapping[str, str] | None = None,
+                 timeout: float | None = None) -> SelectionClient:
     """The client of the job's server: TLS and the bearer token as configured.
 
     The token comes from `token_file`, else the GRADMIX_TOKEN environment variable.
@@ -125,6 +126,7 @@ def build_client(config: TrainConfig, env: Mapping[str, str] | None = None) -> S
     token = token_bytes.decode().strip() if token_bytes else env.get("GRADMIX_TOKEN") or None
     return SelectionClient(
         config.server,
+        **({} if timeout is None else {"timeout": timeout}),
         tls=config.tls,
         root_certificates=read("ca_cert"),
         certificate_chain=read("client_cert"),

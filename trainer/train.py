@@ -10,6 +10,8 @@ follow.py), not woven through it.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,10 @@ from gradmix.store import SketchStore
 from gradmix.trainer import checkpoint
 from gradmix.trainer.anchors import AnchorProtocol, AnchorState, TaskFiles
 from gradmix.trainer.config import TrainConfig
+from gradmix.trainer.console import Progress
 from gradmix.trainer.data import TaskPool, collate
-from gradmix.trainer.distributed import Dist, init_distributed, shutdown
-from gradmix.trainer.errors import DataError, TrainerError
+from gradmix.trainer.distributed import Dist, cap_cpu_threads, init_distributed, shutdown
+from gradmix.trainer.errors import DataError, ServerRefused, TrainerError
 from gradmix.trainer.follow import MixtureSync, ServerWatch
 from gradmix.trainer.metrics import serve_metrics
 from gradmix.trainer.projectors import build_projector
@@ -36,8 +39,8 @@ from gradmix.trainer.setup import (
     build_tokenizer,
 )
 from gradmix.trainer.sketch import eval_mode
+from gradmix.trainer.summary import build_summary
 from gradmix.trainer.values import completion_loss
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,16 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, dist: Dist) -> TrainResult:
-    # ---- build: the same model on every rank, DeepSpeed around it
+    # ---- build: the same model on every rank; the job is set up with the server
+    #      before DeepSpeed is, so a refused job fails in seconds
     torch.manual_seed(config.training.seed)
+    cap_cpu_threads(dist)
     tokenizer = build_tokenizer(config.tokenizer)
-    engine = build_engine(config, build_model(config.model, tokenizer))
+    model = build_model(config.model, tokenizer)
     pool = build_pool(config, tokenizer)
     pool.examples(None)  # the target is always needed: a bad file fails every rank now
     projector = build_projector(
-        engine.module,
+        model,
         kind=config.sketching.projector,
         dim=config.sketching.dim,
         seed=config.sketching.seed,
@@ -87,7 +92,7 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     anchors = AnchorProtocol(
         config,
         dist,
-        engine.module,
+        model,
         projector,
         pool,
         client,
@@ -95,61 +100,114 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         log,
         files,
         reachable=lambda: sync.reachable,
-        learning_rate=lambda: _current_lr(engine),
     )
+    anchors.setup_job()
+    engine = build_engine(config, model)
+    anchors.module = engine.module
+    anchors.learning_rate = lambda: _current_lr(engine)
 
     # ---- resume, or start from the server's first mixture
     start = _resume(config, dist, engine, sampler, sync, anchors, log)
-    anchors.setup_job()
     if dist.is_main:
         sync.watch = ServerWatch(client, config.job, after_version=sync.applied_version).start()
+    waited = time.monotonic()
     if start == 0:
         _first_mixture(config, dist, sync, anchors)
+    waited = time.monotonic() - waited
+    sync.hold = config.training.reproducible
 
     # ---- the loop
-    bar = tqdm(
-        total=config.training.steps, initial=start, disable=not dist.is_main, dynamic_ncols=True
-    )
     steps, eval_every = config.training.steps, config.training.eval_every
+    progress = Progress(steps, start, enabled=dist.is_main)
     target_loss = float("nan")
     if dist.is_main and eval_every and start == 0:
         target_loss = _evaluate(engine.module, pool, config, log, steps_done=0)
-    for step in range(start, config.training.steps):
-        sync.boundary(step)  # every rank switches mixture at this same step
-        if anchors.due(step):
-            anchors.sketch_point(step)
+    done, stopped_by, reported = start, "", set[str]()
+    with progress:
+        for step in range(start, config.training.steps):
+            sync.boundary(step)  # every rank switches mixture at this same step
+            if anchors.due(step):
+                completed = len(anchors.completed)
+                anchors.sketch_point(step)
+                if sync.hold and len(anchors.completed) > completed:
+                    sync.at_anchor(step, anchors.state.name, config.training.mixture_timeout)
+            stopped_by = _refusal(config, sync, anchors, log, step, reported)
+            if stopped_by:
+                break
 
-        version = sampler.version
-        task = sampler.sample()
-        batch = pool.train_batch(task, step, dist.rank, config.training.batch_size)
-        batch = batch.to(engine.device)
-        logits = engine(input_ids=batch.input_ids).logits
-        loss = completion_loss(logits, batch.input_ids, batch.loss_mask)
-        engine.backward(loss)
-        engine.step()
+            version = sampler.version
+            task = sampler.sample()
+            batch = pool.train_batch(task, step, dist.rank, config.training.batch_size)
+            batch = batch.to(engine.device)
+            logits = engine(input_ids=batch.input_ids).logits
+            loss = completion_loss(logits, batch.input_ids, batch.loss_mask)
+            engine.backward(loss)
+            engine.step()
 
-        log.event("step", step=step, task=task, loss=loss.item(), version=version)
-        mean_loss = dist.all_mean(loss.item())
-        done = step + 1
-        if dist.is_main and eval_every and (done % eval_every == 0 or done == steps):
-            target_loss = _evaluate(engine.module, pool, config, log, steps_done=done)
-        bar.set_postfix_str(_progress(mean_loss, target_loss, version, sync, anchors))
-        bar.update(1)
-        if config.training.checkpoint_every and (step + 1) % config.training.checkpoint_every == 0:
-            _save(config, dist, engine, step + 1, sampler, sync, anchors, log)
+            log.event("step", step=step, task=task, loss=loss.item(), version=version)
+            mean_loss = dist.all_mean(loss.item())
+            done = step + 1
+            if dist.is_main and eval_every and (done % eval_every == 0 or done == steps):
+                target_loss = _evaluate(engine.module, pool, config, log, steps_done=done)
+            progress.update(_status(sync), _details(mean_loss, target_loss, version, anchors))
+            if config.training.checkpoint_every and done % config.training.checkpoint_every == 0:
+                _save(config, dist, engine, done, sampler, sync, anchors, log)
 
-    # ---- finish: a final checkpoint, then leave cleanly
-    bar.close()
+    # ---- finish: a final checkpoint, the summary, then leave cleanly
     every = config.training.checkpoint_every
-    if start < config.training.steps and not (every and config.training.steps % every == 0):
-        _save(config, dist, engine, config.training.steps, sampler, sync, anchors, log)
+    if start < done and not (every and done % every == 0):
+        _save(config, dist, engine, done, sampler, sync, anchors, log)
     if sync.watch is not None:
         sync.watch.close()
     client.close()
+    if dist.is_main:
+        summary = build_summary(
+            steps=done,
+            history=sync.history,
+            anchors=anchors,
+            configured_tasks=list(config.data.tasks),
+            first_wait_seconds=waited,
+            stopped_by=stopped_by,
+        )
+        summary.report(log, logging.getLogger("gradmix.trainer"))
     log.close()
     if metrics is not None:
         metrics.close()
-    return TrainResult(config.training.steps, sync.applied_version, anchors.state.name)
+    if stopped_by:
+        raise ServerRefused(
+            f"stopped at step {done}: the server refused: {stopped_by} "
+            '(on_server_error = "continue" trains on regardless)'
+        )
+    return TrainResult(done, sync.applied_version, anchors.state.name)
+
+
+def _refusal(
+    config: TrainConfig,
+    sync: MixtureSync,
+    anchors: AnchorProtocol,
+    log: RunLog,
+    step: int,
+    reported: set[str],
+) -> str:
+    """The server refusal that ends the run now ("" if none, or if the job says continue;
+    then each distinct refusal is logged once, as an error)."""
+    refused = anchors.refused or sync.refused
+    if not refused:
+        return ""
+    if config.on_server_error == "stop":
+        return refused
+    if refused not in reported:
+        reported.add(refused)
+        log.event(
+            "server_refused",
+            f"the server refused: {refused}; training on (on_server_error = continue) under "
+            f"mixture version {sync.applied_version}, which is no longer being estimated",
+            level=logging.ERROR,
+            step=step,
+            error=refused,
+        )
+    anchors.refused = ""
+    return ""
 
 
 def _current_lr(engine: Any) -> float | None:
@@ -256,9 +314,15 @@ def _target_loss(module: torch.nn.Module, pool: TaskPool, config: TrainConfig) -
     return float(completion_loss(logits, batch.input_ids, batch.loss_mask))
 
 
-def _progress(
-    loss: float, target: float, version: int, sync: MixtureSync, anchors: AnchorProtocol
-) -> str:
-    server = "ok" if sync.reachable else "UNREACHABLE, retrying"
-    anchor = anchors.state.name or "-"
-    return f"loss={loss:.3f} target={target:.3f} mixture=v{version} anchor={anchor} server={server}"
+def _status(sync: MixtureSync) -> str:
+    """The server's state, first on the progress line (it must survive 80 columns)."""
+    if sync.refused:
+        return "server=REFUSED"
+    return {None: "server=?", True: "server=ok", False: "server=DOWN"}[sync.reachable]
+
+
+def _details(loss: float, target: float, version: int, anchors: AnchorProtocol) -> str:
+    anchor = f"@{anchors.state.step}" if anchors.state.name else "-"
+    if anchors.state.name and not anchors.state.complete:
+        anchor += "(open)"
+    return f"v{version} anchor={anchor} loss={loss:.3f} target={target:.3f}"

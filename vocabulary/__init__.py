@@ -78,6 +78,8 @@ class TaskState(StrEnum):
     """Registered, no committed sketch rows at the current anchor: carries the prior weight."""
     ACTIVE = "active"
     """Sketched at the current anchor: weighted by the policy."""
+    FAILED = "failed"
+    """The trainer reported its data unloadable (with a reason): weight 0 until it sketches."""
 
 
 class AnchorState(StrEnum):

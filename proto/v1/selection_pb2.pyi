@@ -129,6 +129,10 @@ class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.V
     """
     TASK_STATE_ACTIVE: _TaskState.ValueType  # 2
     """Sketched at the current anchor: weighted by the policy."""
+    TASK_STATE_FAILED: _TaskState.ValueType  # 3
+    """Its data cannot be loaded (reported with ReportTaskFailure): weight 0
+    until the failure is cleared.
+    """
 
 class TaskState(_TaskState, metaclass=_TaskStateEnumTypeWrapper): ...
 
@@ -139,6 +143,10 @@ carries the job's prior weight.
 """
 TASK_STATE_ACTIVE: TaskState.ValueType  # 2
 """Sketched at the current anchor: weighted by the policy."""
+TASK_STATE_FAILED: TaskState.ValueType  # 3
+"""Its data cannot be loaded (reported with ReportTaskFailure): weight 0
+until the failure is cleared.
+"""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
 class _AnchorState:
@@ -488,11 +496,14 @@ class Task(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     SKETCH_ROWS_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     name: _builtins.str
     state: Global___TaskState.ValueType
     sketch_rows: _builtins.int
     """committed rows at the current anchor"""
+    failure: _builtins.str
+    """why the task is FAILED ("" otherwise)"""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """e.g. uri, size"""
@@ -508,10 +519,11 @@ class Task(_message.Message):
         state: Global___TaskState.ValueType = ...,
         sketch_rows: _builtins.int = ...,
         registered_at: _timestamp_pb2.Timestamp | None = ...,
+        failure: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "metadata", b"metadata", "name", b"name", "registered_at", b"registered_at", "sketch_rows", b"sketch_rows", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "job", b"job", "metadata", b"metadata", "name", b"name", "registered_at", b"registered_at", "sketch_rows", b"sketch_rows", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1412,3 +1424,72 @@ class SelectTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SelectTasksResponse: _TypeAlias = SelectTasksResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    """---------------------------------------------------------------- server"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class ServerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORE_IDENTITY_FIELD_NUMBER: _builtins.int
+    STORE_URL_FIELD_NUMBER: _builtins.int
+    store_identity: _builtins.str
+    """Names where the store's data lives, e.g. "file:/abs/path" or "s3:bucket/prefix"
+    (equal for two opens of the same place).
+    """
+    store_url: _builtins.str
+    """the store as the server was configured with it"""
+    def __init__(
+        self,
+        *,
+        store_identity: _builtins.str = ...,
+        store_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["store_identity", b"store_identity", "store_url", b"store_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServerInfo: _TypeAlias = ServerInfo  # noqa: Y015
+
+@_typing.final
+class ReportTaskFailureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job: _builtins.str
+    task: _builtins.str
+    reason: _builtins.str
+    """"" clears a failure"""
+    def __init__(
+        self,
+        *,
+        job: _builtins.str = ...,
+        task: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "reason", b"reason", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportTaskFailureRequest: _TypeAlias = ReportTaskFailureRequest  # noqa: Y015

@@ -109,6 +109,16 @@ class SelectionServiceStub:
                 request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.SelectTasksRequest.SerializeToString,
                 response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.SelectTasksResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/gradmix.v1.SelectionService/GetServerInfo',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ServerInfo.FromString,
+                _registered_method=True)
+        self.ReportTaskFailure = channel.unary_unary(
+                '/gradmix.v1.SelectionService/ReportTaskFailure',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
+                _registered_method=True)
 
 
 class SelectionServiceServicer:
@@ -216,6 +226,22 @@ class SelectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """Where this server keeps its state: a trainer writing sketch rows into the
+        store itself checks that it writes where the server reads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportTaskFailure(self, request, context):
+        """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+        weight 0, the reason kept); an empty reason clears the failure.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SelectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -293,6 +319,16 @@ def add_SelectionServiceServicer_to_server(servicer, server):
                     servicer.SelectTasks,
                     request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.SelectTasksRequest.FromString,
                     response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.SelectTasksResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ServerInfo.SerializeToString,
+            ),
+            'ReportTaskFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportTaskFailure,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -700,6 +736,60 @@ class SelectionService:
             '/gradmix.v1.SelectionService/SelectTasks',
             gradmix_dot_proto_dot_v1_dot_selection__pb2.SelectTasksRequest.SerializeToString,
             gradmix_dot_proto_dot_v1_dot_selection__pb2.SelectTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/GetServerInfo',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.GetServerInfoRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportTaskFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/ReportTaskFailure',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,

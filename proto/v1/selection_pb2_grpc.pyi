@@ -66,6 +66,14 @@ class SelectionServiceStub:
     EstimateSubsets: _grpc.UnaryUnaryMultiCallable[_selection_pb2.EstimateSubsetsRequest, _selection_pb2.EstimateSubsetsResponse]
     """The paper's discrete outputs against a live job."""
     SelectTasks: _grpc.UnaryUnaryMultiCallable[_selection_pb2.SelectTasksRequest, _selection_pb2.SelectTasksResponse]
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_selection_pb2.GetServerInfoRequest, _selection_pb2.ServerInfo]
+    """Where this server keeps its state: a trainer writing sketch rows into the
+    store itself checks that it writes where the server reads.
+    """
+    ReportTaskFailure: _grpc.UnaryUnaryMultiCallable[_selection_pb2.ReportTaskFailureRequest, _selection_pb2.Task]
+    """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+    weight 0, the reason kept); an empty reason clears the failure.
+    """
 
 @_typing.type_check_only
 class SelectionServiceAsyncStub(SelectionServiceStub):
@@ -100,6 +108,14 @@ class SelectionServiceAsyncStub(SelectionServiceStub):
     EstimateSubsets: _aio.UnaryUnaryMultiCallable[_selection_pb2.EstimateSubsetsRequest, _selection_pb2.EstimateSubsetsResponse]  # type: ignore[assignment]
     """The paper's discrete outputs against a live job."""
     SelectTasks: _aio.UnaryUnaryMultiCallable[_selection_pb2.SelectTasksRequest, _selection_pb2.SelectTasksResponse]  # type: ignore[assignment]
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_selection_pb2.GetServerInfoRequest, _selection_pb2.ServerInfo]  # type: ignore[assignment]
+    """Where this server keeps its state: a trainer writing sketch rows into the
+    store itself checks that it writes where the server reads.
+    """
+    ReportTaskFailure: _aio.UnaryUnaryMultiCallable[_selection_pb2.ReportTaskFailureRequest, _selection_pb2.Task]  # type: ignore[assignment]
+    """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+    weight 0, the reason kept); an empty reason clears the failure.
+    """
 
 class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -221,5 +237,25 @@ class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _selection_pb2.SelectTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_selection_pb2.SelectTasksResponse, _abc.Awaitable[_selection_pb2.SelectTasksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _selection_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.ServerInfo, _abc.Awaitable[_selection_pb2.ServerInfo]]:
+        """Where this server keeps its state: a trainer writing sketch rows into the
+        store itself checks that it writes where the server reads.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportTaskFailure(
+        self,
+        request: _selection_pb2.ReportTaskFailureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.Task, _abc.Awaitable[_selection_pb2.Task]]:
+        """A task whose data a trainer cannot load leaves the mixture (state FAILED,
+        weight 0, the reason kept); an empty reason clears the failure.
+        """
 
 def add_SelectionServiceServicer_to_server(servicer: SelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
