@@ -36,7 +36,7 @@ from gradmix.server.errors import (
     PreconditionError,
     UnknownTaskError,
 )
-from gradmix.server.task_statistics import TaskStatistics, softplus
+from gradmix.server.task_statistics import HessianBank, TaskStatistics, softplus
 from scipy.special import expit
 
 __all__ = ["MODES", "SubsetEstimator", "TaskStatistics", "softplus", "target_losses"]
@@ -72,8 +72,10 @@ class SubsetEstimator:
         self.dim = int(dim)
         self.regularization = _checked_regularization(regularization)
         self._tasks: dict[str, TaskStatistics] = {}
+        self._bank = HessianBank(self.dim)
         self._target: TaskStatistics | None = None
         self._solver: FastSolver | None = None
+        self._changed: set[str] = set()  # tasks with rows the solver has not reread
 
     # ------------------------------------------------------------------ rows
     def add_target_rows(self, grads: np.ndarray, values: np.ndarray) -> None:
@@ -84,7 +86,6 @@ class SubsetEstimator:
             self._target = stats
         else:
             self._target.add(grads, values)
-        self._solver = None
 
     def add_task_rows(self, task: str, grads: np.ndarray, values: np.ndarray) -> None:
         """Adds sketch rows of `task`, creating the task on its first rows."""
@@ -92,12 +93,13 @@ class SubsetEstimator:
             raise InvalidArgumentError(f"task must be a non-empty string, got {task!r}")
         stats = self._tasks.get(task)
         if stats is None:
-            stats = TaskStatistics(self.dim, name=task)
+            stats = TaskStatistics(self.dim, name=task, bank=self._bank)
             stats.add(grads, values)
             self._tasks[task] = stats
+            self._solver = None  # a new task: a new operand shape
         else:
             stats.add(grads, values)
-        self._solver = None
+            self._changed.add(task)
 
     # ------------------------------------------------------------- accessors
     @property
@@ -243,13 +245,28 @@ class SubsetEstimator:
         return self._target
 
     def _fast_solver(self) -> FastSolver:
+        """The solver over every task's current statistics.
+
+        Rows added to a known task are reread incrementally (that task's
+        operand row only); a new task rebuilds the solver.
+        """
         if self._solver is None:
             stats = list(self._tasks.values())
             gradients = np.array([s.loss_gradient() for s in stats])
+            # Slots are handed out in task order (first valid rows first).
+            assert [s.slot for s in stats] == list(range(len(stats)))
             self._solver = FastSolver(
-                hessians=[s.hessian() for s in stats],
-                gradients=gradients.reshape(len(stats), self.dim),
+                self._bank.layout,
+                self._bank.sums(),
+                np.array([s.rows for s in stats]),
+                gradients.reshape(len(stats), self.dim),
             )
+        else:
+            for task in self._changed:
+                stats = self._tasks[task]
+                assert stats.slot is not None
+                self._solver.refresh(stats.slot, stats.rows, stats.loss_gradient())
+        self._changed.clear()
         return self._solver
 
     def _exact_solve(self, alpha: np.ndarray, lam: float, w: np.ndarray) -> np.ndarray:
