@@ -195,6 +195,38 @@ class FastSolver:
             out[i] = self._solve_float64(alpha[i], regularization)
         return out
 
+    def solve_linearized(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
+        """w to first order in α around the rows' mean weighting ᾱ, (m, d) float64.
+
+        With A(α) = Σ_t α_t H_t + λI and w(α) = -A(α)⁻¹ Σ_t α_t b_t:
+
+            w(α) ≈ w(ᾱ) + Σ_t (α_t - ᾱ_t) J_t,   J_t = -A(ᾱ)⁻¹ (H_t w(ᾱ) + b_t)
+
+        One factorisation and one pass over the operands, then an (m, n) @
+        (n, d) product: O(n·d² + m·n·d) against O(m·n·d²) for `solve`. An
+        approximation: its error grows with how far subsets' systems are from
+        the mean one (second order in α - ᾱ).
+        """
+        center = alpha.mean(axis=0)
+        scaled = center / self._rows
+        system = np.tril(self._layout.unpack(scaled @ self._sums))
+        system = system + np.tril(system, -1).T
+        system[np.diag_indices_from(system)] += regularization
+        factor = scipy.linalg.cho_factor(system, lower=True)
+        w0 = -scipy.linalg.cho_solve(factor, center @ self._gradients)
+        curvature = self._hessian_products(w0) / self._rows[:, None]
+        jacobian = -scipy.linalg.cho_solve(factor, (curvature + self._gradients).T).T
+        return w0 + (alpha - center) @ jacobian
+
+    def _hessian_products(self, v: np.ndarray) -> np.ndarray:
+        """S_t v for every task t, (n, d) float64, from the packed lower triangles."""
+        out = -self._sums[:, self._layout.diagonal] * v
+        for (lo, hi, _), columns in zip(self._layout.blocks, self._layout.segments(), strict=True):
+            block = self._sums[:, columns].reshape(self.tasks, hi - lo, hi)
+            out[:, lo:hi] += block @ v[:hi]
+            out[:, :hi] += np.einsum("tij,i->tj", block, v[lo:hi])
+        return out
+
     def _operand(self, dtype: np.dtype) -> list[np.ndarray]:
         """Per block row, (n+1, block size): row t is S_t's block, the last row the identity's.
 
