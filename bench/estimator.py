@@ -16,6 +16,9 @@ It measures, in one run:
   GEMM over whole d×d Hessians per chunk of subsets into freshly allocated
   systems), both ``--repeats`` times, compared by their medians; the largest
   difference between the two sets of estimates is printed;
+* the linearized mode (the fast mode's w to first order around the subsets'
+  mean weighting) over the same subsets, and the Spearman rank correlation
+  of its estimates with the fast mode's;
 * the per-subset baseline of the method's reference code: scikit-learn
   ``LogisticRegression(C=1e-4, solver="liblinear")`` (L2 penalty, the default)
   fitted on the rows of each subset, then the target loss
@@ -32,7 +35,8 @@ fast mode runs in float32). The last line is::
 
     estimator: subsets=<m> seconds=<fast mode, median> per_subset_speedup=<ratio> \
         ingest_rows_per_s=<rate> previous_seconds=<s> speedup_vs_previous=<ratio> \
-        ingest_vs_gemm=<ingest rows/s over bare-GEMM rows/s>
+        ingest_vs_gemm=<ingest rows/s over bare-GEMM rows/s> \
+        linearized_seconds=<s> linearized_spearman=<rank agreement with the fast mode>
 
 (one line).
 """
@@ -48,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import scipy.stats
 from gradmix.server.batched_solve import single_threaded_blas
 from gradmix.server.estimator import SubsetEstimator, softplus, target_losses
 from gradmix.server.synthetic import TaskRows, planted_tasks
@@ -128,6 +133,7 @@ def timed(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     for _ in range(repeats):
         for name, function in functions.items():
             timing = timings[name]
+            timing.result = None  # free the last result first: it may be large
             start, start_cpu = time.perf_counter(), time.process_time()
             timing.result = function()
             timing.wall.append(time.perf_counter() - start)
@@ -201,6 +207,7 @@ def main() -> None:
     target = estimator.statistics(None)
     runs = timed({
         "fast": lambda: estimator.estimate(subsets),
+        "linearized": lambda: estimator.estimate(subsets, mode="linearized"),
         "previous": lambda: target_losses(
             target, previous_solver.solve(alpha, estimator.regularization)
         ),
@@ -209,6 +216,10 @@ def main() -> None:
     losses = np.asarray(runs["fast"].result)
     difference = float(np.abs(losses - np.asarray(runs["previous"].result)).max())
     print(f"fast mode runs (wall s): {runs['fast'].describe()}")
+    linearized = runs["linearized"].median
+    rank = float(scipy.stats.spearmanr(np.asarray(runs["linearized"].result), losses)[0])
+    print(f"linearized mode runs (wall s): {runs['linearized'].describe()}; "
+          f"Spearman with the fast mode {rank:.5f}")
     print(f"previous implementation runs (wall s): {runs['previous'].describe()}; "
           f"largest difference in L-hat {difference:.2e}")
 
@@ -229,7 +240,8 @@ def main() -> None:
     print(f"estimator: subsets={args.subsets} seconds={fast:.3f} "
           f"per_subset_speedup={per_baseline / per_fast:.0f} ingest_rows_per_s={ingest_rate:.0f} "
           f"previous_seconds={previous:.3f} speedup_vs_previous={previous / fast:.2f} "
-          f"ingest_vs_gemm={ingest_rate / gemm_rate:.2f}")
+          f"ingest_vs_gemm={ingest_rate / gemm_rate:.2f} linearized_seconds={linearized:.3f} "
+          f"linearized_spearman={rank:.4f}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import functools
 import itertools
 import os
 import queue
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
@@ -123,23 +124,30 @@ class FastSolver:
     """Solves the fast-mode systems for fixed per-task statistics.
 
     Args:
-        layout: The packing of `sums`.
-        sums: (n, layout.size) float64, row t the packed Hessian sum S_t of
-            task t (may be a view of a `HessianBank`; `refresh` rereads it).
+        layout: The packing of the sums.
+        pages: float64 arrays (rows, layout.size) that stacked hold the packed
+            Hessian sum S_t of task t in row t (views of a `HessianBank`'s
+            pages; `refresh` rereads them).
         rows: (n,) rows behind each sum (H_t = S_t / rows_t).
         gradients: (n, d) float64, row t is b_t.
     """
 
     def __init__(
-        self, layout: LowerBlocks, sums: np.ndarray, rows: np.ndarray, gradients: np.ndarray
+        self,
+        layout: LowerBlocks,
+        pages: Sequence[np.ndarray],
+        rows: np.ndarray,
+        gradients: np.ndarray,
     ) -> None:
-        self.tasks = sums.shape[0]
+        self.tasks = sum(page.shape[0] for page in pages)
         self.dim = layout.dim
         self._layout = layout
-        self._sums = sums
+        self._pages = list(pages)
+        self._starts = np.cumsum([0] + [page.shape[0] for page in self._pages])
         self._rows = np.asarray(rows, dtype=np.float64).copy()
         self._gradients = np.array(gradients, dtype=np.float64).reshape(self.tasks, self.dim)
-        self._traces = sums[:, layout.diagonal].sum(axis=1) / np.maximum(self._rows, 1.0)
+        diagonals = [page[:, layout.diagonal].sum(axis=1) for page in self._pages]
+        self._traces = np.concatenate([np.zeros(0), *diagonals]) / np.maximum(self._rows, 1.0)
         self._operands: dict[np.dtype, list[np.ndarray]] = {}
 
     def dtype_for(self, regularization: float) -> np.dtype:
@@ -156,10 +164,11 @@ class FastSolver:
         """Rereads task `task`'s sum (its rows changed); O(packed d²), not O(n·d²)."""
         self._rows[task] = rows
         self._gradients[task] = gradient
-        self._traces[task] = self._sums[task, self._layout.diagonal].sum() / rows
+        row = self._row(task)
+        self._traces[task] = row[self._layout.diagonal].sum() / rows
         for operand in self._operands.values():
             for block, columns in zip(operand, self._layout.segments(), strict=True):
-                block[task] = self._sums[task, columns]
+                block[task] = row[columns]
 
     def solve(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
         """Returns w (m, d), one row per row of `alpha` (m, n), in `dtype_for(λ)`."""
@@ -208,8 +217,7 @@ class FastSolver:
         the mean one (second order in α - ᾱ).
         """
         center = alpha.mean(axis=0)
-        scaled = center / self._rows
-        system = np.tril(self._layout.unpack(scaled @ self._sums))
+        system = np.tril(self._layout.unpack(self._combine(center / self._rows)))
         system = system + np.tril(system, -1).T
         system[np.diag_indices_from(system)] += regularization
         factor = scipy.linalg.cho_factor(system, lower=True)
@@ -220,12 +228,28 @@ class FastSolver:
 
     def _hessian_products(self, v: np.ndarray) -> np.ndarray:
         """S_t v for every task t, (n, d) float64, from the packed lower triangles."""
-        out = -self._sums[:, self._layout.diagonal] * v
-        for (lo, hi, _), columns in zip(self._layout.blocks, self._layout.segments(), strict=True):
-            block = self._sums[:, columns].reshape(self.tasks, hi - lo, hi)
-            out[:, lo:hi] += block @ v[:hi]
-            out[:, :hi] += np.einsum("tij,i->tj", block, v[lo:hi])
+        out = np.empty((self.tasks, self.dim))
+        for page, start in zip(self._pages, self._starts, strict=False):
+            part = out[start : start + page.shape[0]]
+            part[:] = -page[:, self._layout.diagonal] * v
+            for (lo, hi, _), columns in zip(
+                self._layout.blocks, self._layout.segments(), strict=True
+            ):
+                block = page[:, columns].reshape(page.shape[0], hi - lo, hi)
+                part[:, lo:hi] += block @ v[:hi]
+                part[:, :hi] += np.einsum("tij,i->tj", block, v[lo:hi])
         return out
+
+    def _combine(self, weights: np.ndarray) -> np.ndarray:
+        """Σ_t weights_t S_t, packed float64."""
+        total = np.zeros(self._layout.size)
+        for page, start in zip(self._pages, self._starts, strict=False):
+            total += weights[start : start + page.shape[0]] @ page
+        return total
+
+    def _row(self, task: int) -> np.ndarray:
+        page = int(np.searchsorted(self._starts, task, side="right")) - 1
+        return self._pages[page][task - self._starts[page]]
 
     def _operand(self, dtype: np.dtype) -> list[np.ndarray]:
         """Per block row, (n+1, block size): row t is S_t's block, the last row the identity's.
@@ -238,15 +262,15 @@ class FastSolver:
             operand = []
             for columns in self._layout.segments():
                 block = np.empty((self.tasks + 1, columns.stop - columns.start), dtype)
-                block[:-1] = self._sums[:, columns]
+                for page, start in zip(self._pages, self._starts, strict=False):
+                    block[start : start + page.shape[0]] = page[:, columns]
                 block[-1] = identity[columns]
                 operand.append(block)
             self._operands[dtype] = operand
         return self._operands[dtype]
 
     def _solve_float64(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
-        packed = (alpha / self._rows) @ self._sums
-        system = np.tril(self._layout.unpack(packed))
+        system = np.tril(self._layout.unpack(self._combine(alpha / self._rows)))
         system = system + np.tril(system, -1).T
         system[np.diag_indices_from(system)] += regularization
         return np.linalg.solve(system, -(alpha @ self._gradients))

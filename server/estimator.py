@@ -267,7 +267,7 @@ class SubsetEstimator:
             assert [s.slot for s in stats] == list(range(len(stats)))
             self._solver = FastSolver(
                 self._bank.layout,
-                self._bank.sums(),
+                self._bank.pages(),
                 np.array([s.rows for s in stats]),
                 gradients.reshape(len(stats), self.dim),
             )

@@ -9,11 +9,12 @@ so adding rows costs O(rows·d²) and never revisits old rows. The rows
 themselves are kept as well: the estimator's exact mode and the target loss
 need them.
 
-The Hessian sums of all of an estimator's tasks live in one `HessianBank`: a
-single growable float64 array holding only the lower triangle of each sum (in
-`LowerBlocks` layout, ~56% of d² at d = 512). One large allocation instead of
-a d×d array per task (and fresh temporaries per add) is what keeps ingest at
-BLAS speed: page faults on fresh memory, not arithmetic, dominated it before.
+The Hessian sums of all of an estimator's tasks live in one `HessianBank`:
+float64 pages of 64 tasks each holding only the lower triangle of each sum
+(in `LowerBlocks` layout, ~56% of d² at d = 512). A few large allocations
+instead of a d×d array per task (and fresh temporaries per add) is what keeps
+ingest near BLAS speed: page faults on fresh memory, not arithmetic,
+dominated it before (10 s of system time for 1000 tasks at d = 512).
 The fast-mode solver reads the bank directly (`gradmix.server.batched_solve`).
 """
 
@@ -30,8 +31,8 @@ from gradmix.server.errors import (
 from scipy.linalg.blas import dsyrk as syrk
 from scipy.special import expit
 
-#: Tasks the bank holds before its first growth (it doubles when full).
-INITIAL_CAPACITY = 16
+#: Slots per page of a `HessianBank`.
+PAGE = 64
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -40,30 +41,33 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 
 class HessianBank:
-    """The Hessian sums of many tasks, lower triangles packed in one array.
+    """The Hessian sums of many tasks, lower triangles packed, in fixed-size pages.
 
-    Slot i is row i of `sums()`; slots are handed out in order by `allocate`.
+    Slot i is row i % PAGE of page i // PAGE. Pages are never reallocated, so
+    growing the bank touches no memory beyond the new rows (a doubling array
+    would copy, and on the VMs measured here first-touching fresh memory cost
+    more than the arithmetic).
 
     Attributes:
         layout: The packing of one d×d lower triangle (`LowerBlocks`).
+        size: Slots handed out so far.
     """
 
     def __init__(self, dim: int) -> None:
         self.layout = LowerBlocks(dim)
-        self._sums = np.zeros((0, self.layout.size))
-        self._size = 0
+        self.size = 0
+        self._pages: list[np.ndarray] = []
         # syrk writes its upper triangle (Fortran order) here; read through
         # the transpose it is the C-order lower triangle the layout packs.
         self._scratch = np.zeros((dim, dim), order="F")
 
     def allocate(self) -> int:
         """A new zeroed slot; its index."""
-        if self._size == self._sums.shape[0]:
-            grown = np.zeros((max(INITIAL_CAPACITY, 2 * self._size), self.layout.size))
-            grown[: self._size] = self._sums[: self._size]
-            self._sums = grown
-        self._size += 1
-        return self._size - 1
+        if self.size == len(self._pages) * PAGE:
+            # np.zeros maps zero pages lazily: unused rows cost no memory.
+            self._pages.append(np.zeros((PAGE, self.layout.size)))
+        self.size += 1
+        return self.size - 1
 
     def accumulate(self, slot: int, weighted: np.ndarray) -> None:
         """Adds weightedᵀ·weighted to slot's sum (weighted: (rows, d) float64).
@@ -73,11 +77,16 @@ class HessianBank:
         # Upper triangle only (syrk: half the flops of a full product), into
         # a reused buffer: no fresh d×d memory per add.
         syrk(1.0, weighted.T, beta=0.0, c=self._scratch, lower=0, overwrite_c=1)
-        self.layout.pack_add(self._scratch.T, self._sums[slot])
+        self.layout.pack_add(self._scratch.T, self.row(slot))
 
-    def sums(self) -> np.ndarray:
-        """(slots, layout.size) float64 view of every slot's packed sum."""
-        return self._sums[: self._size]
+    def row(self, slot: int) -> np.ndarray:
+        """Slot's packed sum, a float64 view (layout.size,)."""
+        page, index = divmod(slot, PAGE)
+        return self._pages[page][index]
+
+    def pages(self) -> list[np.ndarray]:
+        """Views (≤ PAGE, layout.size) covering slots 0..size-1 in order."""
+        return [page[: self.size - i * PAGE] for i, page in enumerate(self._pages)]
 
 
 class TaskStatistics:
@@ -126,7 +135,7 @@ class TaskStatistics:
         """Σ_i σ(f_i)σ(-f_i) g_i g_iᵀ packed (`HessianBank.layout`), a float64 view."""
         if self.slot is None:
             raise EmptyTaskError(f"{self.name}: no rows")
-        return self._bank.sums()[self.slot]
+        return self._bank.row(self.slot)
 
     def hessian(self) -> np.ndarray:
         """H = mean_i σ(f_i)σ(-f_i) g_i g_iᵀ, float64 (d, d), symmetric."""

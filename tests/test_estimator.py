@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.stats
+from gradmix.server import task_statistics
 from gradmix.server.errors import (
     DimensionMismatchError,
     EmptyTaskError,
@@ -246,9 +247,11 @@ def test_bad_construction_and_mode_are_rejected():
         estimator.estimate(np.ones((1, 4), dtype=bool), mode="slow")
 
 
-def test_rows_added_after_an_estimate_are_reread_incrementally():
+def test_rows_added_after_an_estimate_are_reread_incrementally(monkeypatch):
     # The solver is kept when a known task gains rows (only its operand row is
     # re-cast); estimates must equal a fresh estimator's over all the rows.
+    # Pages of 2 tasks: the 5 tasks' sums span 3 pages of the bank.
+    monkeypatch.setattr(task_statistics, "PAGE", 2)
     rng = np.random.default_rng(20)
     dim = 130  # two block rows of uneven width in the packed layout
     target = random_rows(rng, 50, dim, 0.05)
@@ -268,6 +271,16 @@ def test_rows_added_after_an_estimate_are_reread_incrementally():
             g, f = np.concatenate([g, more[0]]), np.concatenate([f, more[1]])
         fresh.add_task_rows(name, g, f)
     np.testing.assert_allclose(grown.estimate(subsets), fresh.estimate(subsets), rtol=1e-7)
+    for mode in ("linearized", "exact"):
+        np.testing.assert_allclose(
+            grown.estimate(subsets[:3], mode=mode), fresh.estimate(subsets[:3], mode=mode),
+            rtol=1e-9,
+        )
+    # An ill-conditioned λ takes the float64 path over the same pages.
+    np.testing.assert_allclose(
+        grown.estimate(subsets[:3], regularization=1e-6),
+        fresh.estimate(subsets[:3], regularization=1e-6), rtol=1e-7,
+    )
     g, f = fresh.statistics("t2").grads(), fresh.statistics("t2").values()
     direct = (g.T * (expit(f) * expit(-f))) @ g / len(f)
     np.testing.assert_allclose(grown.statistics("t2").hessian(), direct, rtol=1e-12, atol=1e-15)
