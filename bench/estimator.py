@@ -134,10 +134,12 @@ def timed(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str,
         for name, function in functions.items():
             timing = timings[name]
             timing.result = None  # free the last result first: it may be large
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start, before = time.perf_counter(), os.times()
             timing.result = function()
             timing.wall.append(time.perf_counter() - start)
-            timing.cpu.append(time.process_time() - start_cpu)
+            after = os.times()
+            timing.cpu.append(after.user - before.user + after.system - before.system)
+            timing.system.append(after.system - before.system)
     return timings
 
 
@@ -147,6 +149,7 @@ class Timing:
     def __init__(self) -> None:
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.system: list[float] = []
         self.result: object = None
 
     @property
@@ -155,7 +158,8 @@ class Timing:
 
     def describe(self) -> str:
         return (" ".join(f"{r:.3f}" for r in self.wall) + f"  median={self.median:.3f}"
-                + f"  (process CPU s, all threads: median={statistics.median(self.cpu):.3f})")
+                + f"  (process CPU s, all threads: median={statistics.median(self.cpu):.3f}"
+                + f", of it system {statistics.median(self.system):.3f})")
 
 
 def ingest(
