@@ -31,6 +31,7 @@ Two modes:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -51,6 +52,9 @@ MODES = ("fast", "exact", "linearized")
 #: Exact mode stops when ‖∇J(w)‖ ≤ this × max(1, ‖∇J(0)‖).
 EXACT_GRADIENT_TOLERANCE = 1e-11
 EXACT_MAX_ITERATIONS = 100
+#: Fast-mode solves kept for reuse, one per (λ, number of subsets): the
+#: server's policies, its estimated-loss check and queries each have their own.
+SOLVES_KEPT = 4
 
 
 class SubsetEstimator:
@@ -82,6 +86,8 @@ class SubsetEstimator:
         self._target: TaskStatistics | None = None
         self._solver: FastSolver | None = None
         self._changed: set[str] = set()  # tasks with rows the solver has not reread
+        self._versions: list[int] = []  # per task (index = bank slot): adds so far
+        self._solved: dict[tuple[float, int], _Solved] = {}  # (λ, m) → the last solve
 
     # ------------------------------------------------------------------ rows
     def add_target_rows(self, grads: np.ndarray, values: np.ndarray) -> None:
@@ -102,10 +108,14 @@ class SubsetEstimator:
             stats = TaskStatistics(self.dim, name=task, bank=self._bank)
             stats.add(grads, values)
             self._tasks[task] = stats
+            self._versions.append(0)
             self._solver = None  # a new task: a new operand shape
+            self._solved.clear()
         else:
             stats.add(grads, values)
             self._changed.add(task)
+            assert stats.slot is not None
+            self._versions[stats.slot] += 1
 
     # ------------------------------------------------------------- accessors
     @property
@@ -182,7 +192,7 @@ class SubsetEstimator:
             linear_w = self._fast_solver().solve_linearized(alpha[active], lam)
             losses[active] = target_losses(target, linear_w)
             return losses
-        fast_w = self._fast_solver().solve(alpha[active], lam)
+        fast_w = self._solve_fast(alpha[active], lam)
         if mode == "fast":
             losses[active] = target_losses(target, fast_w)
             return losses
@@ -279,6 +289,35 @@ class SubsetEstimator:
         self._changed.clear()
         return self._solver
 
+    def _solve_fast(self, alpha: np.ndarray, lam: float) -> np.ndarray:
+        """The fast-mode w for each row of α, re-solving only what changed.
+
+        A row equal to the same row of the last solve with this λ and this
+        many rows, none of whose tasks has gained rows since, has the same
+        system and right-hand side, so its w is reused: when one task's rows
+        change, the subsets without it (half of them at q = 0.5) cost
+        nothing. The target's rows do not enter w.
+        """
+        solver = self._fast_solver()
+        versions = np.array(self._versions)
+        key = (lam, alpha.shape[0])
+        last = self._solved.get(key)
+        reuse = np.zeros(alpha.shape[0], dtype=bool)
+        if last is not None and last.w.dtype == solver.dtype_for(lam):
+            changed = np.flatnonzero(versions != last.versions)
+            reuse = (alpha == last.alpha).all(axis=1) & ~(alpha[:, changed] > 0).any(axis=1)
+        if last is not None and reuse.all():
+            return last.w
+        w = np.empty((alpha.shape[0], self.dim), solver.dtype_for(lam))
+        if last is not None:
+            w[reuse] = last.w[reuse]
+        w[~reuse] = solver.solve(alpha[~reuse], lam)
+        self._solved.pop(key, None)
+        self._solved[key] = _Solved(alpha=alpha.copy(), w=w, versions=versions)
+        while len(self._solved) > SOLVES_KEPT:
+            del self._solved[next(iter(self._solved))]
+        return w
+
     def _exact_solve(self, alpha: np.ndarray, lam: float, w: np.ndarray) -> np.ndarray:
         """Damped Newton on the rows of the subset (alpha > 0), from `w`."""
         stats = list(self._tasks.values())
@@ -310,6 +349,15 @@ class SubsetEstimator:
             f"exact mode did not reach ‖∇J‖ ≤ {tolerance:.3g} "
             f"in {EXACT_MAX_ITERATIONS} Newton steps"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Solved:
+    """One fast-mode solve kept for reuse: its α rows, w rows and task versions."""
+
+    alpha: np.ndarray
+    w: np.ndarray
+    versions: np.ndarray
 
 
 def target_losses(target: TaskStatistics, w: np.ndarray) -> np.ndarray:

@@ -312,3 +312,21 @@ def test_linearized_mode_is_exact_at_its_center_and_ranks_like_the_fast_mode():
     fast = estimator.estimate(subsets)
     assert scipy.stats.spearmanr(linear, fast)[0] > 0.99
     assert not np.allclose(linear, fast, rtol=1e-9)  # an approximation, not the same numbers
+
+
+def test_subsets_without_a_changed_task_reuse_their_solution():
+    estimator, target, tasks = build(23, dim=12, n_tasks=5, scale=0.3, reg=1.0)
+    subsets = np.random.default_rng(6).random((60, 5)) < 0.5
+    before = estimator.estimate(subsets)
+    more = random_rows(np.random.default_rng(7), 20, 12, 0.3)
+    estimator.add_task_rows("task-1", *more)
+    after = estimator.estimate(subsets)
+    without = ~subsets[:, 1]
+    np.testing.assert_array_equal(after[without], before[without])  # reused as is
+    assert not np.allclose(after[~without], before[~without], rtol=1e-9)
+    g, f = tasks["task-1"]
+    tasks["task-1"] = (np.concatenate([g, more[0]]), np.concatenate([f, more[1]]))
+    for row in np.flatnonzero(subsets.any(axis=1)):
+        alpha = {n: 1.0 for n, inside in zip(estimator.tasks, subsets[row], strict=True) if inside}
+        expected = one_newton_step_loss(target, tasks, alpha, 1.0)
+        assert after[row] == pytest.approx(expected, rel=1e-6)
