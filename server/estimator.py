@@ -146,6 +146,10 @@ class SubsetEstimator:
         return self._require_target().loss()
 
     # ------------------------------------------------------------ estimation
+    def discard_solves(self) -> None:
+        """Forgets the fast-mode solves kept for reuse (the next estimate solves every subset)."""
+        self._solved.clear()
+
     def prepare(self, regularization: float | None = None) -> None:
         """Builds the fast-mode caches now instead of on the next `estimate`."""
         lam = self.regularization if regularization is None else _checked_regularization(
