@@ -1,40 +1,67 @@
-"""Benchmark: fast-mode subset estimates vs. one logistic-regression fit per subset.
+"""Benchmark: statistics ingest and fast-mode subset estimates, each against a baseline.
 
 Run by hand: ``.venv/bin/python bench/estimator.py`` (defaults: 100 tasks ×
-500 rows, 500 target rows, d = 256, 1000 random subsets of half the tasks).
+500 rows, 500 target rows, d = 256, 1000 random subsets of half the tasks);
+the production-scale case is ``--tasks 1000 --rows 100 --dim 512``.
 
 It measures, in one run:
 
-* the statistics precompute: adding every task's rows to a `SubsetEstimator`
-  (per-task b_t and H_t) and building the fast-mode operands (`prepare`);
-* the fast mode over all subsets, one batched `estimate` call (best of
-  ``--repeats`` runs; every run is printed);
-* the baseline, the per-subset approach of the method's reference code:
-  scikit-learn ``LogisticRegression(C=1e-4, solver="liblinear")`` (L2
-  penalty, the default) fitted on the rows of each subset, then the target loss
+* ingest: adding every task's rows to a `SubsetEstimator` (per-task b_t and
+  packed Hessian sums) and building the fast-mode operands (`prepare`), as
+  rows per second; beside it a bare GEMM of the same rows (XᵀX over all task
+  rows stacked in float64, BLAS on one thread like the ingest): the
+  arithmetic the ingest cannot avoid;
+* the fast mode over all subsets, one batched `estimate` call, and the same
+  estimates by the previous implementation (`PreviousFastSolver` below: one
+  GEMM over whole d×d Hessians per chunk of subsets into freshly allocated
+  systems), both ``--repeats`` times, compared by their medians; the largest
+  difference between the two sets of estimates is printed;
+* incremental re-estimation: one task gains rows (its own rows again, as a
+  commit would add), then every subset is estimated; the fast mode re-solves
+  only the subsets that hold that task (``discard_solves`` before each of
+  the repeated fast-mode runs above makes those solve every subset);
+* the linearized mode (the fast mode's w to first order around the subsets'
+  mean weighting) over the same subsets, and the Spearman rank correlation
+  of its estimates with the fast mode's;
+* the per-subset baseline of the method's reference code: scikit-learn
+  ``LogisticRegression(C=1e-4, solver="liblinear")`` (L2 penalty, the default)
+  fitted on the rows of each subset, then the target loss
   mean softplus(-(f_v + g_vᵀ w)) with w its coefficients. Like the reference
   it has no value offset in the regression; it makes the two classes sklearn
   needs by negating a random 30% of the rows and labelling them 0 (σ(-z) =
   1 - σ(z), so this is the same likelihood as labelling every row 1). Timed
   per subset over ``--baseline-subsets`` subsets (fit + target loss; building
-  the row matrix is not timed).
+  the row matrix is not timed). The speedup compares medians on both sides:
+  the median per-subset fit against the median fast-mode run / m.
 
 Data: `gradmix.server.synthetic.planted_tasks` (rows of norm ≈ 1.4, so the
 fast mode runs in float32). The last line is::
 
-    estimator: subsets=<m> seconds=<fast mode total> per_subset_speedup=<ratio>
+    estimator: subsets=<m> seconds=<fast mode, median> per_subset_speedup=<ratio> \
+        ingest_rows_per_s=<rate> previous_seconds=<s> speedup_vs_previous=<ratio> \
+        ingest_vs_gemm=<ingest rows/s over bare-GEMM rows/s> \
+        linearized_seconds=<s> linearized_spearman=<rank agreement with the fast mode> \
+        incremental_seconds=<one task's rows added and every subset re-estimated>
+
+(one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from gradmix.server.estimator import SubsetEstimator, softplus
-from gradmix.server.synthetic import planted_tasks
+import scipy.stats
+from gradmix.server.batched_solve import single_threaded_blas
+from gradmix.server.estimator import SubsetEstimator, softplus, target_losses
+from gradmix.server.synthetic import TaskRows, planted_tasks
+from scipy.linalg import get_lapack_funcs
 from sklearn.linear_model import LogisticRegression
 
 
@@ -47,8 +74,50 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--subset-fraction", type=float, default=0.5)
     parser.add_argument("--baseline-subsets", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ingest-repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
+
+
+class PreviousFastSolver:
+    """The fast mode as implemented before the packed operands: the baseline.
+
+    Whole d×d Hessians H_t stacked as (n+1, d²) float32 (λI the last row);
+    per chunk of 128 subsets one GEMM into a freshly allocated (128, d, d)
+    stack, then ``posv`` per system; chunks on a thread pool, BLAS on one
+    thread.
+    """
+
+    def __init__(self, estimator: SubsetEstimator) -> None:
+        d = estimator.dim
+        self.tasks = estimator.tasks
+        self.stack = np.empty((len(self.tasks) + 1, d, d), np.float32)
+        for t, task in enumerate(self.tasks):
+            self.stack[t] = estimator.statistics(task).hessian()
+        self.stack[-1] = np.eye(d)
+        self.stack = self.stack.reshape(len(self.tasks) + 1, d * d)
+        self.gradients = np.array([estimator.statistics(t).loss_gradient() for t in self.tasks])
+
+    def solve(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
+        m, d = alpha.shape[0], self.gradients.shape[1]
+        weights = np.empty((m, len(self.tasks) + 1), np.float32)
+        weights[:, :-1] = alpha
+        weights[:, -1] = regularization
+        rhs = -(alpha @ self.gradients).astype(np.float32)
+        out = np.empty((m, d), np.float32)
+        (posv,) = get_lapack_funcs(("posv",), dtype=np.float32)
+
+        def work(lo: int) -> None:
+            hi = min(lo + 128, m)
+            systems = np.empty((hi - lo, d, d), np.float32)
+            np.matmul(weights[lo:hi], self.stack, out=systems.reshape(hi - lo, d * d))
+            for i in range(hi - lo):
+                _, solution, info = posv(systems[i].T, rhs[lo + i], lower=0, overwrite_a=1)
+                out[lo + i] = solution if info == 0 else np.nan
+
+        with single_threaded_blas(), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+            list(pool.map(work, range(0, m, 128)))
+        return out
 
 
 def baseline_loss(
@@ -63,6 +132,53 @@ def baseline_loss(
     return float(softplus(-(target_f + target_g @ model.coef_[0])).mean())
 
 
+def timed(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
+    """Runs each function `repeats` times, interleaved (load drifts hit all alike)."""
+    timings = {name: Timing() for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            timing = timings[name]
+            timing.result = None  # free the last result first: it may be large
+            start, before = time.perf_counter(), os.times()
+            timing.result = function()
+            timing.wall.append(time.perf_counter() - start)
+            after = os.times()
+            timing.cpu.append(after.user - before.user + after.system - before.system)
+            timing.system.append(after.system - before.system)
+    return timings
+
+
+class Timing:
+    """Wall and process-CPU seconds of repeated runs, and the last run's result."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self.system: list[float] = []
+        self.result: object = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    def describe(self) -> str:
+        return (" ".join(f"{r:.3f}" for r in self.wall) + f"  median={self.median:.3f}"
+                + f"  (process CPU s, all threads: median={statistics.median(self.cpu):.3f}"
+                + f", of it system {statistics.median(self.system):.3f})")
+
+
+def ingest(
+    args: argparse.Namespace, target: TaskRows, tasks: dict[str, TaskRows]
+) -> SubsetEstimator:
+    """A fresh estimator holding every row, its fast-mode operands built."""
+    estimator = SubsetEstimator(args.dim)
+    estimator.add_target_rows(*target)
+    for name, (grads, values) in tasks.items():
+        estimator.add_task_rows(name, grads, values)
+    estimator.prepare()
+    return estimator
+
+
 def main() -> None:
     args = parse_args()
     third = args.tasks // 3
@@ -70,16 +186,24 @@ def main() -> None:
         third, third, args.tasks - 2 * third, args.rows, args.dim, args.seed
     )
     names = list(tasks)
+    rows = args.rows * (args.tasks + 1)
 
-    start = time.perf_counter()
-    estimator = SubsetEstimator(args.dim)
-    estimator.add_target_rows(target_g, target_f)
-    for name in names:
-        estimator.add_task_rows(name, *tasks[name])
-    estimator.prepare()
-    precompute = time.perf_counter() - start
-    print(f"statistics precompute: {precompute:.3f} s for {args.tasks} tasks x {args.rows} rows, "
-          f"d={args.dim}")
+    stacked = np.concatenate([tasks[name][0] for name in names]).astype(np.float64)
+
+    def gemm() -> None:
+        with single_threaded_blas():  # as the ingest's BLAS calls
+            stacked.T @ stacked
+
+    loads = timed({"ingest": lambda: ingest(args, (target_g, target_f), tasks), "gemm": gemm},
+                  args.ingest_repeats)
+    estimator = loads["ingest"].result
+    assert isinstance(estimator, SubsetEstimator)
+    ingest_rate = rows / loads["ingest"].median
+    gemm_rate = args.tasks * args.rows / loads["gemm"].median
+    print(f"ingest of {args.tasks} tasks x {args.rows} rows + {args.rows} target rows, "
+          f"d={args.dim} (wall s): {loads['ingest'].describe()}: {ingest_rate:.0f} rows/s")
+    print(f"bare GEMM of the task rows (wall s): {loads['gemm'].describe()}: "
+          f"{gemm_rate:.0f} rows/s")
 
     rng = np.random.default_rng(args.seed + 1)
     size = math.ceil(args.subset_fraction * args.tasks)
@@ -87,16 +211,41 @@ def main() -> None:
     subsets = np.zeros((args.subsets, args.tasks), dtype=bool)
     np.put_along_axis(subsets, members, True, axis=1)
 
-    runs, cpu = [], []
-    for _ in range(args.repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        losses = estimator.estimate(subsets)
-        runs.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    fast = min(runs)
-    print("fast mode runs (wall s): " + " ".join(f"{r:.3f}" for r in runs)
-          + f"  best={fast:.3f} median={statistics.median(runs):.3f}"
-          + f"  (process CPU s, all threads: min={min(cpu):.3f})")
+    previous_solver = PreviousFastSolver(estimator)
+    alpha = estimator.subset_weights(subsets)
+    target = estimator.statistics(None)
+    def full_fast() -> np.ndarray:
+        estimator.discard_solves()  # every run solves every subset
+        return estimator.estimate(subsets)
+
+    runs = timed({
+        "fast": full_fast,
+        "linearized": lambda: estimator.estimate(subsets, mode="linearized"),
+        "previous": lambda: target_losses(
+            target, previous_solver.solve(alpha, estimator.regularization)
+        ),
+    }, args.repeats)
+    fast, previous = runs["fast"].median, runs["previous"].median
+    losses = np.asarray(runs["fast"].result)
+    difference = float(np.abs(losses - np.asarray(runs["previous"].result)).max())
+    print(f"fast mode runs (wall s): {runs['fast'].describe()}")
+    linearized = runs["linearized"].median
+    rank = float(scipy.stats.spearmanr(np.asarray(runs["linearized"].result), losses)[0])
+    print(f"linearized mode runs (wall s): {runs['linearized'].describe()}; "
+          f"Spearman with the fast mode {rank:.5f}")
+    print(f"previous implementation runs (wall s): {runs['previous'].describe()}; "
+          f"largest difference in L-hat {difference:.2e}")
+
+    # One task gains rows (as after a commit): only subsets holding it are re-solved.
+    estimator.estimate(subsets)
+    changed = names[0]
+    start = time.perf_counter()
+    estimator.add_task_rows(changed, *tasks[changed])
+    estimator.estimate(subsets)
+    incremental = time.perf_counter() - start
+    print(f"incremental: {incremental:.3f} s to add {args.rows} rows to one task and re-estimate "
+          f"(re-solving the {int(subsets[:, 0].sum())} subsets that hold it; "
+          f"{fast:.3f} s for all {args.subsets})")
 
     times, reference = [], []
     for j in range(args.baseline_subsets):
@@ -105,14 +254,18 @@ def main() -> None:
         start = time.perf_counter()
         reference.append(baseline_loss(grads, target_g, target_f, args.seed + j))
         times.append(time.perf_counter() - start)
-    per_baseline = statistics.mean(times)
+    per_baseline = statistics.median(times)
     per_fast = fast / args.subsets
-    print(f"baseline: {per_baseline:.4f} s per subset over {len(times)} subsets "
-          f"({size * args.rows} rows each); fast mode: {per_fast * 1e3:.3f} ms per subset")
-    print(f"L-hat on the first {len(times)} subsets: fast mean={losses[: len(times)].mean():.4f} "
+    print(f"baseline: {per_baseline:.4f} s per subset (median of {len(times)} subsets, "
+          f"{size * args.rows} rows each); fast mode: {per_fast * 1e3:.3f} ms per subset")
+    first = losses[: len(times)]
+    print(f"L-hat on the first {len(times)} subsets: fast mean={first.mean():.4f} "
           f"baseline mean={np.mean(reference):.4f} anchor={estimator.anchor_loss():.4f}")
     print(f"estimator: subsets={args.subsets} seconds={fast:.3f} "
-          f"per_subset_speedup={per_baseline / per_fast:.0f}")
+          f"per_subset_speedup={per_baseline / per_fast:.0f} ingest_rows_per_s={ingest_rate:.0f} "
+          f"previous_seconds={previous:.3f} speedup_vs_previous={previous / fast:.2f} "
+          f"ingest_vs_gemm={ingest_rate / gemm_rate:.2f} linearized_seconds={linearized:.3f} "
+          f"linearized_spearman={rank:.4f} incremental_seconds={incremental:.3f}")
 
 
 if __name__ == "__main__":

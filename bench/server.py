@@ -23,7 +23,8 @@ one run:
 The last line is::
 
     server: commit_to_push_p50_s=<...> get_mixture_qps=<...> \
-        get_mixture_p99_ms=<...> fanout_200_s=<...>
+        get_mixture_p99_ms=<...> fanout_200_s=<...> reestimate_p50_s=<...> \
+        bare_qps=<...> bare_p99_ms=<...> qps_vs_bare=<...>
 
 (one line; broken here only for width).
 """
@@ -415,7 +416,9 @@ def main() -> None:
             server.wait(timeout=30)
     print(f"server: commit_to_push_p50_s={p(latencies, 50):.3f} get_mixture_qps={qps:.0f} "
           f"get_mixture_p99_ms={1e3 * p(get_lat, 99):.2f} "
-          f"fanout_{args.watchers}_s={from_publish:.3f}")
+          f"fanout_{args.watchers}_s={from_publish:.3f} "
+          f"reestimate_p50_s={p(baseline, 50):.3f} bare_qps={bare_qps:.0f} "
+          f"bare_p99_ms={1e3 * p(bare_lat, 99):.2f} qps_vs_bare={qps / bare_qps:.2f}")
 
 
 if __name__ == "__main__":

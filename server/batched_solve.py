@@ -4,83 +4,195 @@ For each row α of an (m, n) weight matrix this computes
 
     w = -(Σ_t α_t H_t + λI)⁻¹ Σ_t α_t b_t
 
-the estimator's fast mode. The hot path, tuned for m in the thousands:
+the estimator's fast mode. The hot path, tuned for m and n in the thousands:
 
-* A chunk's systems are built by one GEMM (chunk, n+1) @ (n+1, d²) straight
-  into a stack of d×d buffers (λI rides along as an extra "task" with weight
-  λ). Building only the lower triangles (one small GEMM per matrix row) halves
-  the flops but measured ~2x slower here: 256 small GEMMs run far below peak.
-* Each system is then factored and solved in place with LAPACK ``posv``
-  (Cholesky); numpy's stacked ``cholesky`` is several times slower here.
+* The operands are the tasks' Hessian *sums* S_t = rows_t·H_t, packed as the
+  lower triangle in `LowerBlocks` layout (K block rows of the triangle, the
+  diagonal blocks whole): Σ_t (α_t/rows_t) S_t for a chunk of subsets is K
+  GEMMs (chunk, n+1) @ (n+1, block) whose outputs are copied as rectangles
+  into a stack of d×d systems (λI rides along as an extra "task" with weight
+  λ). At d = 512 (K = 8) that is 56% of the flops of one GEMM over whole d×d
+  matrices, with no gather or scatter.
+* float32 systems are solved together by conjugate gradients preconditioned
+  with the chunk's mean system (one Cholesky per chunk): subsets' systems
+  differ from their mean by a weighted sum of task Hessians, so 3-4
+  iterations (batched matrix-vector products) reach a relative residual of
+  `CG_TOLERANCE`, against d³/3 flops per system for a factorisation. A system
+  CG does not settle, and every float64 system, is factored and solved in
+  place with LAPACK ``posv`` (Cholesky) reading the lower triangle; numpy's
+  stacked ``cholesky`` is several times slower here.
 * BLAS is pinned to one thread for the call (threadpoolctl; process-wide
   while it runs) and chunks of subsets run on a small thread pool instead
-  (GEMM and LAPACK release the GIL), so two cores work on two chunks.
+  (GEMM and LAPACK release the GIL), so two cores work on two chunks. Each
+  worker reuses one set of buffers for all its chunks.
 * float32 is used when the systems are well conditioned enough for it:
   cond(A) ≤ 1 + max_t trace(H_t)/λ ≤ `FLOAT32_MAX_CONDITION` keeps the relative
   error of w near 1e-4 or better; otherwise float64. A system that float32
   fails to factor is re-solved in float64.
+* When one task's rows change, `refresh` re-casts only that task's operand
+  row instead of rebuilding the (n+1, packed d²) operand.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 from scipy.linalg import get_lapack_funcs
 from threadpoolctl import ThreadpoolController
 
 FLOAT32_MAX_CONDITION = 1e3
 CHUNK = 128
 MAX_WORKERS = 4
+#: Width of a block row of the packed lower triangle (fewer, wider blocks
+#: waste flops on the diagonal blocks; narrower ones run GEMMs below peak).
+BLOCK = 64
+MAX_BLOCKS = 8
+#: Float32 systems are solved by conjugate gradients to this relative
+#: residual (float32 Cholesky's own error is of this order at cond ≤ 1e3)...
+CG_TOLERANCE = 1e-6
+#: ...within this many iterations; a system that does not is factored.
+CG_MAX_ITERATIONS = 12
+#: Systems iterated together (32 × d² float32: 8 MB at d = 256, cache-sized).
+CG_BATCH = 32
+
+
+class LowerBlocks:
+    """Packing of the lower triangle of a d×d matrix as K block rows.
+
+    Block row k holds rows [lo_k, hi_k) and columns [0, hi_k) of the matrix
+    (C order), so it covers the lower triangle and the diagonal block's
+    upper part. The packed vector concatenates the blocks.
+
+    Attributes:
+        dim: d.
+        blocks: (lo, hi, offset) per block row; offset into the packed vector.
+        size: Length of the packed vector.
+        diagonal: Packed positions of the d diagonal entries.
+    """
+
+    def __init__(self, dim: int) -> None:
+        count = max(1, min(MAX_BLOCKS, dim // BLOCK))
+        edges = [k * dim // count for k in range(count + 1)]
+        self.dim = dim
+        self.blocks: list[tuple[int, int, int]] = []
+        offset = 0
+        diagonal: list[int] = []
+        for lo, hi in itertools.pairwise(edges):
+            self.blocks.append((lo, hi, offset))
+            diagonal.extend(offset + (i - lo) * hi + i for i in range(lo, hi))
+            offset += (hi - lo) * hi
+        self.size = offset
+        self.diagonal = np.array(diagonal, dtype=np.intp)
+
+    def pack_add(self, matrix: np.ndarray, packed: np.ndarray) -> None:
+        """packed += the packed lower triangle of `matrix` (d, d)."""
+        for lo, hi, offset in self.blocks:
+            segment = packed[offset : offset + (hi - lo) * hi].reshape(hi - lo, hi)
+            segment += matrix[lo:hi, :hi]
+
+    def pack(self, matrix: np.ndarray, dtype: np.dtype | type = np.float64) -> np.ndarray:
+        """The packed lower triangle of `matrix` (d, d)."""
+        packed = np.zeros(self.size, dtype)
+        self.pack_add(matrix, packed)
+        return packed
+
+    def segments(self) -> list[slice]:
+        """The packed vector's slice of each block row."""
+        return [slice(offset, offset + (hi - lo) * hi) for lo, hi, offset in self.blocks]
+
+    def unpack_into(self, packed: np.ndarray, out: np.ndarray) -> None:
+        """Writes packed rows (count, size) into the lower triangles of out (count, d, d)."""
+        for lo, hi, offset in self.blocks:
+            block = packed[:, offset : offset + (hi - lo) * hi]
+            out[:, lo:hi, :hi] = block.reshape(-1, hi - lo, hi)
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """(d, d) with the packed entries in place and zeros strictly above the blocks."""
+        out = np.zeros((1, self.dim, self.dim), packed.dtype)
+        self.unpack_into(packed[None, :], out)
+        return out[0]
 
 
 class FastSolver:
-    """Solves the fast-mode systems for fixed per-task (H_t, b_t).
+    """Solves the fast-mode systems for fixed per-task statistics.
 
     Args:
-        hessians: One symmetric (d, d) float64 H_t per task.
+        layout: The packing of the sums.
+        pages: float64 arrays (rows, layout.size) that stacked hold the packed
+            Hessian sum S_t of task t in row t (views of a `HessianBank`'s
+            pages; `refresh` rereads them).
+        rows: (n,) rows behind each sum (H_t = S_t / rows_t).
         gradients: (n, d) float64, row t is b_t.
     """
 
-    def __init__(self, hessians: Sequence[np.ndarray], gradients: np.ndarray) -> None:
-        self.tasks = len(hessians)
-        self.dim = gradients.shape[1]
-        self._hessians = list(hessians)
-        self._gradients = gradients
-        self._max_trace = max((float(np.trace(h)) for h in hessians), default=0.0)
-        self._rows: dict[np.dtype, np.ndarray] = {}
+    def __init__(
+        self,
+        layout: LowerBlocks,
+        pages: Sequence[np.ndarray],
+        rows: np.ndarray,
+        gradients: np.ndarray,
+    ) -> None:
+        self.tasks = sum(page.shape[0] for page in pages)
+        self.dim = layout.dim
+        self._layout = layout
+        self._pages = list(pages)
+        self._starts = np.cumsum([0] + [page.shape[0] for page in self._pages])
+        self._rows = np.asarray(rows, dtype=np.float64).copy()
+        self._gradients = np.array(gradients, dtype=np.float64).reshape(self.tasks, self.dim)
+        diagonals = [page[:, layout.diagonal].sum(axis=1) for page in self._pages]
+        self._traces = np.concatenate([np.zeros(0), *diagonals]) / np.maximum(self._rows, 1.0)
+        self._operands: dict[np.dtype, list[np.ndarray]] = {}
 
     def dtype_for(self, regularization: float) -> np.dtype:
         """float32 when the systems are well conditioned for λ, else float64."""
-        condition = 1.0 + self._max_trace / regularization
+        max_trace = float(self._traces.max()) if self.tasks else 0.0
+        condition = 1.0 + max_trace / regularization
         return np.dtype(np.float32 if condition <= FLOAT32_MAX_CONDITION else np.float64)
 
     def prepare(self, regularization: float) -> None:
         """Builds the operands `solve` needs for this λ."""
-        self._stacked(self.dtype_for(regularization))
+        self._operand(self.dtype_for(regularization))
+
+    def refresh(self, task: int, rows: int, gradient: np.ndarray) -> None:
+        """Rereads task `task`'s sum (its rows changed); O(packed d²), not O(n·d²)."""
+        self._rows[task] = rows
+        self._gradients[task] = gradient
+        row = self._row(task)
+        self._traces[task] = row[self._layout.diagonal].sum() / rows
+        for operand in self._operands.values():
+            for block, columns in zip(operand, self._layout.segments(), strict=True):
+                block[task] = row[columns]
 
     def solve(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
         """Returns w (m, d), one row per row of `alpha` (m, n), in `dtype_for(λ)`."""
         dtype = self.dtype_for(regularization)
         m, d = alpha.shape[0], self.dim
         weights = np.empty((m, self.tasks + 1), dtype)
-        weights[:, :-1] = alpha
+        weights[:, :-1] = alpha / self._rows
         weights[:, -1] = regularization
         rhs = -(alpha @ self._gradients).astype(dtype)
         out = np.empty((m, d), dtype)
         chunks = [(lo, min(lo + CHUNK, m)) for lo in range(0, m, CHUNK)]
-        stacked = self._stacked(dtype)
+        operand = self._operand(dtype)
+        workers = min(MAX_WORKERS, os.cpu_count() or 1, len(chunks))
 
         def work(bounds: tuple[int, int]) -> None:
             lo, hi = bounds
-            out[lo:hi] = _solve_chunk(stacked, weights[lo:hi], rhs[lo:hi])
+            buffer = _take_buffers(self._layout, dtype)
+            try:
+                out[lo:hi] = buffer.solve(operand, weights[lo:hi], rhs[lo:hi])
+            finally:
+                _BUFFERS.put(buffer)
 
-        workers = min(MAX_WORKERS, os.cpu_count() or 1, len(chunks))
         # Parallelism comes from chunks, not from BLAS threads (see below).
         with single_threaded_blas():
             if workers > 1:
@@ -94,35 +206,197 @@ class FastSolver:
             out[i] = self._solve_float64(alpha[i], regularization)
         return out
 
-    def _stacked(self, dtype: np.dtype) -> np.ndarray:
-        """(n+1, d²): row t is H_t flattened, the last row the identity."""
-        if dtype not in self._rows:
-            stack = np.empty((self.tasks + 1, self.dim, self.dim), dtype)
-            for t, h in enumerate(self._hessians):
-                stack[t] = h
-            stack[-1] = np.eye(self.dim)
-            self._rows[dtype] = stack.reshape(self.tasks + 1, self.dim * self.dim)
-        return self._rows[dtype]
+    def solve_linearized(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
+        """w to first order in α around the rows' mean weighting ᾱ, (m, d) float64.
+
+        With A(α) = Σ_t α_t H_t + λI and w(α) = -A(α)⁻¹ Σ_t α_t b_t:
+
+            w(α) ≈ w(ᾱ) + Σ_t (α_t - ᾱ_t) J_t,   J_t = -A(ᾱ)⁻¹ (H_t w(ᾱ) + b_t)
+
+        One factorisation and one pass over the operands, then an (m, n) @
+        (n, d) product: O(n·d² + m·n·d) against O(m·n·d²) for `solve`. An
+        approximation: its error grows with how far subsets' systems are from
+        the mean one (second order in α - ᾱ).
+        """
+        center = alpha.mean(axis=0)
+        system = np.tril(self._layout.unpack(self._combine(center / self._rows)))
+        system = system + np.tril(system, -1).T
+        system[np.diag_indices_from(system)] += regularization
+        factor = scipy.linalg.cho_factor(system, lower=True)
+        w0 = -scipy.linalg.cho_solve(factor, center @ self._gradients)
+        curvature = self._hessian_products(w0) / self._rows[:, None]
+        jacobian = -scipy.linalg.cho_solve(factor, (curvature + self._gradients).T).T
+        return w0 + (alpha - center) @ jacobian
+
+    def _hessian_products(self, v: np.ndarray) -> np.ndarray:
+        """S_t v for every task t, (n, d) float64, from the packed lower triangles."""
+        out = np.empty((self.tasks, self.dim))
+        for page, start in zip(self._pages, self._starts, strict=False):
+            part = out[start : start + page.shape[0]]
+            part[:] = -page[:, self._layout.diagonal] * v
+            for (lo, hi, _), columns in zip(
+                self._layout.blocks, self._layout.segments(), strict=True
+            ):
+                block = page[:, columns].reshape(page.shape[0], hi - lo, hi)
+                part[:, lo:hi] += block @ v[:hi]
+                part[:, :hi] += np.einsum("tij,i->tj", block, v[lo:hi])
+        return out
+
+    def _combine(self, weights: np.ndarray) -> np.ndarray:
+        """Σ_t weights_t S_t, packed float64."""
+        total = np.zeros(self._layout.size)
+        for page, start in zip(self._pages, self._starts, strict=False):
+            total += weights[start : start + page.shape[0]] @ page
+        return total
+
+    def _row(self, task: int) -> np.ndarray:
+        page = int(np.searchsorted(self._starts, task, side="right")) - 1
+        return self._pages[page][task - self._starts[page]]
+
+    def _operand(self, dtype: np.dtype) -> list[np.ndarray]:
+        """Per block row, (n+1, block size): row t is S_t's block, the last row the identity's.
+
+        One contiguous array per block, so that each GEMM reads its operand
+        and writes its output without numpy copying either.
+        """
+        if dtype not in self._operands:
+            identity = self._layout.pack(np.eye(self.dim), dtype)
+            operand = []
+            for columns in self._layout.segments():
+                block = np.empty((self.tasks + 1, columns.stop - columns.start), dtype)
+                for page, start in zip(self._pages, self._starts, strict=False):
+                    block[start : start + page.shape[0]] = page[:, columns]
+                block[-1] = identity[columns]
+                operand.append(block)
+            self._operands[dtype] = operand
+        return self._operands[dtype]
 
     def _solve_float64(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
-        system = np.einsum("t,tij->ij", alpha, np.array(self._hessians))
+        system = np.tril(self._layout.unpack(self._combine(alpha / self._rows)))
+        system = system + np.tril(system, -1).T
         system[np.diag_indices_from(system)] += regularization
         return np.linalg.solve(system, -(alpha @ self._gradients))
 
 
-def _solve_chunk(stacked: np.ndarray, weights: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Builds one chunk's systems with a single GEMM and solves each with posv."""
-    count, d = rhs.shape
-    systems = np.empty((count, d, d), rhs.dtype)
-    np.matmul(weights, stacked, out=systems.reshape(count, d * d))
-    (posv,) = get_lapack_funcs(("posv",), dtype=rhs.dtype)
-    result = np.empty_like(rhs)
-    for i in range(count):
-        # systems[i] is symmetric, so its transpose (a Fortran-ordered view,
-        # what LAPACK wants without a copy) is the same matrix.
-        _, solution, info = posv(systems[i].T, rhs[i], lower=0, overwrite_a=1)
-        result[i] = solution if info == 0 else np.nan
-    return result
+class _Buffers:
+    """One worker's scratch for a chunk: packed GEMM outputs and d×d systems.
+
+    Kept in `_BUFFERS` between solves (CHUNK·d²·(1 + ~0.56) values each, at
+    most one per concurrently running chunk): fresh memory costs a page fault
+    per page on first touch, which at d = 512 took longer than the solve.
+    """
+
+    def __init__(self, count: int, layout: LowerBlocks, dtype: np.dtype) -> None:
+        self.layout = layout
+        self.packed = [np.empty((count, c.stop - c.start), dtype) for c in layout.segments()]
+        # Zeros: `_multiply` relies on the entries no GEMM writes being zero.
+        self.systems = np.zeros((count, layout.dim, layout.dim), dtype)
+        (self.posv,) = get_lapack_funcs(("posv",), dtype=dtype)
+
+    def solve(self, operand: list[np.ndarray], weights: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        """Builds one chunk's systems (K GEMMs) and solves each with posv."""
+        count = rhs.shape[0]
+        systems = self.systems[:count]
+        for (lo, hi, _), block, packed in zip(
+            self.layout.blocks, operand, self.packed, strict=True
+        ):
+            np.matmul(weights, block, out=packed[:count])
+            systems[:, lo:hi, :hi] = packed[:count].reshape(count, hi - lo, hi)
+        if systems.dtype == np.float32 and count > 1:
+            # The preconditioner: the chunk's mean system, from one GEMV.
+            mean = self.layout.unpack(
+                np.concatenate([weights.mean(axis=0) @ block for block in operand])
+            ).astype(np.float64)
+            mean = np.tril(mean) + np.tril(mean, -1).T
+            factor = (scipy.linalg.cholesky(mean, lower=True).astype(np.float32), True)
+            result = np.empty_like(rhs)
+            converged = np.empty(count, dtype=bool)
+            for lo in range(0, count, CG_BATCH):
+                part = slice(lo, min(lo + CG_BATCH, count))
+                result[part], converged[part] = self._conjugate_gradients(
+                    systems[part], rhs[part], factor
+                )
+            pending = np.flatnonzero(~converged)
+        else:
+            result, pending = np.empty_like(rhs), np.arange(count)
+        for i in pending:
+            # posv reads the upper triangle of a Fortran-ordered matrix: the
+            # transpose of systems[i] (a view, no copy) has the packed lower
+            # triangle there.
+            _, solution, info = self.posv(systems[i].T, rhs[i], lower=0, overwrite_a=1)
+            result[i] = solution if info == 0 else np.nan
+        return result
+
+    def _conjugate_gradients(
+        self, systems: np.ndarray, rhs: np.ndarray, factor: tuple[np.ndarray, bool]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Preconditioned CG on a batch of a chunk's systems at once (float32).
+
+        `factor` is the lower Cholesky factor of the chunk's mean system: the
+        subsets' systems differ from their mean by a weighted sum of task
+        Hessians, so CG needs a few iterations where a factorisation per
+        system costs d³/3 each. Batches of `CG_BATCH` systems stay in cache
+        across the iterations' products. Returns x and which systems reached
+        ‖Ax - b‖ ≤ `CG_TOLERANCE`·‖b‖ within `CG_MAX_ITERATIONS`.
+        """
+
+        def precondition(r: np.ndarray) -> np.ndarray:
+            return scipy.linalg.cho_solve(factor, r.T, check_finite=False).T
+
+        target = CG_TOLERANCE * np.linalg.norm(rhs, axis=1)
+        x = np.zeros_like(rhs)
+        r = rhs.copy()
+        z = precondition(r)
+        p = z.copy()
+        rz = np.einsum("ij,ij->i", r, z)
+        converged = np.linalg.norm(r, axis=1) <= target
+        for _ in range(CG_MAX_ITERATIONS):
+            if converged.all():
+                break
+            q = self._multiply(systems, p)
+            pq = np.einsum("ij,ij->i", p, q)
+            step = np.divide(rz, pq, out=np.zeros_like(rz), where=~converged & (pq > 0))
+            x += step[:, None] * p
+            r -= step[:, None] * q
+            converged |= np.linalg.norm(r, axis=1) <= target
+            z = precondition(r)
+            rz_next = np.einsum("ij,ij->i", r, z)
+            p = z + np.divide(rz_next, rz, out=np.zeros_like(rz), where=rz > 0)[:, None] * p
+            rz = rz_next
+        # The recurrence's residual drifts from the true one: check that.
+        true = np.linalg.norm(rhs - self._multiply(systems, x), axis=1)
+        return x, converged & (true <= 2 * target) & np.isfinite(x).all(axis=1)
+
+    def _multiply(self, systems: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """A v per system, A symmetric with only its lower triangle stored.
+
+        Every operand row is a lower triangle (syrk fills one triangle; the
+        packed diagonal blocks hold zeros above the diagonal) and nothing
+        writes above the block rows, so the stored S is tril(A) and
+        A = S + Sᵀ - diag(A).
+        """
+        out = np.matmul(systems, v[:, :, None])[:, :, 0]
+        out += np.matmul(v[:, None, :], systems)[:, 0, :]
+        out -= np.einsum("kii->ki", systems) * v
+        return out
+
+
+_BUFFERS: queue.SimpleQueue[_Buffers] = queue.SimpleQueue()
+
+
+def _take_buffers(layout: LowerBlocks, dtype: np.dtype) -> _Buffers:
+    """Pooled buffers for `layout` and `dtype`; others met on the way are dropped.
+
+    Estimates mostly repeat one d and dtype, so a pool of one kind suffices;
+    a different kind frees the old buffers rather than holding both.
+    """
+    while True:
+        try:
+            buffer = _BUFFERS.get_nowait()
+        except queue.Empty:
+            return _Buffers(CHUNK, layout, dtype)
+        if buffer.layout.dim == layout.dim and buffer.systems.dtype == dtype:
+            return buffer
 
 
 @functools.cache

@@ -56,7 +56,7 @@ class ServerConfig:
     """gRPC port; 0 picks a free one (printed at start-up)."""
     metrics_port: int = 9551
     """Prometheus /metrics port; 0 picks a free one (printed at start-up)."""
-    debounce_seconds: float = 0.2
+    debounce_seconds: float = 0.05
     """Delay between the first commit of a burst and the re-estimate it triggers."""
     weight_tolerance: float = 1e-6
     """A re-estimate publishes a new version only if some weight moved more than this."""

@@ -20,11 +20,18 @@ Two modes:
 * ``exact``: damped Newton on the rows of the subset, warm-started from the
   fast solution, to a gradient norm of `EXACT_GRADIENT_TOLERANCE` relative to
   the gradient at w = 0.
+* ``linearized``: the fast mode's w expanded to first order in the weights
+  around the subsets' mean weighting (`FastSolver.solve_linearized`): one
+  factorisation for all subsets, O(n·d² + m·n·d). An approximation of the
+  fast mode for thousands of subsets over thousands of tasks, where the fast
+  mode's O(m·n·d²) systems dominate; `bench/estimator.py` reports its rank
+  agreement with the fast mode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -36,16 +43,22 @@ from gradmix.server.errors import (
     PreconditionError,
     UnknownTaskError,
 )
-from gradmix.server.task_statistics import TaskStatistics, softplus
+from gradmix.server.task_statistics import HessianBank, TaskStatistics, softplus
 from gradmix.vocabulary import EstimateMode, choices
 from scipy.special import expit
 
 __all__ = ["MODES", "SubsetEstimator", "TaskStatistics", "softplus", "target_losses"]
 
-MODES = choices(EstimateMode)
+#: An in-process approximation of the fast mode (first order around the subsets' mean
+#: weighting): benches and policies may ask for it; it is not an API mode.
+LINEARIZED = "linearized"
+MODES = (*choices(EstimateMode), LINEARIZED)
 #: Exact mode stops when ‖∇J(w)‖ ≤ this × max(1, ‖∇J(0)‖).
 EXACT_GRADIENT_TOLERANCE = 1e-11
 EXACT_MAX_ITERATIONS = 100
+#: Fast-mode solves kept for reuse, one per (λ, number of subsets): the
+#: server's policies, its estimated-loss check and queries each have their own.
+SOLVES_KEPT = 4
 
 
 class SubsetEstimator:
@@ -73,8 +86,12 @@ class SubsetEstimator:
         self.dim = int(dim)
         self.regularization = _checked_regularization(regularization)
         self._tasks: dict[str, TaskStatistics] = {}
+        self._bank = HessianBank(self.dim)
         self._target: TaskStatistics | None = None
         self._solver: FastSolver | None = None
+        self._changed: set[str] = set()  # tasks with rows the solver has not reread
+        self._versions: list[int] = []  # per task (index = bank slot): adds so far
+        self._solved: dict[tuple[float, int], _Solved] = {}  # (λ, m) → the last solve
 
     # ------------------------------------------------------------------ rows
     def add_target_rows(self, grads: np.ndarray, values: np.ndarray) -> None:
@@ -85,7 +102,6 @@ class SubsetEstimator:
             self._target = stats
         else:
             self._target.add(grads, values)
-        self._solver = None
 
     def add_task_rows(self, task: str, grads: np.ndarray, values: np.ndarray) -> None:
         """Adds sketch rows of `task`, creating the task on its first rows."""
@@ -93,12 +109,17 @@ class SubsetEstimator:
             raise InvalidArgumentError(f"task must be a non-empty string, got {task!r}")
         stats = self._tasks.get(task)
         if stats is None:
-            stats = TaskStatistics(self.dim, name=task)
+            stats = TaskStatistics(self.dim, name=task, bank=self._bank)
             stats.add(grads, values)
             self._tasks[task] = stats
+            self._versions.append(0)
+            self._solver = None  # a new task: a new operand shape
+            self._solved.clear()
         else:
             stats.add(grads, values)
-        self._solver = None
+            self._changed.add(task)
+            assert stats.slot is not None
+            self._versions[stats.slot] += 1
 
     # ------------------------------------------------------------- accessors
     @property
@@ -129,6 +150,10 @@ class SubsetEstimator:
         return self._require_target().loss()
 
     # ------------------------------------------------------------ estimation
+    def discard_solves(self) -> None:
+        """Forgets the fast-mode solves kept for reuse (the next estimate solves every subset)."""
+        self._solved.clear()
+
     def prepare(self, regularization: float | None = None) -> None:
         """Builds the fast-mode caches now instead of on the next `estimate`."""
         lam = self.regularization if regularization is None else _checked_regularization(
@@ -154,7 +179,7 @@ class SubsetEstimator:
                 (m, n_tasks) nonnegative task weights α. Weights outside a
                 subset are ignored and the rest renormalised to sum to one;
                 a subset whose weights are all zero counts as empty.
-            mode: "fast" or "exact".
+            mode: "fast", "exact" or "linearized".
             regularization: λ for this call; defaults to `self.regularization`.
 
         Returns:
@@ -171,7 +196,11 @@ class SubsetEstimator:
         active = np.flatnonzero(alpha.sum(axis=1) > 0)
         if active.size == 0:
             return losses
-        fast_w = self._fast_solver().solve(alpha[active], lam)
+        if mode == "linearized":
+            linear_w = self._fast_solver().solve_linearized(alpha[active], lam)
+            losses[active] = target_losses(target, linear_w)
+            return losses
+        fast_w = self._solve_fast(alpha[active], lam)
         if mode == "fast":
             losses[active] = target_losses(target, fast_w)
             return losses
@@ -244,14 +273,58 @@ class SubsetEstimator:
         return self._target
 
     def _fast_solver(self) -> FastSolver:
+        """The solver over every task's current statistics.
+
+        Rows added to a known task are reread incrementally (that task's
+        operand row only); a new task rebuilds the solver.
+        """
         if self._solver is None:
             stats = list(self._tasks.values())
             gradients = np.array([s.loss_gradient() for s in stats])
+            # Slots are handed out in task order (first valid rows first).
+            assert [s.slot for s in stats] == list(range(len(stats)))
             self._solver = FastSolver(
-                hessians=[s.hessian() for s in stats],
-                gradients=gradients.reshape(len(stats), self.dim),
+                self._bank.layout,
+                self._bank.pages(),
+                np.array([s.rows for s in stats]),
+                gradients.reshape(len(stats), self.dim),
             )
+        else:
+            for task in self._changed:
+                stats = self._tasks[task]
+                assert stats.slot is not None
+                self._solver.refresh(stats.slot, stats.rows, stats.loss_gradient())
+        self._changed.clear()
         return self._solver
+
+    def _solve_fast(self, alpha: np.ndarray, lam: float) -> np.ndarray:
+        """The fast-mode w for each row of α, re-solving only what changed.
+
+        A row equal to the same row of the last solve with this λ and this
+        many rows, none of whose tasks has gained rows since, has the same
+        system and right-hand side, so its w is reused: when one task's rows
+        change, the subsets without it (half of them at q = 0.5) cost
+        nothing. The target's rows do not enter w.
+        """
+        solver = self._fast_solver()
+        versions = np.array(self._versions)
+        key = (lam, alpha.shape[0])
+        last = self._solved.get(key)
+        reuse = np.zeros(alpha.shape[0], dtype=bool)
+        if last is not None and last.w.dtype == solver.dtype_for(lam):
+            changed = np.flatnonzero(versions != last.versions)
+            reuse = (alpha == last.alpha).all(axis=1) & ~(alpha[:, changed] > 0).any(axis=1)
+        if last is not None and reuse.all():
+            return last.w
+        w = np.empty((alpha.shape[0], self.dim), solver.dtype_for(lam))
+        if last is not None:
+            w[reuse] = last.w[reuse]
+        w[~reuse] = solver.solve(alpha[~reuse], lam)
+        self._solved.pop(key, None)
+        self._solved[key] = _Solved(alpha=alpha.copy(), w=w, versions=versions)
+        while len(self._solved) > SOLVES_KEPT:
+            del self._solved[next(iter(self._solved))]
+        return w
 
     def _exact_solve(self, alpha: np.ndarray, lam: float, w: np.ndarray) -> np.ndarray:
         """Damped Newton on the rows of the subset (alpha > 0), from `w`."""
@@ -284,6 +357,15 @@ class SubsetEstimator:
             f"exact mode did not reach ‖∇J‖ ≤ {tolerance:.3g} "
             f"in {EXACT_MAX_ITERATIONS} Newton steps"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Solved:
+    """One fast-mode solve kept for reuse: its α rows, w rows and task versions."""
+
+    alpha: np.ndarray
+    w: np.ndarray
+    versions: np.ndarray
 
 
 def target_losses(target: TaskStatistics, w: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.stats
+from gradmix.server import task_statistics
 from gradmix.server.errors import (
     DimensionMismatchError,
     EmptyTaskError,
@@ -243,3 +245,88 @@ def test_bad_construction_and_mode_are_rejected():
     estimator, _, _ = build(11)
     with pytest.raises(InvalidArgumentError, match="mode"):
         estimator.estimate(np.ones((1, 4), dtype=bool), mode="slow")
+
+
+def test_rows_added_after_an_estimate_are_reread_incrementally(monkeypatch):
+    # The solver is kept when a known task gains rows (only its operand row is
+    # re-cast); estimates must equal a fresh estimator's over all the rows.
+    # Pages of 2 tasks: the 5 tasks' sums span 3 pages of the bank.
+    monkeypatch.setattr(task_statistics, "PAGE", 2)
+    rng = np.random.default_rng(20)
+    dim = 130  # two block rows of uneven width in the packed layout
+    target = random_rows(rng, 50, dim, 0.05)
+    first = {f"t{i}": random_rows(rng, 30, dim, 0.05) for i in range(5)}
+    more = random_rows(rng, 25, dim, 0.05)
+    subsets = rng.random((40, 5)) < 0.5
+    grown = SubsetEstimator(dim)
+    grown.add_target_rows(*target)
+    for name, rows in first.items():
+        grown.add_task_rows(name, *rows)
+    grown.estimate(subsets)
+    grown.add_task_rows("t2", *more)
+    fresh = SubsetEstimator(dim)
+    fresh.add_target_rows(*target)
+    for name, (g, f) in first.items():
+        if name == "t2":
+            g, f = np.concatenate([g, more[0]]), np.concatenate([f, more[1]])
+        fresh.add_task_rows(name, g, f)
+    np.testing.assert_allclose(grown.estimate(subsets), fresh.estimate(subsets), rtol=1e-7)
+    for mode in ("linearized", "exact"):
+        np.testing.assert_allclose(
+            grown.estimate(subsets[:3], mode=mode), fresh.estimate(subsets[:3], mode=mode),
+            rtol=1e-9,
+        )
+    # An ill-conditioned λ takes the float64 path over the same pages.
+    np.testing.assert_allclose(
+        grown.estimate(subsets[:3], regularization=1e-6),
+        fresh.estimate(subsets[:3], regularization=1e-6), rtol=1e-7,
+    )
+    g, f = fresh.statistics("t2").grads(), fresh.statistics("t2").values()
+    direct = (g.T * (expit(f) * expit(-f))) @ g / len(f)
+    np.testing.assert_allclose(grown.statistics("t2").hessian(), direct, rtol=1e-12, atol=1e-15)
+
+
+def test_fast_mode_matches_the_definition_for_mixed_subset_sizes():
+    # Singletons, halves and the full set in one batch: conjugate gradients
+    # preconditioned by the batch's mean system must settle (or fall back to
+    # a factorisation) for each of them.
+    estimator, target, tasks = build(21, dim=70, n_tasks=8, scale=0.2, reg=0.5)
+    rng = np.random.default_rng(3)
+    subsets = np.vstack([np.eye(8, dtype=bool), rng.random((30, 8)) < 0.5, np.ones((1, 8), bool)])
+    fast = estimator.estimate(subsets)
+    for row, mask in enumerate(subsets):
+        alpha = {n: 1.0 for n, inside in zip(estimator.tasks, mask, strict=True) if inside}
+        if alpha:
+            expected = one_newton_step_loss(target, tasks, alpha, 0.5)
+            assert fast[row] == pytest.approx(expected, rel=1e-6)
+
+
+def test_linearized_mode_is_exact_at_its_center_and_ranks_like_the_fast_mode():
+    estimator, _, _ = build(22, dim=24, n_tasks=10, scale=0.2, reg=1.0)
+    same = np.tile(np.random.default_rng(4).random((1, 10)) < 0.5, (3, 1))
+    np.testing.assert_allclose(
+        estimator.estimate(same, mode="linearized"), estimator.estimate(same), rtol=1e-6
+    )
+    subsets = np.random.default_rng(5).random((200, 10)) < 0.5
+    linear = estimator.estimate(subsets, mode="linearized")
+    fast = estimator.estimate(subsets)
+    assert scipy.stats.spearmanr(linear, fast)[0] > 0.99
+    assert not np.allclose(linear, fast, rtol=1e-9)  # an approximation, not the same numbers
+
+
+def test_subsets_without_a_changed_task_reuse_their_solution():
+    estimator, target, tasks = build(23, dim=12, n_tasks=5, scale=0.3, reg=1.0)
+    subsets = np.random.default_rng(6).random((60, 5)) < 0.5
+    before = estimator.estimate(subsets)
+    more = random_rows(np.random.default_rng(7), 20, 12, 0.3)
+    estimator.add_task_rows("task-1", *more)
+    after = estimator.estimate(subsets)
+    without = ~subsets[:, 1]
+    np.testing.assert_array_equal(after[without], before[without])  # reused as is
+    assert not np.allclose(after[~without], before[~without], rtol=1e-9)
+    g, f = tasks["task-1"]
+    tasks["task-1"] = (np.concatenate([g, more[0]]), np.concatenate([f, more[1]]))
+    for row in np.flatnonzero(subsets.any(axis=1)):
+        alpha = {n: 1.0 for n, inside in zip(estimator.tasks, subsets[row], strict=True) if inside}
+        expected = one_newton_step_loss(target, tasks, alpha, 1.0)
+        assert after[row] == pytest.approx(expected, rel=1e-6)

@@ -12,7 +12,7 @@ def test_defaults_match_the_documented_ports() -> None:
     config = load_config(["--insecure"], env={})
     assert config == ServerConfig(insecure=True)
     assert (config.host, config.port, config.metrics_port) == ("127.0.0.1", 50551, 9551)
-    assert config.debounce_seconds == 0.2
+    assert config.debounce_seconds == 0.05
 
 
 def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
