@@ -85,10 +85,7 @@ class StoreBackend(ABC):
         """
         try:
             yield
-        except StoreUnavailableError as exc:
-            self._report(exc)
-            raise
-        except StoreError:
+        except StoreError:  # a nested write's refusal is reported already
             raise
         except OSError as exc:
             error = StoreUnavailableError(operation, f"{type(exc).__name__}: {exc}")
