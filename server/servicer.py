@@ -272,14 +272,14 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
             return pb.ListMixturesResponse()
         found = await self._publisher.history(request.job, max(request.after_version, after),
                                               size + 1)
-        mixtures = _fitting(found[:size], self._limits_bytes())
+        mixtures = _fitting(found[:size], self._page_bytes())
         more = len(found) > len(mixtures) and (
             not request.limit or sent + len(mixtures) < request.limit)
         token = encode_token({"version": mixtures[-1].version, "sent": sent + len(mixtures)}) \
             if more else ""
         return pb.ListMixturesResponse(mixtures=mixtures, next_page_token=token)
 
-    def _limits_bytes(self) -> int:
+    def _page_bytes(self) -> int:
         """Bytes a page of mixtures may take: half the largest message, for headroom."""
         return self._registry.max_message_bytes // 2
 
