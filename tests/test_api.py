@@ -88,7 +88,7 @@ def test_sketcher_runs_an_anchor_on_one_process(served: Served, tmp_path: Path) 
     sketcher.setup_job()
     state = sketcher.sketch_point(0)
     sketcher.close()
-    assert state.complete and state.name == "anchor-00000000"
+    assert state.complete and state.name == f"{state.run}-anchor-00000000"
     assert sorted(state.sketched) == ["add", "mul", "target"]
     assert not sketcher.due(1)  # interval 0: only until the first anchor is complete
 

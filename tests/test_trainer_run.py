@@ -342,3 +342,30 @@ def test_training_goes_on_while_the_server_is_away(tmp_path: Path) -> None:
     assert len(outage) >= 2, "training must go on while the server is away"
     versions = {s["version"] for s in outage}
     assert len(versions) == 1 and versions.pop() >= 2  # the last mixture stays in force
+
+
+def test_a_second_run_of_a_job_declares_anchors_of_its_own(
+    tmp_path: Path, server: tuple[int, Path]
+) -> None:
+    """The same job run twice on one store and server: the second run's anchors carry
+    its own run, none of the first run's is reused, and it becomes the job's current."""
+    port, store_path = server
+    data = write_data(tmp_path / "data")
+    config = write_config(
+        data, job="twice", port=port, store=store_path,
+        training="steps = 4",
+        sketching="first_anchor = 0\ninterval = 2\nreanchor_every = 2",
+    )
+    main = [sys.executable, "-m", "gradmix.trainer.main", "--config", str(config)]
+    for out in ("first", "second"):
+        subprocess.run([*main, "--output-dir", out], cwd=data, env=_env(), check=True,
+                       capture_output=True, timeout=240)
+    with SelectionClient(f"127.0.0.1:{port}") as client:
+        anchors = client.list_anchors("twice")
+        current = client.get_job("twice").current_anchor
+    runs = {a.run for a in anchors}
+    assert len(runs) == 2 and all(r.startswith("run-") for r in runs)
+    assert all(a.name.startswith(a.run + "-anchor-") for a in anchors)
+    second = [e["run"] for e in _events(data / "second", "anchor")]
+    assert second and set(second) <= runs
+    assert next(a for a in anchors if a.name == current).run == second[0]

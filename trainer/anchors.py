@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -66,6 +67,11 @@ TARGET_KEY = TARGET
 QUIET_AFTER_FAILURE = 10.0
 
 
+def new_run() -> str:
+    """A fresh run name: the UTC start time and a random suffix (a valid store name)."""
+    return f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
 @dataclass
 class AnchorState:
     """The current anchor as every rank knows it (saved with checkpoints)."""
@@ -77,6 +83,9 @@ class AnchorState:
     """Sources with rows from every rank at this anchor (TARGET_KEY for the target)."""
     unusable: list[str] = field(default_factory=list)
     """Tasks whose data could not be read at this anchor (not retried until the next)."""
+    run: str = ""
+    """This training run (kept across resumes): every anchor it declares carries it, so a
+    second run of the job on the same store never reuses this run's anchors."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -203,15 +212,17 @@ class AnchorProtocol:
             self._ensure_job()
             tasks = self.client.list_tasks(self.config.job)
             if self._needs_new_anchor(step):
-                name = f"anchor-{step:08d}"
+                run = self.state.run or new_run()
+                name = f"{run}-anchor-{step:08d}"
                 horizon = self._horizon(step)
-                self.client.declare_anchor(self.config.job, name, step, horizon=horizon)
-                self.state = AnchorState(name=name, step=step)
+                self.client.declare_anchor(self.config.job, name, step, horizon=horizon, run=run)
+                self.state = AnchorState(name=name, step=step, run=run)
                 self._reference = self._snapshot()
                 self.log.event(
                     "anchor",
                     f"declared anchor {name} at step {step}",
                     anchor=name,
+                    run=run,
                     step=step,
                     horizon=asdict(horizon) if horizon is not None else None,
                 )
@@ -312,7 +323,9 @@ class AnchorProtocol:
         task = None if source == TARGET_KEY else source
         began = time.monotonic()
         try:
-            ids = self.pool.sketch_draw(task, anchor, self.cfg.examples_per_task)
+            # The draw follows the step, not the run: a rerun sketches the same examples.
+            ids = self.pool.sketch_draw(task, f"anchor-{self.state.step:08d}",
+                                        self.cfg.examples_per_task)
             mine = ids[self.dist.rank :: self.dist.world_size]
             if mine:
                 self._write_rows(task, anchor, mine)
