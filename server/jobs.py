@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from typing import Any
 
 from gradmix.server.config import ServerConfig
@@ -54,6 +54,8 @@ class JobRuntime:
         self._totals: dict[tuple[str, Source], int] = {}
         self._failures = 0
         self.idle = asyncio.Event()
+        #: The re-estimate running on the executor (close waits for it).
+        self._inflight: Future[tuple[Refreshed, float]] | None = None
         self._task = asyncio.create_task(self._run(), name=f"reestimate-{self.name}")
 
     def request(self, *, anchor: str = "", source: Source = None, full: bool = False,
@@ -99,8 +101,8 @@ class JobRuntime:
             full, self._full = self._full, False
             committed_at, self._first_commit_at = self._first_commit_at, None
             try:
-                outcome, seconds = await loop.run_in_executor(
-                    self._executor, _timed_refresh, self.state, dirty, full)
+                self._inflight = self._executor.submit(_timed_refresh, self.state, dirty, full)
+                outcome, seconds = await asyncio.wrap_future(self._inflight)
             except Exception:
                 self._failures += 1
                 delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (self._failures - 1))
@@ -124,15 +126,20 @@ class JobRuntime:
         self._publisher.publish(self.name, mixture_to_pb(self.name, record))
         metrics.set_mixture(self.name, record.version, record.created_at, record.weights)
         set_calibration(metrics, self.name, record)
+        metrics.mixture_pinned.labels(self.name).set(1 if record.pinned else 0)
         if committed_at is not None:
             metrics.commit_to_publish.labels(self.name).observe(time.monotonic() - committed_at)
         log.info("job %r: published mixture version %d at anchor %r", self.name,
                  record.version, record.anchor)
 
     async def close(self) -> None:
+        """Stop re-estimating; returns once no re-estimate of the job is running."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            await asyncio.to_thread(wait, [inflight])
 
 
 def _timed_refresh(state: JobState, dirty: set[tuple[str, Source]],
@@ -157,19 +164,45 @@ class JobRegistry:
     async def load_all(self) -> None:
         """Rebuild every job in the store (at start-up)."""
         for info in await asyncio.to_thread(self.store.list_jobs):
-            await self._attach(info)
+            if not await asyncio.to_thread(self._archived, info.name):
+                await self._attach(info)
 
     async def get(self, name: str) -> JobRuntime:
         """The job `name`, loaded from the store if this server has not seen it.
 
         Raises:
-            NotFoundError: (store) no such job; InvalidNameError: a bad name.
+            NotFoundError: (store) no such job, or it is archived; InvalidNameError:
+                a bad name.
         """
         runtime = self._jobs.get(name)
         if runtime is not None:
             return runtime
         info = await asyncio.to_thread(self.store.get_job, name)
+        if await asyncio.to_thread(self._archived, name):
+            raise NotFoundError(f"job {name!r} is archived: its data is kept in the store, "
+                                "it is no longer served")
         return await self._attach(info)
+
+    async def served(self) -> list[JobRuntime]:
+        """Every job in the store this server serves (not archived), by name."""
+        runtimes = []
+        for info in await asyncio.to_thread(self.store.list_jobs):
+            with contextlib.suppress(NotFoundError):  # archived, or deleted meanwhile
+                runtimes.append(await self.get(info.name))
+        return runtimes
+
+    async def remove(self, name: str) -> None:
+        """Stop serving `name`: no more re-estimates (returns once none runs), its
+        watch streams end with NOT_FOUND, its metric series go. A later `get`
+        loads it again from the store unless it is archived or deleted there."""
+        runtime = self._jobs.pop(name, None)
+        if runtime is not None:
+            await runtime.close()
+        self._publisher.remove_job(name)
+        self._metrics.remove_job(name)
+
+    def _archived(self, name: str) -> bool:
+        return bool(self.store.job_control(name).archived_at)
 
     async def create(self, name: str, spec: JobSpec, policy: Mapping[str, Any],
                      target: str) -> JobRuntime:
@@ -181,6 +214,9 @@ class JobRegistry:
             AlreadyExistsError: the job exists with a different value of a field.
         """
         existing = await asyncio.to_thread(self._find, name)
+        if existing is not None and await asyncio.to_thread(self._archived, name):
+            raise AlreadyExistsError(f"job {name!r} is archived: delete it (DeleteJob without "
+                                     "keep_data) to reuse the name, or choose another")
         if existing is not None:
             _check_same(existing, spec, policy, target)
             return await self._attach(existing)
@@ -208,6 +244,7 @@ class JobRegistry:
         if last is not None:
             self._metrics.set_mixture(info.name, last.version, last.created_at, last.weights)
             set_calibration(self._metrics, info.name, last)
+            self._metrics.mixture_pinned.labels(info.name).set(1 if last.pinned else 0)
         runtime.request(full=True)
         return runtime
 

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 
 from gradmix.server.calibration import calibrated_policy, interval_scale
 from gradmix.server.compose import Composition, compose_mixture, mixture_changed
-from gradmix.server.convert import ACTIVE, policy_config
+from gradmix.server.convert import ACTIVE, PENDING, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.lifecycle import operated
 from gradmix.server.policies import PolicyConfig
 from gradmix.store import (
     AnchorInfo,
@@ -134,6 +135,8 @@ class JobState:
         self._error: ScoreError | None = None
         #: (anchor, the last version at an earlier anchor): smoothing and calibration.
         self._before: tuple[str, MixtureRecord | None] | None = None
+        #: Tasks retired by an operator: their rows are not ingested.
+        self._retired: frozenset[str] = frozenset()
 
     @property
     def anchor(self) -> str:
@@ -151,11 +154,15 @@ class JobState:
             full: read every source of the current anchor, not only `dirty`.
         """
         with self.lock:
-            tasks = [t.name for t in self.store.list_tasks(self.name)]
+            infos = self.store.list_tasks(self.name)
+            tasks = [t.name for t in infos]
+            retired = frozenset(t.name for t in infos if t.retired_at)
+            pin = self.store.job_control(self.name).pin
             anchors = self.store.list_anchors(self.name)
             anchor = current_anchor(anchors)
-            if anchor != self.anchor:
+            if anchor != self.anchor or retired != self._retired:
                 self._rows = AnchorRows(anchor, self.new_estimator()) if anchor else None
+                self._retired = retired  # their rows leave the estimator with them
                 full = True
             if self._rows is not None:
                 self._ingest(self._rows, dirty, full)
@@ -164,18 +171,23 @@ class JobState:
             policy, calibration = self._calibrated(anchors, anchor, estimator, before)
             previous = dict(before.weights) if before is not None else None
             known = self._known_error(anchor, estimator, policy.regularization)
-            composition = compose_mixture(tasks, estimator, policy, previous=previous,
+            composition = compose_mixture([t for t in tasks if t not in retired], estimator,
+                                          policy, previous=previous,
                                           error=known.error if known else None)
             if known is None and estimator is not None and composition.subsets_estimated:
                 self._error = ScoreError.of(anchor, estimator, policy.regularization,
                                             composition.score_error)
+            composition = operated(composition, tasks, retired, pin, estimator,
+                                   policy.regularization)
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
-        pending = len(composition.states) - active
-        if not mixture_changed(self.last, anchor, composition, self.tolerance):
+        pending = sum(state == PENDING for state in composition.states.values())
+        pinned = pin is not None
+        if not (mixture_changed(self.last, anchor, composition, self.tolerance)
+                or (self.last is not None and self.last.pinned != pinned)):
             return Refreshed(None, composition.subsets_estimated, pending, active)
-        record = self._record(anchor, composition, calibration)
+        record = self._record(anchor, composition, calibration, pinned)
         self.store.append_mixture(self.name, record)
         self.last = record
         return Refreshed(record, composition.subsets_estimated, pending, active)
@@ -233,6 +245,7 @@ class JobState:
             sources: list[Source] = [None, *self.store.sources(self.name, rows.name)]
         else:
             sources = list(dict.fromkeys(src for anchor, src in dirty if anchor == rows.name))
+        sources = [source for source in sources if source not in self._retired]
         for source in sources:
             new, cursor = self.store.read_rows(self.name, rows.name, source,
                                                rows.cursors.get(source))
@@ -244,14 +257,14 @@ class JobState:
             rows.cursors[source] = cursor
 
     def _record(self, anchor: str, composition: Composition,
-                calibration: CalibrationRecord | None) -> MixtureRecord:
+                calibration: CalibrationRecord | None, pinned: bool) -> MixtureRecord:
         version = (self.last.version if self.last else 0) + 1
         return MixtureRecord(
             version=version, created_at=time.time(), anchor=anchor,
             policy=self.policy.policy, weights=composition.weights,
             scores=composition.scores, states=composition.states,
             anchor_loss=composition.anchor_loss, estimated_loss=composition.estimated_loss,
-            score_error=composition.score_error, calibration=calibration)
+            score_error=composition.score_error, calibration=calibration, pinned=pinned)
 
     def estimator_at(self, anchor: str) -> tuple[str, SubsetEstimator]:
         """The estimator at `anchor` ("" = current), for queries; call with `lock` held.

@@ -75,6 +75,9 @@ class ServerMetrics:
         self.rpc_duration = Histogram(
             "gradmix_rpc_duration_seconds", "RPC handling time (streams: their lifetime).",
             ["method"], buckets=_RPC_BUCKETS, registry=registry)
+        self.mixture_pinned = Gauge(
+            "gradmix_mixture_pinned", "1 while the job's mixture is pinned by an operator "
+            "(PinMixture), else 0.", ["job"], registry=registry)
         self._weight_tasks: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
@@ -101,9 +104,29 @@ class ServerMetrics:
         if ratio is not None:
             self.calibration_ratio.labels(job).set(ratio)
 
+    def remove_job(self, job: str) -> None:
+        """Drop every series of `job` (it was deleted or archived)."""
+        with self._lock:
+            self._weight_tasks.pop(job, None)
+        for metric in vars(self).values():
+            if isinstance(metric, Counter | Gauge | Histogram) and "job" in metric._labelnames:
+                for labels in _job_series(metric, job):
+                    metric.remove(*labels)
+
     def set_task_counts(self, job: str, pending: int, active: int) -> None:
         self.tasks.labels(job, "pending").set(pending)
         self.tasks.labels(job, "active").set(active)
+
+
+def _job_series(metric: Counter | Gauge | Histogram, job: str) -> set[tuple[str, ...]]:
+    """The label values of `metric`'s children that belong to `job`."""
+    names = metric._labelnames
+    found = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.labels.get("job") == job:
+                found.add(tuple(sample.labels[name] for name in names))
+    return found
 
 
 class MetricsEndpoint:

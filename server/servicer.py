@@ -18,6 +18,7 @@ from gradmix.server import convert
 from gradmix.server.errors import InvalidArgumentError, NotFoundError, PreconditionError
 from gradmix.server.jobs import JobRegistry, JobRuntime
 from gradmix.server.jobstate import current_anchor
+from gradmix.server.lifecycle import Lifecycle, actor_of
 from gradmix.server.metrics import ServerMetrics
 from gradmix.server.publisher import MixturePublisher
 from gradmix.server.queries import QueryResult, estimate_subsets, select_tasks
@@ -35,6 +36,7 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         self._store: SketchStore = registry.store
         self._publisher = publisher
         self._metrics = metrics
+        self._lifecycle = Lifecycle(registry)
 
     # ------------------------------------------------------------------ jobs
 
@@ -60,16 +62,16 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext
                        ) -> pb.ListJobsResponse:
-        infos = await asyncio.to_thread(self._store.list_jobs)
-        jobs = [await self._job(await self._registry.get(info.name)) for info in infos]
+        jobs = [await self._job(runtime) for runtime in await self._registry.served()]
         return pb.ListJobsResponse(jobs=jobs)
 
     # ----------------------------------------------------------------- tasks
 
     def _task(self, runtime: JobRuntime, name: str, metadata: dict[str, str],
-              registered_at: float) -> pb.Task:
+              registered_at: float, retired: bool = False) -> pb.Task:
         rows = runtime.state.task_rows.get(name, 0)
         state = pb.TASK_STATE_ACTIVE if rows else pb.TASK_STATE_PENDING
+        state = pb.TASK_STATE_RETIRED if retired else state
         return pb.Task(job=runtime.name, name=name, metadata=metadata, state=state,
                        sketch_rows=rows, registered_at=convert.timestamp(registered_at))
 
@@ -79,14 +81,16 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         info = await asyncio.to_thread(self._store.register_task, request.job, request.name,
                                        dict(request.metadata))
         runtime.request()
-        return self._task(runtime, info.name, dict(info.metadata), info.registered_at)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          bool(info.retired_at))
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: aio.ServicerContext
                         ) -> pb.ListTasksResponse:
         runtime = await self._registry.get(request.job)
         infos = await asyncio.to_thread(self._store.list_tasks, request.job)
         return pb.ListTasksResponse(tasks=[
-            self._task(runtime, t.name, dict(t.metadata), t.registered_at) for t in infos])
+            self._task(runtime, t.name, dict(t.metadata), t.registered_at, bool(t.retired_at))
+            for t in infos])
 
     # --------------------------------------------------------------- anchors
 
@@ -220,3 +224,33 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         await self._query(request.job, result)
         assert isinstance(result.response, pb.SelectTasksResponse)
         return result.response
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def UpdateTask(self, request: pb.UpdateTaskRequest, context: aio.ServicerContext
+                         ) -> pb.Task:
+        info = await self._lifecycle.update_task(request, actor_of(context))
+        runtime = await self._registry.get(request.job)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          bool(info.retired_at))
+
+    async def PinMixture(self, request: pb.PinMixtureRequest, context: aio.ServicerContext
+                         ) -> pb.JobEvent:
+        event = await self._lifecycle.pin(request, actor_of(context))
+        return convert.event_to_pb(request.job, event)
+
+    async def UnpinMixture(self, request: pb.UnpinMixtureRequest, context: aio.ServicerContext
+                           ) -> pb.JobEvent:
+        event = await self._lifecycle.unpin(request, actor_of(context))
+        return convert.event_to_pb(request.job, event)
+
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: aio.ServicerContext
+                        ) -> pb.JobEvent:
+        event = await self._lifecycle.delete_job(request, actor_of(context))
+        return convert.event_to_pb(request.name, event)
+
+    async def ListJobEvents(self, request: pb.ListJobEventsRequest,
+                            context: aio.ServicerContext) -> pb.ListJobEventsResponse:
+        events = await self._lifecycle.events(request.job, request.after_sequence)
+        return pb.ListJobEventsResponse(events=[convert.event_to_pb(request.job, e)
+                                                for e in events])

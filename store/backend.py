@@ -190,3 +190,7 @@ class GroupDocs:
             delete_sync(key)
         else:
             sync(self.store.delete(key))
+
+    def delete_tree(self, path: str) -> None:
+        """Remove every key under ``path`` (a whole group and what it holds)."""
+        sync(self.store.delete_dir(path))

@@ -39,7 +39,9 @@ def test_command_surface_is_frozen() -> None:
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command")
     assert sorted(commands.choices) == sorted(  # type: ignore[arg-type]
-        ["jobs", "tasks", "anchors", "register-task", "mixture", "history", "estimate", "select"]
+        ["jobs", "tasks", "anchors", "register-task", "mixture", "history", "estimate", "select",
+         "retire-task", "activate-task", "update-task", "pin", "unpin", "delete-job",
+         "archive-job", "events"]
     )
     top = {o for a in parser._actions for o in a.option_strings}
     assert {"--server", "--tls", "--ca-cert", "--token", "--timeout", "--json"} <= top

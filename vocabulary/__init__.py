@@ -72,12 +72,14 @@ class SelectionMethod(StrEnum):
 
 
 class TaskState(StrEnum):
-    """A task's state at the job's current anchor."""
+    """A task's state at the job's current anchor (or retired, whatever the anchor)."""
 
     PENDING = "pending"
     """Registered, no committed sketch rows at the current anchor: carries the prior weight."""
     ACTIVE = "active"
     """Sketched at the current anchor: weighted by the policy."""
+    RETIRED = "retired"
+    """Retired by an operator: weight 0 until activated again (`gradmix.server.lifecycle`)."""
 
 
 class AnchorState(StrEnum):
