@@ -23,4 +23,5 @@ def test_generated_service_has_every_v1_call() -> None:
     assert set(service.methods_by_name) == {
         "CreateJob", "GetJob", "ListJobs", "RegisterTask", "ListTasks", "DeclareAnchor",
         "CompleteAnchor", "ListAnchors", "CommitSketch", "UploadSketch", "GetMixture",
-        "WatchMixture", "ListMixtures", "EstimateSubsets", "SelectTasks"}
+        "WatchMixture", "ListMixtures", "EstimateSubsets", "SelectTasks",
+        "UpdateTask", "PinMixture", "UnpinMixture", "DeleteJob", "ListJobEvents"}
