@@ -8,6 +8,9 @@ request of a burst schedules one run `debounce_seconds` later, requests that
 arrive while a run is in flight schedule exactly one more. A failed run (a
 store outage, an estimator error) is retried with exponential backoff, re-reading
 every source.
+
+An operator's archive or delete (`gradmix.server.lifecycle`) takes a job off
+the registry (`remove`); an archived job is not loaded again (NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -132,13 +135,14 @@ class JobRuntime:
         log.info("job %r: published mixture version %d at anchor %r", self.name,
                  record.version, record.anchor)
 
-    async def close(self) -> None:
-        """Stop re-estimating; returns once no re-estimate of the job is running."""
+    async def close(self, *, drain: bool = False) -> None:
+        """Stop re-estimating; with `drain`, return only once no re-estimate of the job
+        is running (one in flight can no longer publish or write to the store)."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         inflight = self._inflight
-        if inflight is not None and not inflight.done():
+        if drain and inflight is not None and not inflight.done():
             await asyncio.to_thread(wait, [inflight])
 
 
@@ -197,7 +201,7 @@ class JobRegistry:
         loads it again from the store unless it is archived or deleted there."""
         runtime = self._jobs.pop(name, None)
         if runtime is not None:
-            await runtime.close()
+            await runtime.close(drain=True)
         self._publisher.remove_job(name)
         self._metrics.remove_job(name)
 

@@ -136,6 +136,10 @@ class Lifecycle:
         if before is None:
             raise NotFoundError(f"task {name!r} is not registered in job {job!r}")
         if retired and not before.retired_at:
+            if all(t.retired_at for t in tasks.values() if t.name != name):
+                raise PreconditionError(
+                    f"{name!r} is the last task of job {job!r} that is not retired: a mixture "
+                    "needs one; register or activate another task first")
             self._check_pin_survives(job, name, tasks)
         after = store.update_task(job, name, metadata=dict(request.metadata),
                                   remove=list(request.remove_metadata), retired=retired)

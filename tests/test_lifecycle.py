@@ -106,6 +106,8 @@ def test_update_task_fixes_metadata_that_re_registering_refuses(
     [event] = client.list_job_events("job")
     assert (event.action, event.task, event.actor) == ("update_task", "docs", "alice")
     assert event.details == {"metadata.uri": "s3://right", "removed": "size"}
+    with pytest.raises(FailedPrecondition, match="last task"):  # a mixture needs one
+        client.retire_task("job", "docs")
 
 
 def test_a_pinned_mixture_publishes_its_weights_until_unpinned(
