@@ -139,6 +139,8 @@ def test_a_pinned_mixture_publishes_its_weights_until_unpinned(
     assert client.retire_task("job", "help").state == "retired"  # harm still carries the pin
     only_harm = newer(client, late.version, lambda m: m.states.get("help") == "retired")
     assert only_harm.pinned and only_harm.weights["harm"] == pytest.approx(1.0)
+    with pytest.raises(FailedPrecondition, match="retired"):  # its rows left the estimate
+        client.estimate_subsets("job", [["help"]])
     with pytest.raises(FailedPrecondition, match="activate it first"):
         client.pin_mixture("job", {"help": 1.0})
     client.activate_task("job", "help")
