@@ -129,7 +129,6 @@ class JobRuntime:
         self._publisher.publish(self.name, mixture_to_pb(self.name, record))
         metrics.set_mixture(self.name, record.version, record.created_at, record.weights)
         set_calibration(metrics, self.name, record)
-        metrics.mixture_pinned.labels(self.name).set(1 if record.pinned else 0)
         if committed_at is not None:
             metrics.commit_to_publish.labels(self.name).observe(time.monotonic() - committed_at)
         log.info("job %r: published mixture version %d at anchor %r", self.name,
@@ -248,7 +247,6 @@ class JobRegistry:
         if last is not None:
             self._metrics.set_mixture(info.name, last.version, last.created_at, last.weights)
             set_calibration(self._metrics, info.name, last)
-            self._metrics.mixture_pinned.labels(info.name).set(1 if last.pinned else 0)
         runtime.request(full=True)
         return runtime
 
@@ -258,7 +256,9 @@ class JobRegistry:
 
 
 def set_calibration(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
-    """The calibration gauges from a published version (none before its first anchor)."""
+    """The calibration gauges from a published version (none before its first anchor),
+    and whether it is pinned."""
+    metrics.mixture_pinned.labels(job).set(1 if record.pinned else 0)
     calibration = record.calibration
     if calibration is None:
         return
