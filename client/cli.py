@@ -1,5 +1,8 @@
 """The `gradmix` command line: inspect jobs and mixtures, register tasks, ask for estimates.
 
+Operators also retire, activate and update tasks, pin and unpin a mixture,
+and delete or archive a job; `events` lists who changed what, and when.
+
 Every command takes `--json` for machine-readable output. Connection options
 default from the environment (GRADMIX_SERVER, GRADMIX_TOKEN, GRADMIX_TOKEN_FILE,
 GRADMIX_TLS, GRADMIX_CA_CERT, GRADMIX_CLIENT_CERT, GRADMIX_CLIENT_KEY,
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import getpass
 import json
 import os
 import sys
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--k", type=int, default=0, help="top_k: how many tasks")
     sub.add_argument("--mode", choices=MODES, default="fast", help="forward: estimator mode")
     sub.add_argument("--anchor", default="", help="anchor (default: the current one)")
+    _lifecycle_commands(command)
     return parser
 
 
@@ -172,6 +177,89 @@ def _create_job(client: SelectionClient, args: argparse.Namespace) -> Any:
         fields["seed"] = args.policy_seed
     policy = PolicySettings(policy=args.policy, **fields)
     return client.create_job(args.job, sketch=sketch, policy=policy, target=args.target)
+
+
+def _lifecycle_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """The operator's commands; each change goes into the job's event log (`events`)."""
+
+    def change(name: str, help_text: str, subject: str = "job") -> argparse.ArgumentParser:
+        sub = command(name, help_text)
+        sub.add_argument(subject)
+        sub.add_argument("--actor", default=os.environ.get("GRADMIX_ACTOR") or _user(),
+                         help="who makes the change, for the event log (env GRADMIX_ACTOR; "
+                              "default: the local user name)")
+        return sub
+
+    for name, help_text in (("retire-task", "retire a task: weight 0 from the next mixture "
+                                            "version, until activate-task"),
+                            ("activate-task", "bring a retired task back into the mixture")):
+        change(name, help_text).add_argument("name")
+    sub = change("update-task", "set or remove metadata keys of a registered task")
+    sub.add_argument("name")
+    sub.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                     help="metadata key to set (repeatable)")
+    sub.add_argument("--remove-meta", action="append", default=[], metavar="KEY",
+                     help="metadata key to remove (repeatable)")
+    sub = change("pin", "pin a job's mixture to given weights (normalised; other tasks 0)")
+    sub.add_argument("--weight", action="append", required=True, metavar="TASK=WEIGHT",
+                     help="a task's weight (repeatable)")
+    sub.add_argument("--reason", default="", help="why, for the event log")
+    change("unpin", "publish the estimated mixture again").add_argument(
+        "--reason", default="", help="why, for the event log")
+    sub = change("delete-job", "stop serving a job and remove its store data", "name")
+    sub.add_argument("--keep-data", action="store_true",
+                     help="keep the store data in place (the same as archive-job)")
+    sub.add_argument("--reason", default="", help="why, for the event log")
+    change("archive-job", "stop serving a job, keeping its store data", "name").add_argument(
+        "--reason", default="", help="why, for the event log")
+    sub = command("events", "list a job's event log: who changed what, when")
+    sub.add_argument("job")
+    sub.add_argument("--after", type=int, default=0, help="only events after this sequence")
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no user name in this environment
+        return ""
+
+
+def _parse_weights(items: Sequence[str]) -> dict[str, float]:
+    weights: dict[str, float] = {}
+    for item in items:
+        task, sep, value = item.partition("=")
+        try:
+            weights[task] = float(value)
+        except ValueError:
+            raise InvalidArgument(f"--weight takes TASK=WEIGHT; got {item!r}") from None
+        if not sep or not task:
+            raise InvalidArgument(f"--weight takes TASK=WEIGHT; got {item!r}")
+    return weights
+
+
+def _run_lifecycle(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> bool:
+    """Dispatch an operator's command; False if `args` is another command."""
+    name = args.command
+    if name in ("retire-task", "activate-task", "update-task"):
+        retired = {"retire-task": True, "activate-task": False}.get(name)
+        meta = _parse_meta(getattr(args, "meta", []))
+        task = client.update_task(args.job, args.name, meta,
+                                  remove=getattr(args, "remove_meta", []), retired=retired)
+        _emit(args, task, lambda t: render.tasks_table([t]), out)
+    elif name in ("pin", "unpin", "delete-job", "archive-job"):
+        if name == "pin":
+            event = client.pin_mixture(args.job, _parse_weights(args.weight), args.reason)
+        elif name == "unpin":
+            event = client.unpin_mixture(args.job, args.reason)
+        else:
+            keep = name == "archive-job" or args.keep_data
+            event = client.delete_job(args.name, keep_data=keep, reason=args.reason)
+        _emit(args, event, lambda e: render.events_table([e]), out)
+    elif name == "events":
+        _emit(args, client.list_job_events(args.job, args.after), render.events_table, out)
+    else:
+        return False
+    return True
 
 
 def _jsonable(value: Any) -> Any:
@@ -250,6 +338,8 @@ def _answers(client: SelectionClient, job: str) -> bool:
 def _run(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None:
     """Dispatch one parsed command."""
     name = args.command
+    if _run_lifecycle(client, args, out):
+        return
     if name == "jobs":
         _emit(args, client.list_jobs(), render.jobs_table, out)
     elif name == "create-job":
@@ -310,6 +400,7 @@ def _client(args: argparse.Namespace) -> SelectionClient:
         certificate_chain=_read("--client-cert", args.client_cert),
         private_key=_read("--client-key", args.client_key),
         token=token,
+        actor=getattr(args, "actor", None),
     )
 
 

@@ -24,6 +24,7 @@ from gradmix.client.types import (
     EstimateResult,
     Horizon,
     Job,
+    JobEvent,
     JobSpec,
     Mixture,
     PolicySettings,
@@ -59,6 +60,8 @@ class SelectionClient:
             that asks for one (mutual TLS); needs `private_key` and `tls`.
         private_key: PEM bytes of the key of `certificate_chain`.
         token: A bearer token, sent as `authorization: Bearer <token>`.
+        actor: Who makes the lifecycle changes this client asks for (sent as
+            `x-gradmix-actor`; the server records it in the job's event log).
         retry: The retry policy of safe calls.
         options: Extra grpc channel options (name, value).
     """
@@ -75,6 +78,7 @@ class SelectionClient:
         token: str | None = None,
         retry: RetryPolicy | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        actor: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0; got {timeout}")
@@ -104,6 +108,8 @@ class SelectionClient:
             if token:
                 self._metadata = (("authorization", f"Bearer {token}"),)
             self._channel = grpc.insecure_channel(target, options=channel_options)
+        if actor:
+            self._metadata += (("x-gradmix-actor", actor),)
         self._stub = pb_grpc.SelectionServiceStub(self._channel)
         self._watches: list[MixtureWatch] = []
         self._closed = False
@@ -373,6 +379,69 @@ class SelectionClient:
             mode=convert.mode_to_pb(mode),
         )
         return convert.selection_from_pb(self._call("SelectTasks", request), method)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def update_task(
+        self,
+        job: str,
+        name: str,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        remove: Sequence[str] = (),
+        retired: bool | None = None,
+    ) -> Task:
+        """Change a registered task: set `metadata` keys, drop the `remove` keys, retire
+        (`retired=True`) or activate (`False`) it. Idempotent; NotFound for an unknown task.
+
+        Raises:
+            FailedPrecondition: Retiring the one task a pinned mixture weights.
+        """
+        request = pb.UpdateTaskRequest(
+            job=job, name=name, metadata=convert.metadata_to_pb(metadata),
+            remove_metadata=list(remove),
+        )
+        if retired is not None:
+            request.retired = retired
+        return convert.task_from_pb(self._call("UpdateTask", request))
+
+    def retire_task(self, job: str, name: str) -> Task:
+        """Retire a task: weight 0 from the next mixture version until activated again."""
+        return self.update_task(job, name, retired=True)
+
+    def activate_task(self, job: str, name: str) -> Task:
+        """Bring a retired task back into the mixture from the next version."""
+        return self.update_task(job, name, retired=False)
+
+    def pin_mixture(self, job: str, weights: Mapping[str, float], reason: str = "") -> JobEvent:
+        """Pin the job's mixture to `weights` (normalised; unnamed tasks get 0) from the
+        next version on, until `unpin_mixture`. Re-estimates go on underneath.
+
+        Raises:
+            NotFound: A task that is not registered. InvalidArgument: Bad weights.
+        """
+        request = pb.PinMixtureRequest(job=job, weights=dict(weights), reason=reason)
+        return convert.job_event_from_pb(self._call("PinMixture", request, safe=False))
+
+    def unpin_mixture(self, job: str, reason: str = "") -> JobEvent:
+        """Publish estimated weights again (FailedPrecondition if not pinned)."""
+        request = pb.UnpinMixtureRequest(job=job, reason=reason)
+        return convert.job_event_from_pb(self._call("UnpinMixture", request, safe=False))
+
+    def delete_job(self, name: str, *, keep_data: bool = False, reason: str = "") -> JobEvent:
+        """Stop serving a job: its store data removed, or kept in place (`keep_data`,
+        archived). Watchers of the job get NotFound."""
+        request = pb.DeleteJobRequest(name=name, keep_data=keep_data, reason=reason)
+        return convert.job_event_from_pb(self._call("DeleteJob", request, safe=False))
+
+    def archive_job(self, name: str, reason: str = "") -> JobEvent:
+        """`delete_job(name, keep_data=True)`."""
+        return self.delete_job(name, keep_data=True, reason=reason)
+
+    def list_job_events(self, job: str, after_sequence: int = 0) -> list[JobEvent]:
+        """The job's event log (who changed what, when) after `after_sequence`."""
+        request = pb.ListJobEventsRequest(job=job, after_sequence=after_sequence)
+        return [convert.job_event_from_pb(e) for e in self._call("ListJobEvents", request).events]
 
     # ------------------------------------------------------------ lifetime
 

@@ -19,6 +19,7 @@ from gradmix.client.types import (
     EstimateResult,
     Horizon,
     Job,
+    JobEvent,
     JobSpec,
     Mixture,
     PolicySettings,
@@ -212,6 +213,7 @@ def mixture_from_pb(msg: pb.Mixture) -> Mixture:
         estimated_loss=msg.estimated_loss,
         score_error=msg.score_error,
         calibration=calibration_from_pb(msg.calibration) if msg.HasField("calibration") else None,
+        pinned=msg.pinned,
     )
 
 
@@ -284,3 +286,16 @@ def metadata_to_pb(metadata: Mapping[str, str] | None) -> dict[str, str]:
         if not isinstance(k, str) or not isinstance(v, str):
             raise InvalidArgument(f"task metadata must map str to str; got {k!r}: {v!r}")
     return meta
+
+
+def job_event_from_pb(msg: pb.JobEvent) -> JobEvent:
+    """Message -> JobEvent."""
+    return JobEvent(
+        job=msg.job,
+        sequence=msg.sequence,
+        created_at=_time(msg.created_at),
+        actor=msg.actor,
+        action=msg.action,
+        task=msg.task,
+        details=dict(msg.details),
+    )

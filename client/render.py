@@ -10,6 +10,7 @@ from gradmix.client.types import (
     Calibration,
     EstimateResult,
     Job,
+    JobEvent,
     Mixture,
     Selection,
     Task,
@@ -77,6 +78,7 @@ def mixture_table(mixture: Mixture, disconnected_since: float | None = None) -> 
         f"policy {mixture.policy}\n"
         f"anchor_loss {mixture.anchor_loss:.4f}  estimated_loss {mixture.estimated_loss:.4f}"
         f"  at {_when(mixture.created_at)}"
+        + ("  PINNED" if mixture.pinned else "")
     )
     if disconnected_since is not None:
         head = (
@@ -114,7 +116,8 @@ def history_table(mixtures: Sequence[Mixture]) -> str:
     for m in mixtures:
         top = sorted(m.weights.items(), key=lambda kv: (-kv[1], kv[0]))
         weights = " ".join(f"{t}={w:.3f}" for t, w in top)
-        rows.append((m.version, _when(m.created_at), m.anchor or "-", m.policy, weights))
+        policy = f"{m.policy} (pinned)" if m.pinned else m.policy
+        rows.append((m.version, _when(m.created_at), m.anchor or "-", policy, weights))
     return table(("VERSION", "CREATED", "ANCHOR", "POLICY", "WEIGHTS"), rows)
 
 
@@ -141,3 +144,13 @@ def selection_table(selection: Selection) -> str:
         for t in order
     ]
     return head + "\n" + table(("TASK", "SCORE", "SELECTED"), rows)
+
+
+def events_table(events: Sequence[JobEvent]) -> str:
+    """One line per event of a job's log, oldest first."""
+    rows = [
+        (e.sequence, _when(e.created_at), e.actor, e.action, e.task or "-",
+         " ".join(f"{k}={v}" for k, v in sorted(e.details.items())) or "-")
+        for e in events
+    ]
+    return table(("SEQ", "WHEN", "ACTOR", "ACTION", "TASK", "DETAILS"), rows)

@@ -153,8 +153,9 @@ class Task:
     name: str
     metadata: dict[str, str]
     state: str
-    """"pending" (no sketch at the current anchor yet), "active", or "failed" (its data
-    cannot be loaded: weight 0; `failure` says why)."""
+    """"pending" (no sketch at the current anchor yet), "active", "failed" (its data
+    cannot be loaded: weight 0; `failure` says why), or "retired" (by an operator:
+    weight 0 until activated again)."""
     sketch_rows: int
     """Committed rows at the current anchor."""
     registered_at: float
@@ -246,7 +247,7 @@ class Mixture:
     scores: dict[str, float]
     """Task name -> policy score (lower = more helpful; 0 while pending)."""
     states: dict[str, str]
-    """Task name -> "pending" | "active"."""
+    """Task name -> "pending" | "active" | "retired"."""
     pending_tasks: tuple[str, ...]
     created_at: float
     anchor_loss: float
@@ -257,6 +258,8 @@ class Mixture:
     """Bootstrap standard error of the scores (the temperature's unit)."""
     calibration: Calibration | None = None
     """How the estimate's λ was set (None before the first anchor, or from older servers)."""
+    pinned: bool = False
+    """The weights were pinned by an operator (`pin_mixture`), not estimated."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -283,3 +286,23 @@ class Selection:
     anchor_loss: float
     scores: dict[str, float]
     """Task name -> policy score the selection was based on."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    """One change an operator made to a job (retire, pin, delete, ...), from its event log."""
+
+    job: str
+    sequence: int
+    """Strictly increasing per job, from 1."""
+    created_at: float
+    """Unix time."""
+    actor: str
+    """Who made it (the client's `actor`, else its address as the server saw it)."""
+    action: str
+    """"update_task", "retire_task", "activate_task", "pin", "unpin", "archive_job" or
+    "delete_job"."""
+    task: str
+    """The task it concerns ("" for none)."""
+    details: dict[str, str]
+    """What changed: e.g. "weight.<task>" of a pin, "metadata.<key>", "reason"."""

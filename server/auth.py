@@ -25,6 +25,7 @@ public). Tokens are never logged; a token's `name` is.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import hashlib
 import logging
@@ -232,7 +233,20 @@ RPC_ROLES: dict[str, Requirement] = {
     "SelectTasks": Requirement(Role.READER, _field("job")),
     "ReportTaskFailure": Requirement(Role.WRITER, _field("job")),
     "GetServerInfo": Requirement(Role.READER, None),  # where the store is: no job data
+    "UpdateTask": Requirement(Role.ADMIN, _field("job")),  # retire, activate, fix metadata
+    "PinMixture": Requirement(Role.ADMIN, _field("job")),
+    "UnpinMixture": Requirement(Role.ADMIN, _field("job")),
+    "DeleteJob": Requirement(Role.ADMIN, _field("name")),
+    "ListJobEvents": Requirement(Role.READER, _field("job")),
 }
+
+#: The token name of the call being handled (unset: no token checked, e.g. --insecure).
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("gradmix_caller")
+
+
+def authenticated_caller() -> str | None:
+    """The name of the token the current call presented, if the server checks tokens."""
+    return _CALLER.get(None)
 
 
 def _echo(text: str) -> str:
@@ -343,6 +357,7 @@ class AuthInterceptor(aio.ServerInterceptor):
                 self._check_job(name, identity, requirement, request)
             except _Denied as denied:
                 await self._refuse(name, denied, context)
+            _CALLER.set(identity.name)
             response = await behavior(request, context)
             if name == "ListJobs" and identity.jobs is not None:
                 kept = [job for job in response.jobs if identity.may_access(job.name)]

@@ -16,7 +16,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.policies import PolicyConfig
-from gradmix.store import AnchorInfo, CalibrationRecord, Horizon, JobSpec, MixtureRecord
+from gradmix.store import (
+    AnchorInfo,
+    CalibrationRecord,
+    Horizon,
+    JobEvent,
+    JobSpec,
+    MixtureRecord,
+)
 from gradmix.vocabulary import (
     WIRE_UNSPECIFIED,
     AnchorState,
@@ -188,7 +195,7 @@ def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:
         policy=policy_enum(record.policy) if record.policy else pb.POLICY_UNSPECIFIED,
         weights=weights, pending_tasks=pending, created_at=timestamp(record.created_at),
         anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss,
-        score_error=record.score_error)
+        score_error=record.score_error, pinned=record.pinned)
     if record.calibration is not None:
         message.calibration.CopyFrom(calibration_to_pb(record.calibration))
     return message
@@ -208,3 +215,9 @@ def scores_to_pb(scores: Mapping[str, float], weights: Mapping[str, float],
                  order: Sequence[str]) -> list[pb.TaskWeight]:
     return [pb.TaskWeight(task=task, score=scores[task], weight=weights.get(task, 0.0),
                           state=pb.TASK_STATE_ACTIVE) for task in order if task in scores]
+
+
+def event_to_pb(job: str, event: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(job=job, sequence=event.sequence, created_at=timestamp(event.created_at),
+                       actor=event.actor, action=event.action, task=event.task,
+                       details=event.details)

@@ -8,6 +8,9 @@ request of a burst schedules one run `debounce_seconds` later, requests that
 arrive while a run is in flight schedule exactly one more. A failed run (a
 store outage, an estimator error) is retried with exponential backoff, re-reading
 every source.
+
+An operator's archive or delete (`gradmix.server.lifecycle`) takes a job off
+the registry (`remove`); an archived job is not loaded again (NOT_FOUND).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future, wait
 from typing import Any
 
 from gradmix.server.config import ServerConfig
@@ -64,6 +67,8 @@ class JobRuntime:
         #: Why the last re-estimate failed ("" after a success): shown by GetJob.
         self.estimation_error = ""
         self.idle = asyncio.Event()
+        #: The re-estimate running on the executor (close waits for it).
+        self._inflight: Future[tuple[Refreshed, float]] | None = None
         self._task = asyncio.create_task(self._run(), name=f"reestimate-{self.name}")
 
     def request(self, *, anchor: str = "", source: Source = None, full: bool = False,
@@ -111,8 +116,8 @@ class JobRuntime:
             try:
                 if self._failures:
                     await self._catch_up(loop)
-                outcome, seconds = await loop.run_in_executor(
-                    self._executor, _timed_refresh, self.state, dirty, full)
+                self._inflight = self._executor.submit(_timed_refresh, self.state, dirty, full)
+                outcome, seconds = await asyncio.wrap_future(self._inflight)
             except Exception as exc:
                 # The job keeps serving its last version; new input wakes a retry at once.
                 self._failures += 1
@@ -168,10 +173,15 @@ class JobRuntime:
         log.info("job %r: published mixture version %d at anchor %r", self.name,
                  record.version, record.anchor)
 
-    async def close(self) -> None:
+    async def close(self, *, drain: bool = False) -> None:
+        """Stop re-estimating; with `drain`, return only once no re-estimate of the job
+        is running (one in flight can no longer publish or write to the store)."""
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        inflight = self._inflight
+        if drain and inflight is not None and not inflight.done():
+            await asyncio.to_thread(wait, [inflight])
 
 
 def echo_error(exc: BaseException) -> str:
@@ -221,20 +231,46 @@ class JobRegistry:
     async def load_all(self) -> None:
         """Rebuild every job in the store (at start-up)."""
         for info in await asyncio.to_thread(self.store.list_jobs):
-            await self._attach(info)
+            if not await asyncio.to_thread(self._archived, info.name):
+                await self._attach(info)
 
     async def get(self, name: str) -> JobRuntime:
         """The job `name`, loaded from the store if this server has not seen it.
 
         Raises:
-            NotFoundError: (store) no such job; InvalidNameError: a bad name.
+            NotFoundError: (store) no such job, or it is archived; InvalidNameError:
+                a bad name.
         """
         runtime = self._jobs.get(name)
         if runtime is not None:
             return runtime
         self.limits.check_name(name, "job")
         info = await asyncio.to_thread(self.store.get_job, name)
+        if await asyncio.to_thread(self._archived, name):
+            raise NotFoundError(f"job {name!r} is archived: its data is kept in the store, "
+                                "it is no longer served")
         return await self._attach(info)
+
+    async def served(self) -> list[JobRuntime]:
+        """Every job in the store this server serves (not archived), by name."""
+        runtimes = []
+        for info in await asyncio.to_thread(self.store.list_jobs):
+            with contextlib.suppress(NotFoundError):  # archived, or deleted meanwhile
+                runtimes.append(await self.get(info.name))
+        return runtimes
+
+    async def remove(self, name: str) -> None:
+        """Stop serving `name`: no more re-estimates (returns once none runs), its
+        watch streams end with NOT_FOUND, its metric series go. A later `get`
+        loads it again from the store unless it is archived or deleted there."""
+        runtime = self._jobs.pop(name, None)
+        if runtime is not None:
+            await runtime.close(drain=True)
+        self._publisher.remove_job(name)
+        self._metrics.remove_job(name)
+
+    def _archived(self, name: str) -> bool:
+        return bool(self.store.job_control(name).archived_at)
 
     async def create(self, name: str, spec: JobSpec, policy: Mapping[str, Any],
                      target: str) -> JobRuntime:
@@ -251,6 +287,9 @@ class JobRegistry:
         self.limits.check_dim(spec.dim)
         self.limits.check_target(target)
         existing = await asyncio.to_thread(self._find, name)
+        if existing is not None and await asyncio.to_thread(self._archived, name):
+            raise AlreadyExistsError(f"job {name!r} is archived: delete it (DeleteJob without "
+                                     "keep_data) to reuse the name, or choose another")
         if existing is not None:
             _check_same(existing, spec, policy, target)
             return await self._attach(existing)
@@ -291,9 +330,10 @@ class JobRegistry:
 
 
 def set_record(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
-    """The mixture and calibration gauges from a published version."""
+    """The mixture, pin and calibration gauges from a published version."""
     metrics.set_mixture(job, record.version, record.created_at, record.weights,
                         anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss)
+    metrics.mixture_pinned.labels(job).set(1 if record.pinned else 0)
     calibration = record.calibration
     if calibration is None:
         return

@@ -48,9 +48,10 @@ from gradmix.server.compose import (
     kept_composition,
     mixture_changed,
 )
-from gradmix.server.convert import ACTIVE, policy_config
+from gradmix.server.convert import ACTIVE, PENDING, policy_config
 from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.lifecycle import operated
 from gradmix.server.limits import Limits
 from gradmix.server.policies import PolicyConfig
 from gradmix.server.rows import row_problems
@@ -166,6 +167,8 @@ class JobState:
         self._before: tuple[str, MixtureRecord | None] | None = None
         #: (anchor, reason) of the last implausible estimate logged, to log each once.
         self._flagged: tuple[str, str] | None = None
+        #: Tasks retired by an operator: their rows are not ingested.
+        self._retired: frozenset[str] = frozenset()
 
     @property
     def anchor(self) -> str:
@@ -185,10 +188,13 @@ class JobState:
         with self.lock:
             infos = self.store.list_tasks(self.name)
             tasks = [t.name for t in infos]
+            retired = frozenset(t.name for t in infos if t.retired_at)
+            pin = self.store.job_control(self.name).pin
             anchors = self.store.list_anchors(self.name)
             anchor = current_anchor(anchors)
-            if anchor != self.anchor:
+            if anchor != self.anchor or retired != self._retired:
                 self._rows = AnchorRows(anchor, self.new_estimator()) if anchor else None
+                self._retired = retired  # their rows leave the estimator with them
                 full = True
             if self._rows is not None:
                 self._ingest(self._rows, dirty, full)
@@ -197,31 +203,37 @@ class JobState:
             policy, calibration = self._calibrated(anchors, anchor, estimator, before)
             previous = dict(before.weights) if before is not None else None
             known = self._known_error(anchor, estimator, policy.regularization)
-            composition = compose_mixture(tasks, estimator, policy, previous=previous,
+            composition = compose_mixture([t for t in tasks if t not in retired], estimator,
+                                          policy, previous=previous,
                                           error=known.error if known else None,
                                           failed={t.name for t in infos if t.failure})
             if known is None and estimator is not None and composition.subsets_estimated:
                 self._error = ScoreError.of(anchor, estimator, policy.regularization,
                                             composition.score_error)
+            estimated = composition  # what the sanity check judges (before pins)
+            composition = operated(composition, tasks, retired, pin, estimator,
+                                   policy.regularization)
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
         active = sum(state == ACTIVE for state in composition.states.values())
-        pending = len(composition.states) - active
+        pending = sum(state == PENDING for state in composition.states.values())
         outcome = Refreshed(None, composition.subsets_estimated, pending, active,
                             open_anchors={a.name: a.declared_at for a in anchors
                                           if a.state == "open"},
                             pending_since=_pending_since(infos, anchors, anchor, composition))
-        if composition.subsets_estimated:
-            outcome = self._checked(outcome, anchor, composition)
+        pinned = pin is not None
+        if estimated.subsets_estimated and not pinned:  # a pin is the operator's call
+            outcome = self._checked(outcome, anchor, estimated)
         if outcome.held:
             if self.last is None or self.last.anchor == anchor or estimator is None:
                 return outcome
             with self.lock:
                 composition = kept_composition(self.last.weights, composition, estimator,
                                                policy.regularization)
-        if not mixture_changed(self.last, anchor, composition, self.tolerance):
+        if not (mixture_changed(self.last, anchor, composition, self.tolerance)
+                or (self.last is not None and self.last.pinned != pinned)):
             return outcome
-        record = self._record(anchor, composition, calibration)
+        record = self._record(anchor, composition, calibration, pinned)
         self.store.append_mixture(self.name, record)
         self.last = record
         return dataclasses.replace(outcome, record=record)
@@ -300,6 +312,7 @@ class JobState:
             sources: list[Source] = [None, *self.store.sources(self.name, rows.name)]
         else:
             sources = list(dict.fromkeys(src for anchor, src in dirty if anchor == rows.name))
+        sources = [source for source in sources if source not in self._retired]
         for source in sources:
             new, cursor = self.store.read_rows(self.name, rows.name, source,
                                                rows.cursors.get(source))
@@ -326,14 +339,14 @@ class JobState:
         return grads[~bad], values[~bad]
 
     def _record(self, anchor: str, composition: Composition,
-                calibration: CalibrationRecord | None) -> MixtureRecord:
+                calibration: CalibrationRecord | None, pinned: bool) -> MixtureRecord:
         version = (self.last.version if self.last else 0) + 1
         return MixtureRecord(
             version=version, created_at=time.time(), anchor=anchor,
             policy=self.policy.policy, weights=composition.weights,
             scores=composition.scores, states=composition.states,
             anchor_loss=composition.anchor_loss, estimated_loss=composition.estimated_loss,
-            score_error=composition.score_error, calibration=calibration)
+            score_error=composition.score_error, calibration=calibration, pinned=pinned)
 
     def estimator_at(self, anchor: str) -> tuple[str, SubsetEstimator]:
         """The estimator at `anchor` ("" = current), for queries; call with `lock` held.
@@ -376,4 +389,4 @@ def _pending_since(tasks: Sequence[TaskInfo], anchors: Sequence[AnchorInfo], anc
     current anchor's declaration, whichever is later."""
     declared = next((a.declared_at for a in anchors if a.name == anchor), 0.0)
     return {t.name: max(t.registered_at, declared) for t in tasks
-            if composition.states.get(t.name) != ACTIVE}
+            if composition.states.get(t.name) == PENDING}

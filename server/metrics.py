@@ -122,6 +122,9 @@ class ServerMetrics:
         self.store_writable.set(1)
         self.store_write_failures = Counter(
             "gradmix_store_write_failures", "Writes the sketch store refused.", registry=registry)
+        self.mixture_pinned = Gauge(
+            "gradmix_mixture_pinned", "1 while the job's mixture is pinned by an operator "
+            "(PinMixture), else 0.", [JOB_LABEL], registry=registry)
         self._weight_tasks: dict[str, set[str]] = {}
         self._jobs: dict[str, _JobTimes] = {}
         self._lock = threading.Lock()

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gradmix.proto.v1 import selection_pb2 as pb
+from gradmix.server.errors import NotFoundError
 from gradmix.server.metrics import ServerMetrics
 
 #: Loads versions > after_version from the store (for replays older than the cache).
@@ -23,6 +24,8 @@ HistoryLoader = Callable[[str, int], Awaitable[Sequence[pb.Mixture]]]
 
 #: A queue item that ends the watch (server shutting down).
 _CLOSED = None
+#: A queue item that ends the watch with NOT_FOUND (the job was deleted or archived).
+_GONE = pb.Mixture()
 
 
 @dataclass
@@ -103,12 +106,22 @@ class MixturePublisher:
                 item = await queue.get()
                 if item is _CLOSED:
                     return
+                if item is _GONE:
+                    raise NotFoundError(f"job {job!r} was deleted or archived while watched")
                 if item.version > sent:
                     yield item
                     sent = item.version
         finally:
             feed.watchers.discard(queue)
             gauge.dec()
+
+    def remove_job(self, job: str) -> None:
+        """Stop serving `job`: its watch streams end with NOT_FOUND."""
+        feed = self._feeds.pop(job, None)
+        if feed is None:
+            return
+        for queue in feed.watchers:
+            queue.put_nowait(_GONE)
 
     def close(self) -> None:
         """End every watch stream (server shutdown)."""

@@ -122,10 +122,14 @@ def _check_tasks(state: JobState, anchor: str, estimator: SubsetEstimator,
     missing = [n for n in dict.fromkeys(names) if n not in known]
     if not missing:
         return
-    registered = {t.name for t in state.store.list_tasks(state.name)}
-    unknown = [n for n in missing if n not in registered]
+    tasks = {t.name: t for t in state.store.list_tasks(state.name)}
+    unknown = [n for n in missing if n not in tasks]
     if unknown:
         raise UnknownTaskError(f"job {state.name!r} has no task(s) {unknown}")
+    retired = [n for n in missing if tasks[n].retired_at]
+    if retired:
+        raise PreconditionError(f"task(s) {retired} of job {state.name!r} are retired: "
+                                "activate them to estimate with them")
     raise PreconditionError(
         f"task(s) {missing} of job {state.name!r} have no sketch rows at anchor {anchor!r} "
         "yet (pending): sketch them there first")

@@ -25,6 +25,7 @@ from gradmix.server.errors import (
 )
 from gradmix.server.jobs import JobRegistry, JobRuntime
 from gradmix.server.jobstate import current_anchor
+from gradmix.server.lifecycle import Lifecycle, actor_of
 from gradmix.server.limits import Limits
 from gradmix.server.metrics import ServerMetrics
 from gradmix.server.paging import decode_token, encode_token, page
@@ -45,6 +46,7 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         self._publisher = publisher
         self._metrics = metrics
         self._limits: Limits = registry.limits
+        self._lifecycle = Lifecycle(registry)
 
     def _names(self, ref: SourceRef | None = None, **names: str) -> None:
         """Refuse over-long names (by kind) before the store sees (and echoes) them."""
@@ -78,20 +80,22 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext
                        ) -> pb.ListJobsResponse:
-        infos = await asyncio.to_thread(self._store.list_jobs)
-        chosen = page(infos, lambda i: [i.name], request.page_token,
+        served = await self._registry.served()
+        chosen = page(served, lambda r: [r.name], request.page_token,
                       self._limits.page_size(request.page_size))
-        jobs = [await self._job(await self._registry.get(info.name)) for info in chosen.items]
+        jobs = [await self._job(runtime) for runtime in chosen.items]
         return pb.ListJobsResponse(jobs=jobs, next_page_token=chosen.next_token)
 
     # ----------------------------------------------------------------- tasks
 
     def _task(self, runtime: JobRuntime, name: str, metadata: dict[str, str],
-              registered_at: float, failure: str = "") -> pb.Task:
+              registered_at: float, failure: str = "", retired: bool = False) -> pb.Task:
         rows = runtime.state.task_rows.get(name, 0)
         state = pb.TASK_STATE_ACTIVE if rows else pb.TASK_STATE_PENDING
         if failure:
             state = pb.TASK_STATE_FAILED
+        if retired:
+            state = pb.TASK_STATE_RETIRED
         return pb.Task(job=runtime.name, name=name, metadata=metadata, state=state,
                        sketch_rows=rows, registered_at=convert.timestamp(registered_at),
                        failure=failure)
@@ -105,7 +109,7 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         info = await asyncio.to_thread(self._register_task, request.job, request.name, metadata)
         runtime.request()
         return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
-                          info.failure)
+                          info.failure, bool(info.retired_at))
 
     def _register_task(self, job: str, name: str, metadata: dict[str, str]) -> TaskInfo:
         """Register (idempotent by name), refusing a new task past `max_tasks_per_job`."""
@@ -121,7 +125,8 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         chosen = page(infos, lambda t: [t.registered_at, t.name], request.page_token,
                       self._limits.page_size(request.page_size))
         return pb.ListTasksResponse(tasks=[
-            self._task(runtime, t.name, dict(t.metadata), t.registered_at, t.failure)
+            self._task(runtime, t.name, dict(t.metadata), t.registered_at, t.failure,
+                       bool(t.retired_at))
             for t in chosen.items], next_page_token=chosen.next_token)
 
     async def ReportTaskFailure(self, request: pb.ReportTaskFailureRequest,
@@ -131,7 +136,7 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
                                        " ".join(request.reason.split())[:1000])
         runtime.request(full=True)
         return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
-                          info.failure)
+                          info.failure, bool(info.retired_at))
 
     # --------------------------------------------------------------- anchors
 
@@ -311,6 +316,37 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def GetServerInfo(self, request: pb.GetServerInfoRequest,
                             context: aio.ServicerContext) -> pb.ServerInfo:
         return pb.ServerInfo(store_identity=self._store.identity, store_url=self._store.url)
+
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def UpdateTask(self, request: pb.UpdateTaskRequest, context: aio.ServicerContext
+                         ) -> pb.Task:
+        info = await self._lifecycle.update_task(request, actor_of(context))
+        runtime = await self._registry.get(request.job)
+        return self._task(runtime, info.name, dict(info.metadata), info.registered_at,
+                          info.failure, bool(info.retired_at))
+
+    async def PinMixture(self, request: pb.PinMixtureRequest, context: aio.ServicerContext
+                         ) -> pb.JobEvent:
+        event = await self._lifecycle.pin(request, actor_of(context))
+        return convert.event_to_pb(request.job, event)
+
+    async def UnpinMixture(self, request: pb.UnpinMixtureRequest, context: aio.ServicerContext
+                           ) -> pb.JobEvent:
+        event = await self._lifecycle.unpin(request, actor_of(context))
+        return convert.event_to_pb(request.job, event)
+
+    async def DeleteJob(self, request: pb.DeleteJobRequest, context: aio.ServicerContext
+                        ) -> pb.JobEvent:
+        event = await self._lifecycle.delete_job(request, actor_of(context))
+        return convert.event_to_pb(request.name, event)
+
+    async def ListJobEvents(self, request: pb.ListJobEventsRequest,
+                            context: aio.ServicerContext) -> pb.ListJobEventsResponse:
+        events = await self._lifecycle.events(request.job, request.after_sequence)
+        return pb.ListJobEventsResponse(events=[convert.event_to_pb(request.job, e)
+                                                for e in events])
 
 
 def _fitting(mixtures: list[pb.Mixture], budget: int) -> list[pb.Mixture]:

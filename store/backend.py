@@ -94,6 +94,13 @@ class StoreBackend(ABC):
         if self.unavailable is not None:
             self._report(None)
 
+    def delete_tree(self, prefix: str) -> None:
+        """Remove every key under ``prefix`` (a whole group and what it holds)."""
+        from zarr.core.sync import sync
+
+        with self.writing(f"delete {prefix}/"):
+            sync(self.zarr_store.delete_dir(prefix))
+
     def _report(self, error: StoreUnavailableError | None) -> None:
         with self._health_lock:
             recovered = error is None and self.unavailable is not None

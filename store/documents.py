@@ -46,6 +46,10 @@ class GroupDocs:
         attributes: dict[str, Any] = doc.get("attributes", {})
         return attributes
 
+    def delete_tree(self, path: str) -> None:
+        """Remove the group at ``path`` and every key under it."""
+        self.backend.delete_tree(path)
+
     def write(self, path: str, attributes: dict[str, Any]) -> None:
         """Replace the group document at ``path`` whole."""
         self.backend.put(_key(path), _group_doc(attributes))

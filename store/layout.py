@@ -3,13 +3,15 @@
 ```
 zarr.json                                       root group
 jobs/<job>/                                     attrs: spec, settings, created_at
-  tasks/<task>/                                 attrs: metadata, registered_at (the task registry)
+  tasks/<task>/                                 attrs: metadata, registered_at[, retired_at]
   anchors/<anchor>/                             attrs: step, state, declared_at[, horizon]
     target/writers/<writer>/
       grads (n, d)  values (n,)  example_ids (n,)
       commits/<count, 15 digits>                the commit marker (an object named by the count)
     tasks/<task>/writers/<writer>/              same, one set of arrays per writer id
   mixtures/<version, 12 digits>/                attrs: one mixture record
+  control/                                      attrs: [pin, archived_at] (operator state)
+  events/<sequence, 12 digits>/                 attrs: one event of the job's log
 ```
 
 A group is its ``zarr.json`` document: a folder without one (what a write
@@ -96,3 +98,16 @@ def mixture_dir(job: str, version: int) -> str:
 def version_key(version: int) -> str:
     """Zero-padded so that names sort in version order."""
     return f"{version:012d}"
+
+
+def control_dir(job: str) -> str:
+    """The job's operator state: its pin, whether it is archived."""
+    return f"jobs/{job}/control"
+
+
+def events_dir(job: str) -> str:
+    return f"jobs/{job}/events"
+
+
+def event_dir(job: str, sequence: int) -> str:
+    return f"jobs/{job}/events/{version_key(sequence)}"

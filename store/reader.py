@@ -36,6 +36,11 @@ class ArrayCache:
             self._arrays[path] = array
         return array
 
+    def forget(self, prefix: str) -> None:
+        """Drop the arrays under ``prefix`` (they were deleted)."""
+        for path in [p for p in self._arrays if p.startswith(prefix)]:
+            del self._arrays[path]
+
     def read(self, writer_path: str, name: str, start: int, stop: int) -> np.ndarray:
         """Committed rows ``[start, stop)`` of one of a writer's arrays."""
         return read_range(self._backend, self.get(f"{writer_path}/{name}"), start, stop)

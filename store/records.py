@@ -91,13 +91,18 @@ class JobInfo:
 
 @dataclass(frozen=True)
 class TaskInfo:
-    """A registered task (an auxiliary data source) of a job."""
+    """A registered task (an auxiliary data source) of a job.
+
+    `retired_at` is when an operator retired it (0.0: it is not retired).
+    """
 
     name: str
     metadata: dict[str, str]
     registered_at: float
     failure: str = ""
     """Why its data cannot be loaded, as a trainer reported it ("" if it can)."""
+    retired_at: float = 0.0
+    """When an operator retired it (0: it is not retired)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,8 +312,9 @@ class CalibrationRecord:
 class MixtureRecord:
     """One published mixture version of a job.
 
-    `score_error` and `calibration` came later: records stored before them
-    read back as 0.0 and None.
+    `score_error`, `calibration` and `pinned` came later: records stored
+    before them read back as 0.0, None and False. `pinned`: the weights were
+    pinned by an operator, not estimated.
     """
 
     version: int
@@ -322,6 +328,7 @@ class MixtureRecord:
     estimated_loss: float
     score_error: float = 0.0
     calibration: CalibrationRecord | None = None
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         if not _is_int(self.version) or self.version < 1:
@@ -365,7 +372,77 @@ class MixtureRecord:
             score_error=float(doc.get("score_error", 0.0)),
             calibration=(CalibrationRecord.from_dict(doc["calibration"])
                          if doc.get("calibration") else None),
+            pinned=bool(doc.get("pinned", False)),
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    """One change an operator made to a job, in the job's event log.
+
+    Attributes:
+        sequence: strictly increasing per job, from 1.
+        created_at: Unix time.
+        actor: who made it.
+        action: what was done (e.g. "retire_task", "pin").
+        task: the task it concerns ("" for none).
+        details: what else says what changed (strings).
+    """
+
+    sequence: int
+    created_at: float
+    actor: str
+    action: str
+    task: str = ""
+    details: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> JobEvent:
+        """Rebuild an event stored with :meth:`to_dict`."""
+        return cls(sequence=int(doc["sequence"]), created_at=float(doc["created_at"]),
+                   actor=str(doc["actor"]), action=str(doc["action"]),
+                   task=str(doc.get("task", "")),
+                   details={str(k): str(v) for k, v in doc.get("details", {}).items()})
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobControl:
+    """A job's operator state.
+
+    Attributes:
+        pin: task -> weight the job's mixture is pinned to (None: not pinned).
+        archived_at: when the job was archived (0.0: it is not).
+    """
+
+    pin: dict[str, float] | None = None
+    archived_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pin is not None and (
+            not self.pin
+            or any(not isinstance(w, int | float) or not math.isfinite(w) or w < 0
+                   for w in self.pin.values())
+            or sum(self.pin.values()) <= 0
+        ):
+            raise InvalidSpecError("pinned weights must be finite, >= 0 and not all 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.pin is not None:
+            doc["pin"] = {k: float(v) for k, v in self.pin.items()}
+        if self.archived_at:
+            doc["archived_at"] = self.archived_at
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> JobControl:
+        pin = doc.get("pin")
+        return cls(pin={k: float(v) for k, v in pin.items()} if pin is not None else None,
+                   archived_at=float(doc.get("archived_at", 0.0)))
 
 
 def _encode_float(value: float) -> float | str:

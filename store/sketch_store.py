@@ -13,7 +13,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from gradmix.store import layout
@@ -36,6 +36,8 @@ from gradmix.store.reader import (
 from gradmix.store.records import (
     AnchorInfo,
     Horizon,
+    JobControl,
+    JobEvent,
     JobInfo,
     JobSpec,
     MixtureRecord,
@@ -50,6 +52,8 @@ _LIVE_WRITERS: weakref.WeakValueDictionary[tuple[str, str], RowWriter] = (
 )
 """The RowWriters alive in this process, by (store location, writer path)."""
 _LIVE_WRITERS_LOCK = threading.Lock()
+#: Tries to take the next event number when other processes append at once.
+_EVENT_ATTEMPTS = 100
 
 
 class SketchStore:
@@ -364,6 +368,98 @@ class SketchStore:
         """Version numbers that have a folder or key (written or not)."""
         return [int(n) for n in self._docs.children(layout.mixtures_dir(job)) if n.isdigit()]
 
+    # --- lifecycle (operator changes; `gradmix.server.lifecycle`) ---------------
+
+    def update_task(
+        self,
+        job: str,
+        task: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        remove: Collection[str] = (),
+        retired: bool | None = None,
+    ) -> TaskInfo:
+        """Change a registered task: set the `metadata` keys, drop the `remove` keys,
+        retire it (`retired` True) or activate it again (False; None: unchanged).
+
+        Raises:
+            NotFoundError: no such job or task.
+            InvalidSpecError: metadata that is not strings.
+        """
+        self.get_job(job)
+        self._require_task(job, task)
+        path = layout.task_dir(job, task)
+        info = _task_info(task, self._docs.read(path) or {})
+        meta = {**info.metadata, **dict(metadata or {})}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise InvalidSpecError("task metadata must map strings to strings")
+        for key in remove:
+            meta.pop(key, None)
+        retired_at = info.retired_at if retired is None else (
+            (info.retired_at or time.time()) if retired else 0.0)
+        doc: dict[str, Any] = {"metadata": meta, "registered_at": info.registered_at}
+        if info.failure:
+            doc["failure"] = info.failure
+        if retired_at:
+            doc["retired_at"] = retired_at
+        self._docs.write(path, doc)
+        return _task_info(task, doc)
+
+    def job_control(self, job: str) -> JobControl:
+        """The job's operator state (its pin, whether it is archived)."""
+        self.get_job(job)
+        return JobControl.from_dict(self._docs.read(layout.control_dir(job)) or {})
+
+    def set_job_control(self, job: str, control: JobControl) -> None:
+        """Replace the job's operator state."""
+        self.get_job(job)
+        self._docs.write(layout.control_dir(job), control.to_dict())
+
+    def append_event(
+        self, job: str, *, actor: str, action: str, task: str = "",
+        details: Mapping[str, str] | None = None,
+    ) -> JobEvent:
+        """Append an event to the job's log with the next sequence number."""
+        self.get_job(job)
+        for _ in range(_EVENT_ATTEMPTS):  # another process may take a number first
+            names = self._docs.children(layout.events_dir(job))
+            sequence = max((int(n) for n in names if n.isdigit()), default=0) + 1
+            event = JobEvent(sequence=sequence, created_at=time.time(), actor=actor,
+                             action=action, task=task, details=dict(details or {}))
+            doc = event.to_dict()
+            if self._docs.create(layout.event_dir(job, sequence), doc) == doc:
+                return event
+        raise StoreStateError(f"no free event number in job {job!r} after "
+                              f"{_EVENT_ATTEMPTS} attempts")
+
+    def list_events(self, job: str, after_sequence: int = 0) -> list[JobEvent]:
+        """The job's events after `after_sequence`, ascending."""
+        self.get_job(job)
+        names = self._docs.children(layout.events_dir(job))
+        events = []
+        for sequence in sorted(int(n) for n in names if n.isdigit()):
+            if sequence > after_sequence:
+                attrs = self._docs.read(layout.event_dir(job, sequence))
+                if attrs is not None:
+                    events.append(JobEvent.from_dict(attrs))
+        return events
+
+    def delete_job(self, job: str) -> None:
+        """Remove the job and everything stored under it (rows, history, events).
+
+        Raises NotFoundError. Writers of the job must have stopped: rows appended
+        while it is deleted may be left behind, unreachable (no job lists them).
+        """
+        self.get_job(job)
+        prefix = layout.job_dir(job)
+        self._docs.delete_tree(prefix)
+        with self._lock:
+            self._jobs.pop(job, None)
+            self._mixtures.pop(job, None)
+            for path in [p for p in self._indexes if p.startswith(prefix + "/")]:
+                del self._indexes[path]
+            self._arrays.forget(prefix + "/")
+
 
 def _json_settings(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if settings is None:
@@ -394,7 +490,7 @@ def _job_info(job: str, attrs: dict[str, Any]) -> JobInfo:
 
 def _task_info(task: str, attrs: dict[str, Any]) -> TaskInfo:
     return TaskInfo(task, dict(attrs.get("metadata", {})), float(attrs["registered_at"]),
-                    str(attrs.get("failure", "")))
+                    str(attrs.get("failure", "")), float(attrs.get("retired_at", 0.0)))
 
 
 def _anchor_info(anchor: str, attrs: dict[str, Any]) -> AnchorInfo:

@@ -8,6 +8,7 @@ role on the job, an admin of another job} and checks the exact status code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import importlib.util
@@ -58,12 +59,14 @@ _spec.loader.exec_module(make_certs_module)
 make_certs = make_certs_module.make_certs
 
 JOB, OTHER = "alpha", "beta"
+#: A job the DeleteJob call of the matrix creates and deletes (in the job tokens' scope).
+SCRATCH = "scratch"
 #: identity -> (token, role, jobs); "root" sets the job up and gives each RPC's reference outcome.
 TOKENS = {
     "root": ("tok-root-0123456789", "admin", "*"),
-    "admin": ("tok-admin-0123456789", "admin", JOB),
-    "writer": ("tok-writer-0123456789", "writer", JOB),
-    "reader": ("tok-reader-0123456789", "reader", JOB),
+    "admin": ("tok-admin-0123456789", "admin", f"{JOB},{SCRATCH}"),
+    "writer": ("tok-writer-0123456789", "writer", f"{JOB},{SCRATCH}"),
+    "reader": ("tok-reader-0123456789", "reader", f"{JOB},{SCRATCH}"),
     "other-job": ("tok-other-0123456789", "admin", OTHER),
 }
 
@@ -161,6 +164,28 @@ def _watch(stub: pb_grpc.SelectionServiceStub, md: Any) -> object:
         call.cancel()
 
 
+def _delete_job(stub: pb_grpc.SelectionServiceStub, md: Any) -> object:
+    """Delete a job made for the purpose (alpha must outlive the matrix); it never stays."""
+    root = bearer("root")
+    stub.CreateJob(pb.CreateJobRequest(name=SCRATCH, spec=spec()), metadata=root)
+    try:
+        return stub.DeleteJob(pb.DeleteJobRequest(name=SCRATCH), metadata=md)
+    finally:
+        with contextlib.suppress(grpc.RpcError):  # deleted already when the call was allowed
+            stub.DeleteJob(pb.DeleteJobRequest(name=SCRATCH), metadata=root)
+
+
+def _unpin(stub: pb_grpc.SelectionServiceStub, md: Any) -> object:
+    """Unpin a mixture pinned for the purpose (unpinning needs a pin); it never stays."""
+    root = bearer("root")
+    stub.PinMixture(pb.PinMixtureRequest(job=JOB, weights={"helpful-0": 1.0}), metadata=root)
+    try:
+        return stub.UnpinMixture(pb.UnpinMixtureRequest(job=JOB), metadata=md)
+    finally:
+        with contextlib.suppress(grpc.RpcError):  # unpinned already when the call was allowed
+            stub.UnpinMixture(pb.UnpinMixtureRequest(job=JOB), metadata=root)
+
+
 #: One call per RPC on job alpha, each repeatable with the same outcome.
 CALLS: dict[str, Call] = {
     "CreateJob": lambda s, md: s.CreateJob(pb.CreateJobRequest(name=JOB, spec=spec()),
@@ -191,6 +216,14 @@ CALLS: dict[str, Call] = {
     "ReportTaskFailure": lambda s, md: s.ReportTaskFailure(pb.ReportTaskFailureRequest(
         job=JOB, task="unloadable", reason="no such file"), metadata=md),
     "GetServerInfo": lambda s, md: s.GetServerInfo(pb.GetServerInfoRequest(), metadata=md),
+    "UpdateTask": lambda s, md: s.UpdateTask(pb.UpdateTaskRequest(
+        job=JOB, name="unloadable", metadata={"owner": "ops"}), metadata=md),
+    "PinMixture": lambda s, md: s.PinMixture(pb.PinMixtureRequest(
+        job=JOB, weights={"helpful-0": 1.0}, reason="matrix"), metadata=md),
+    "UnpinMixture": _unpin,
+    "DeleteJob": _delete_job,
+    "ListJobEvents": lambda s, md: s.ListJobEvents(pb.ListJobEventsRequest(job=JOB),
+                                                   metadata=md),
 }
 
 WHO = ["no-token", "wrong-token", "reader", "writer", "admin", "other-job"]
@@ -507,5 +540,20 @@ def test_an_upload_without_a_header_is_invalid_for_every_token(secured: Secured)
                 stub.UploadSketch(iter([pb.UploadSketchRequest(rows=encode_rows(*rows))]),
                                   metadata=bearer(who))
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        channel.close()
+
+
+def test_the_event_log_names_the_token_not_what_the_caller_claims(secured: Secured) -> None:
+    channel = secured.channel()
+    stub = pb_grpc.SelectionServiceStub(channel)
+    try:
+        claimed = (*bearer("admin"), ("x-gradmix-actor", "someone-else"))
+        stub.UpdateTask(pb.UpdateTaskRequest(job=JOB, name="unloadable",
+                                             metadata={"ticket": "42"}), metadata=claimed)
+        events = stub.ListJobEvents(pb.ListJobEventsRequest(job=JOB),
+                                    metadata=bearer("reader")).events
+        last = [e for e in events if e.action == "update_task"][-1]
+        assert last.actor == "token:admin" and last.details["metadata.ticket"] == "42"
     finally:
         channel.close()

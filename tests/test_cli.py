@@ -53,6 +53,14 @@ SURFACE = {
     "history": (["job"], ["--after", "--limit"]),
     "estimate": (["job"], ["--anchor", "--mode", "--subset"]),
     "select": (["job"], ["--anchor", "--k", "--method", "--mode", "--threshold"]),
+    "retire-task": (["job", "name"], ["--actor"]),
+    "activate-task": (["job", "name"], ["--actor"]),
+    "update-task": (["job", "name"], ["--actor", "--meta", "--remove-meta"]),
+    "pin": (["job"], ["--actor", "--reason", "--weight"]),
+    "unpin": (["job"], ["--actor", "--reason"]),
+    "delete-job": (["name"], ["--actor", "--keep-data", "--reason"]),
+    "archive-job": (["name"], ["--actor", "--reason"]),
+    "events": (["job"], ["--after"]),
 }
 
 

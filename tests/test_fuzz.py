@@ -14,6 +14,7 @@ runs 1000 per RPC.
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from collections.abc import Callable, Iterator
@@ -58,7 +59,9 @@ REQUESTS = {
     "GetMixture": pb.GetMixtureRequest, "WatchMixture": pb.WatchMixtureRequest,
     "ListMixtures": pb.ListMixturesRequest, "EstimateSubsets": pb.EstimateSubsetsRequest,
     "SelectTasks": pb.SelectTasksRequest, "ReportTaskFailure": pb.ReportTaskFailureRequest,
-    "GetServerInfo": pb.GetServerInfoRequest,
+    "GetServerInfo": pb.GetServerInfoRequest, "UpdateTask": pb.UpdateTaskRequest,
+    "PinMixture": pb.PinMixtureRequest, "UnpinMixture": pb.UnpinMixtureRequest,
+    "DeleteJob": pb.DeleteJobRequest, "ListJobEvents": pb.ListJobEventsRequest,
 }
 
 
@@ -543,6 +546,76 @@ def test_fuzz_get_server_info(server: Harness, data: st.DataObject) -> None:
     cases = st.one_of(
         st.just(Case("the server", unary("GetServerInfo", pb.GetServerInfoRequest()), Code.OK)),
         raw_bytes("GetServerInfo"))
+    fuzz_rpc(server, data, cases)
+
+
+# The lifecycle RPCs change a job for good when they succeed: only refusals (and reads)
+# are fuzzed here; what they do is tested in tests/test_lifecycle.py.
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_update_task(server: Harness, data: st.DataObject) -> None:
+    def update(job: str, task: str) -> Any:
+        return pb.UpdateTaskRequest(job=job, name=task, metadata={"k": "v"})
+
+    cases = st.one_of(
+        job_cases("UpdateTask", lambda n: update(n, "t1")),
+        unknown_names.map(lambda n: Case("unknown task", unary(
+            "UpdateTask", update(JOB, n)), Code.NOT_FOUND)),
+        bad_names.map(lambda n: Case("bad task name", unary(
+            "UpdateTask", update(JOB, n)), Code.INVALID_ARGUMENT)),
+        raw_bytes("UpdateTask"))
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_pin_mixture(server: Harness, data: st.DataObject) -> None:
+    def pin(job: str, weights: dict[str, float]) -> Any:
+        return pb.PinMixtureRequest(job=job, weights=weights)
+
+    bad_weight = st.one_of(st.floats(max_value=-1e-9), st.just(math.nan), st.just(math.inf))
+    cases = st.one_of(
+        job_cases("PinMixture", lambda n: pin(n, {"t1": 1.0})),
+        st.just(Case("no weights", unary("PinMixture", pin(JOB, {})), Code.INVALID_ARGUMENT)),
+        st.just(Case("all zero", unary("PinMixture", pin(JOB, {"t1": 0.0})),
+                     Code.INVALID_ARGUMENT)),
+        bad_weight.map(lambda w: Case("bad weight", unary("PinMixture", pin(JOB, {"t1": w})),
+                                      Code.INVALID_ARGUMENT)),
+        unknown_names.map(lambda n: Case("unknown task", unary(
+            "PinMixture", pin(JOB, {n: 1.0})), Code.NOT_FOUND)),
+        raw_bytes("PinMixture"))
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_unpin_mixture(server: Harness, data: st.DataObject) -> None:
+    cases = st.one_of(
+        job_cases("UnpinMixture", lambda n: pb.UnpinMixtureRequest(job=n)),
+        st.just(Case("not pinned", unary("UnpinMixture", pb.UnpinMixtureRequest(job=JOB)),
+                     Code.FAILED_PRECONDITION)),
+        raw_bytes("UnpinMixture"))
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_delete_job(server: Harness, data: st.DataObject) -> None:
+    cases = st.one_of(job_cases("DeleteJob", lambda n: pb.DeleteJobRequest(name=n)),
+                      raw_bytes("DeleteJob"))
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_list_job_events(server: Harness, data: st.DataObject) -> None:
+    cases = st.one_of(
+        job_cases("ListJobEvents", lambda n: pb.ListJobEventsRequest(job=n)),
+        big.map(lambda a: Case("the job's events", unary("ListJobEvents", pb.ListJobEventsRequest(
+            job=JOB, after_sequence=a)), Code.OK)),
+        raw_bytes("ListJobEvents"))
     fuzz_rpc(server, data, cases)
 
 

@@ -24,4 +24,5 @@ def test_generated_service_has_every_v1_call() -> None:
         "CreateJob", "GetJob", "ListJobs", "RegisterTask", "ListTasks", "DeclareAnchor",
         "CompleteAnchor", "ListAnchors", "CommitSketch", "UploadSketch", "GetMixture",
         "WatchMixture", "ListMixtures", "EstimateSubsets", "SelectTasks", "GetServerInfo",
-        "ReportTaskFailure"}
+        "ReportTaskFailure", "UpdateTask", "PinMixture", "UnpinMixture", "DeleteJob",
+        "ListJobEvents"}

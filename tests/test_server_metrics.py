@@ -49,6 +49,7 @@ FAMILIES = {
     "gradmix_mixture_weight": "gauge",
     "gradmix_mixture_last_published_timestamp_seconds": "gauge",
     "gradmix_watchers": "gauge",
+    "gradmix_mixture_pinned": "gauge",
     "gradmix_regularization": "gauge",
     "gradmix_calibration_factor": "gauge",
     "gradmix_calibration_ratio": "gauge",

@@ -72,7 +72,7 @@ class SelectionMethod(StrEnum):
 
 
 class TaskState(StrEnum):
-    """A task's state at the job's current anchor."""
+    """A task's state at the job's current anchor (or retired, whatever the anchor)."""
 
     PENDING = "pending"
     """Registered, no committed sketch rows at the current anchor: carries the prior weight."""
@@ -80,6 +80,8 @@ class TaskState(StrEnum):
     """Sketched at the current anchor: weighted by the policy."""
     FAILED = "failed"
     """The trainer reported its data unloadable (with a reason): weight 0 until it sketches."""
+    RETIRED = "retired"
+    """Retired by an operator: weight 0 until activated again (`gradmix.server.lifecycle`)."""
 
 
 class AnchorState(StrEnum):

@@ -119,6 +119,31 @@ class SelectionServiceStub:
                 request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.SerializeToString,
                 response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
                 _registered_method=True)
+        self.UpdateTask = channel.unary_unary(
+                '/gradmix.v1.SelectionService/UpdateTask',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.UpdateTaskRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
+                _registered_method=True)
+        self.PinMixture = channel.unary_unary(
+                '/gradmix.v1.SelectionService/PinMixture',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.PinMixtureRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.UnpinMixture = channel.unary_unary(
+                '/gradmix.v1.SelectionService/UnpinMixture',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.UnpinMixtureRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/gradmix.v1.SelectionService/DeleteJob',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+                _registered_method=True)
+        self.ListJobEvents = channel.unary_unary(
+                '/gradmix.v1.SelectionService/ListJobEvents',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsResponse.FromString,
+                _registered_method=True)
 
 
 class SelectionServiceServicer:
@@ -242,6 +267,52 @@ class SelectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateTask(self, request, context):
+        """Lifecycle: operators correct a job while it runs. Every change is recorded
+        in the job's event log (who, when, what); a change to the mixture shows in
+        the next mixture version. The actor is the request's `x-gradmix-actor`
+        metadata, else the caller's peer address.
+
+        UpdateTask: merge or remove metadata keys, retire a task (weight 0 and
+        state RETIRED from the next version, kept in the history and the registry)
+        or activate it again. NOT_FOUND for a task never registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinMixture(self, request, context):
+        """PinMixture: publish the given weights (normalised over the named tasks,
+        every other task 0) from the next version on, whatever the re-estimates
+        say; they keep running and EstimateSubsets/SelectTasks still answer.
+        UnpinMixture: the estimated weights again from the next version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinMixture(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """DeleteJob: the job stops being served (every RPC on it is NOT_FOUND, its
+        watch streams end NOT_FOUND, its metric series are removed); its store
+        data is removed, or kept in place when `keep_data` (archived: the name
+        stays taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SelectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +400,31 @@ def add_SelectionServiceServicer_to_server(servicer, server):
                     servicer.ReportTaskFailure,
                     request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.FromString,
                     response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.SerializeToString,
+            ),
+            'UpdateTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTask,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.UpdateTaskRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.SerializeToString,
+            ),
+            'PinMixture': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinMixture,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.PinMixtureRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.SerializeToString,
+            ),
+            'UnpinMixture': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinMixture,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.UnpinMixtureRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.DeleteJobRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.SerializeToString,
+            ),
+            'ListJobEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobEvents,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -790,6 +886,141 @@ class SelectionService:
             '/gradmix.v1.SelectionService/ReportTaskFailure',
             gradmix_dot_proto_dot_v1_dot_selection__pb2.ReportTaskFailureRequest.SerializeToString,
             gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/UpdateTask',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.UpdateTaskRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinMixture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/PinMixture',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.PinMixtureRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinMixture(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/UnpinMixture',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.UnpinMixtureRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/DeleteJob',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.DeleteJobRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/ListJobEvents',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,30 @@ class SelectionServiceStub:
     """A task whose data a trainer cannot load leaves the mixture (state FAILED,
     weight 0, the reason kept); an empty reason clears the failure.
     """
+    UpdateTask: _grpc.UnaryUnaryMultiCallable[_selection_pb2.UpdateTaskRequest, _selection_pb2.Task]
+    """Lifecycle: operators correct a job while it runs. Every change is recorded
+    in the job's event log (who, when, what); a change to the mixture shows in
+    the next mixture version. The actor is the request's `x-gradmix-actor`
+    metadata, else the caller's peer address.
+
+    UpdateTask: merge or remove metadata keys, retire a task (weight 0 and
+    state RETIRED from the next version, kept in the history and the registry)
+    or activate it again. NOT_FOUND for a task never registered.
+    """
+    PinMixture: _grpc.UnaryUnaryMultiCallable[_selection_pb2.PinMixtureRequest, _selection_pb2.JobEvent]
+    """PinMixture: publish the given weights (normalised over the named tasks,
+    every other task 0) from the next version on, whatever the re-estimates
+    say; they keep running and EstimateSubsets/SelectTasks still answer.
+    UnpinMixture: the estimated weights again from the next version.
+    """
+    UnpinMixture: _grpc.UnaryUnaryMultiCallable[_selection_pb2.UnpinMixtureRequest, _selection_pb2.JobEvent]
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_selection_pb2.DeleteJobRequest, _selection_pb2.JobEvent]
+    """DeleteJob: the job stops being served (every RPC on it is NOT_FOUND, its
+    watch streams end NOT_FOUND, its metric series are removed); its store
+    data is removed, or kept in place when `keep_data` (archived: the name
+    stays taken).
+    """
+    ListJobEvents: _grpc.UnaryUnaryMultiCallable[_selection_pb2.ListJobEventsRequest, _selection_pb2.ListJobEventsResponse]
 
 @_typing.type_check_only
 class SelectionServiceAsyncStub(SelectionServiceStub):
@@ -116,6 +140,30 @@ class SelectionServiceAsyncStub(SelectionServiceStub):
     """A task whose data a trainer cannot load leaves the mixture (state FAILED,
     weight 0, the reason kept); an empty reason clears the failure.
     """
+    UpdateTask: _aio.UnaryUnaryMultiCallable[_selection_pb2.UpdateTaskRequest, _selection_pb2.Task]  # type: ignore[assignment]
+    """Lifecycle: operators correct a job while it runs. Every change is recorded
+    in the job's event log (who, when, what); a change to the mixture shows in
+    the next mixture version. The actor is the request's `x-gradmix-actor`
+    metadata, else the caller's peer address.
+
+    UpdateTask: merge or remove metadata keys, retire a task (weight 0 and
+    state RETIRED from the next version, kept in the history and the registry)
+    or activate it again. NOT_FOUND for a task never registered.
+    """
+    PinMixture: _aio.UnaryUnaryMultiCallable[_selection_pb2.PinMixtureRequest, _selection_pb2.JobEvent]  # type: ignore[assignment]
+    """PinMixture: publish the given weights (normalised over the named tasks,
+    every other task 0) from the next version on, whatever the re-estimates
+    say; they keep running and EstimateSubsets/SelectTasks still answer.
+    UnpinMixture: the estimated weights again from the next version.
+    """
+    UnpinMixture: _aio.UnaryUnaryMultiCallable[_selection_pb2.UnpinMixtureRequest, _selection_pb2.JobEvent]  # type: ignore[assignment]
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_selection_pb2.DeleteJobRequest, _selection_pb2.JobEvent]  # type: ignore[assignment]
+    """DeleteJob: the job stops being served (every RPC on it is NOT_FOUND, its
+    watch streams end NOT_FOUND, its metric series are removed); its store
+    data is removed, or kept in place when `keep_data` (archived: the name
+    stays taken).
+    """
+    ListJobEvents: _aio.UnaryUnaryMultiCallable[_selection_pb2.ListJobEventsRequest, _selection_pb2.ListJobEventsResponse]  # type: ignore[assignment]
 
 class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -257,5 +305,59 @@ class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         """A task whose data a trainer cannot load leaves the mixture (state FAILED,
         weight 0, the reason kept); an empty reason clears the failure.
         """
+
+    @_abc_1.abstractmethod
+    def UpdateTask(
+        self,
+        request: _selection_pb2.UpdateTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.Task, _abc.Awaitable[_selection_pb2.Task]]:
+        """Lifecycle: operators correct a job while it runs. Every change is recorded
+        in the job's event log (who, when, what); a change to the mixture shows in
+        the next mixture version. The actor is the request's `x-gradmix-actor`
+        metadata, else the caller's peer address.
+
+        UpdateTask: merge or remove metadata keys, retire a task (weight 0 and
+        state RETIRED from the next version, kept in the history and the registry)
+        or activate it again. NOT_FOUND for a task never registered.
+        """
+
+    @_abc_1.abstractmethod
+    def PinMixture(
+        self,
+        request: _selection_pb2.PinMixtureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.JobEvent, _abc.Awaitable[_selection_pb2.JobEvent]]:
+        """PinMixture: publish the given weights (normalised over the named tasks,
+        every other task 0) from the next version on, whatever the re-estimates
+        say; they keep running and EstimateSubsets/SelectTasks still answer.
+        UnpinMixture: the estimated weights again from the next version.
+        """
+
+    @_abc_1.abstractmethod
+    def UnpinMixture(
+        self,
+        request: _selection_pb2.UnpinMixtureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.JobEvent, _abc.Awaitable[_selection_pb2.JobEvent]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _selection_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.JobEvent, _abc.Awaitable[_selection_pb2.JobEvent]]:
+        """DeleteJob: the job stops being served (every RPC on it is NOT_FOUND, its
+        watch streams end NOT_FOUND, its metric series are removed); its store
+        data is removed, or kept in place when `keep_data` (archived: the name
+        stays taken).
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobEvents(
+        self,
+        request: _selection_pb2.ListJobEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.ListJobEventsResponse, _abc.Awaitable[_selection_pb2.ListJobEventsResponse]]: ...
 
 def add_SelectionServiceServicer_to_server(servicer: SelectionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
