@@ -24,10 +24,14 @@ test: $(STAMP)
 	bash scripts/install_system_deps.sh
 	$(PY) -m pytest -q
 
+# The unit tests only (seconds): for the edit-test loop; `make test` runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
 # Property-based fuzzing of every RPC on a real server, 1000 cases per RPC
 # (the default `make test` runs 10 per RPC).
 fuzz: $(STAMP)
-	GRADMIX_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	GRADMIX_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -34,7 +34,7 @@ It measures, in one run:
   the row matrix is not timed). The speedup compares medians on both sides:
   the median per-subset fit against the median fast-mode run / m.
 
-Data: `gradmix.server.synthetic.planted_tasks` (rows of norm ≈ 1.4, so the
+Data: `gradmix.demo.planted.planted_tasks` (rows of norm ≈ 1.4, so the
 fast mode runs in float32). The last line is::
 
     estimator: subsets=<m> seconds=<fast mode, median> per_subset_speedup=<ratio> \
@@ -58,9 +58,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.stats
+from gradmix.demo.planted import TaskRows, planted_tasks
 from gradmix.server.batched_solve import single_threaded_blas
 from gradmix.server.estimator import SubsetEstimator, softplus, target_losses
-from gradmix.server.synthetic import TaskRows, planted_tasks
 from scipy.linalg import get_lapack_funcs
 from sklearn.linear_model import LogisticRegression
 

@@ -47,10 +47,10 @@ from typing import Any
 import grpc
 import numpy as np
 from gradmix.client import SelectionClient, SketchSpec
+from gradmix.demo.planted import planted_tasks
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.auth import hash_token
-from gradmix.server.synthetic import planted_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB, ANCHOR = "load", "a0"

@@ -47,12 +47,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from gradmix.demo.planted import planted_tasks
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.config import ServerConfig
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.policies import PolicyConfig, compute_scores
-from gradmix.server.synthetic import planted_tasks
 from gradmix.store import SketchStore
 from grpc import aio
 

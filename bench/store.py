@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gradmix.store import JobSpec, SketchStore
+from gradmix.store import SketchSpec, SketchStore
 
 DIM = 1024
 BATCH = 64
@@ -45,7 +45,7 @@ def _batches(rows: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndar
 
 def _prepare(url: str) -> None:
     store = SketchStore.open(url)
-    store.create_job(JOB, JobSpec(dim=DIM, seed=0, dtype="float16"))
+    store.create_job(JOB, SketchSpec(dim=DIM, seed=0, dtype="float16"))
     store.register_task(JOB, TASK)
     store.declare_anchor(JOB, ANCHOR, 0)
 

@@ -21,8 +21,8 @@ from gradmix.store import (
     CalibrationRecord,
     Horizon,
     JobEvent,
-    JobSpec,
     MixtureRecord,
+    SketchSpec,
 )
 from gradmix.vocabulary import (
     WIRE_UNSPECIFIED,
@@ -73,12 +73,12 @@ def estimate_mode(mode: int) -> str:
         raise InvalidArgumentError(f"unknown estimate mode enum value {mode}") from exc
 
 
-def sketch_to_spec(sketch: pb.SketchSpec) -> JobSpec:
-    """The store's JobSpec for a SketchSpec; zero fields take their defaults.
+def sketch_to_spec(sketch: pb.SketchSpec) -> SketchSpec:
+    """The store's SketchSpec for the wire's; zero fields take their defaults.
 
     Raises:
         InvalidArgumentError: an enum value this server does not know.
-        InvalidSpecError: from JobSpec, e.g. dim 0.
+        InvalidSpecError: from SketchSpec, e.g. dim 0.
     """
     try:
         value_kind = from_wire(ValueKind, sketch.value_kind, pb.ValueKind)
@@ -88,12 +88,12 @@ def sketch_to_spec(sketch: pb.SketchSpec) -> JobSpec:
         dtype = from_wire(SketchDtype, sketch.dtype, pb.SketchDtype)
     except ValueError as exc:
         raise InvalidArgumentError(f"unknown dtype enum value {sketch.dtype}") from exc
-    return JobSpec(dim=sketch.dim, seed=sketch.seed, value_kind=value_kind,
+    return SketchSpec(dim=sketch.dim, seed=sketch.seed, value_kind=value_kind,
                    projector=sketch.projector or WIRE_UNSPECIFIED[Projector],
                    manifest_hash=sketch.manifest_hash, dtype=dtype)
 
 
-def spec_to_sketch(spec: JobSpec) -> pb.SketchSpec:
+def spec_to_sketch(spec: SketchSpec) -> pb.SketchSpec:
     return pb.SketchSpec(dim=spec.dim, seed=spec.seed,
                          value_kind=to_wire(ValueKind(spec.value_kind), pb.ValueKind),  # type: ignore[arg-type]
                          projector=spec.projector, manifest_hash=spec.manifest_hash,

@@ -33,9 +33,9 @@ from gradmix.server.publisher import MixturePublisher
 from gradmix.server.queries import QueryPool
 from gradmix.store import (
     JobInfo,
-    JobSpec,
     MixtureRecord,
     NotFoundError,
+    SketchSpec,
     SketchStore,
     StoreUnavailableError,
 )
@@ -272,7 +272,7 @@ class JobRegistry:
     def _archived(self, name: str) -> bool:
         return bool(self.store.job_control(name).archived_at)
 
-    async def create(self, name: str, spec: JobSpec, policy: Mapping[str, Any],
+    async def create(self, name: str, spec: SketchSpec, policy: Mapping[str, Any],
                      target: str) -> JobRuntime:
         """Create `name`, or return it if it exists with the same settings.
 
@@ -342,13 +342,13 @@ def set_record(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
                             ratio=calibration.ratio if calibration.ratio else None)
 
 
-def _check_same(info: JobInfo, spec: JobSpec, policy: Mapping[str, Any], target: str) -> None:
+def _check_same(info: JobInfo, spec: SketchSpec, policy: Mapping[str, Any], target: str) -> None:
     def differs(field: str, stored: Any, requested: Any) -> AlreadyExistsError:
         return AlreadyExistsError(
             f"job {info.name!r} already exists with a different {field}: stored {stored!r}, "
             f"requested {requested!r}; use the stored value or another job name")
 
-    for field in dataclasses.fields(JobSpec):
+    for field in dataclasses.fields(SketchSpec):
         stored, requested = getattr(info.spec, field.name), getattr(spec, field.name)
         if stored != requested:
             raise differs(f"spec.sketch.{field.name}", stored, requested)

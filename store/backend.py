@@ -8,7 +8,7 @@ URLs: ``s3://``, ``memory://`` ...). Nothing above this seam asks which kind
 of backend it has; what differs is said by the backend's methods and its
 ``writes_in_place`` flag. :func:`open_backend` picks the implementation from a URL.
 
-Contract (tested against every backend in ``tests/test_store_backends.py``):
+Contract (tested against every backend in ``tests/integration/test_store_backends.py``):
 
 - ``put`` replaces a key whole: a reader sees the old bytes or the new, never a mix;
 - ``create`` publishes a key only if it is absent, in one step from a reader's

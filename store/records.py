@@ -30,7 +30,7 @@ def _is_int(value: object) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class JobSpec:
+class SketchSpec:
     """The sketch spec of a job: everything that must match for rows to be pooled.
 
     Attributes:
@@ -74,7 +74,7 @@ class JobSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> JobSpec:
+    def from_dict(cls, doc: dict[str, Any]) -> SketchSpec:
         """Rebuild a spec stored with :meth:`to_dict`."""
         return cls(**doc)
 
@@ -84,7 +84,7 @@ class JobInfo:
     """A job as recorded in the store."""
 
     name: str
-    spec: JobSpec
+    spec: SketchSpec
     settings: dict[str, Any]
     created_at: float
 

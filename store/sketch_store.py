@@ -39,10 +39,10 @@ from gradmix.store.records import (
     JobControl,
     JobEvent,
     JobInfo,
-    JobSpec,
     MixtureRecord,
     ReadCursor,
     Rows,
+    SketchSpec,
     TaskInfo,
 )
 from gradmix.store.writer import RowWriter
@@ -97,7 +97,7 @@ class SketchStore:
     # --- jobs -----------------------------------------------------------------
 
     def create_job(
-        self, job: str, spec: JobSpec, settings: Mapping[str, Any] | None = None
+        self, job: str, spec: SketchSpec, settings: Mapping[str, Any] | None = None
     ) -> JobInfo:
         """Create a job, or return it if it exists with the same spec and settings.
 
@@ -108,8 +108,8 @@ class SketchStore:
             InvalidSpecError: settings are not a JSON-serialisable dict.
         """
         validate_name(job, "job")
-        if not isinstance(spec, JobSpec):
-            raise InvalidSpecError(f"spec must be a JobSpec, got {type(spec).__name__}")
+        if not isinstance(spec, SketchSpec):
+            raise InvalidSpecError(f"spec must be a SketchSpec, got {type(spec).__name__}")
         wanted = _json_settings(settings)
         doc = {"spec": spec.to_dict(), "settings": wanted or {}, "created_at": time.time()}
         info = _job_info(job, self._docs.create(layout.job_dir(job), doc))
@@ -484,7 +484,7 @@ def _first_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> s
 
 
 def _job_info(job: str, attrs: dict[str, Any]) -> JobInfo:
-    spec = JobSpec.from_dict(attrs["spec"])
+    spec = SketchSpec.from_dict(attrs["spec"])
     return JobInfo(job, spec, dict(attrs.get("settings", {})), float(attrs["created_at"]))
 
 

@@ -35,7 +35,7 @@ from gradmix.store.columns import RowColumn
 from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import InvalidRowsError
 from gradmix.store.reader import ArrayCache, SourceIndex, committed_count, contains
-from gradmix.store.records import AppendResult, JobSpec
+from gradmix.store.records import AppendResult, SketchSpec
 
 CHUNK_BYTES = 128 * 1024
 """Target size of one gradient chunk: 64 rows at d=1024 float16 (a typical append)."""
@@ -52,7 +52,7 @@ and readers drop such duplicates.
 """
 
 
-def grad_chunk_rows(spec: JobSpec) -> int:
+def grad_chunk_rows(spec: SketchSpec) -> int:
     """Rows per gradient chunk for a spec (at least 16, a multiple of 16)."""
     rows = CHUNK_BYTES // (spec.dim * np.dtype(spec.dtype).itemsize)
     return max(16, rows - rows % 16)
@@ -61,7 +61,7 @@ def grad_chunk_rows(spec: JobSpec) -> int:
 class RowWriter:
     """Appends rows for one writer id of one source; see the module docstring."""
 
-    def __init__(self, docs: GroupDocs, writers_path: str, writer: str, spec: JobSpec) -> None:
+    def __init__(self, docs: GroupDocs, writers_path: str, writer: str, spec: SketchSpec) -> None:
         self._docs = docs
         self._spec = spec
         self._path = f"{writers_path}/{writer}"
@@ -181,7 +181,7 @@ class RowWriter:
 
 
 def validate_rows(
-    grads: np.ndarray, values: np.ndarray, example_ids: np.ndarray, spec: JobSpec
+    grads: np.ndarray, values: np.ndarray, example_ids: np.ndarray, spec: SketchSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Check a batch against the spec; return it in storage dtypes.
 

@@ -1,4 +1,10 @@
-"""Suite-wide rules.
+"""Suite-wide rules and layout.
+
+`tests/unit` holds tests of one component in process (no server, no
+subprocess, seconds in all: `make test-fast`); `tests/integration` the ones
+that run real servers, trainers, torchrun, S3 endpoints, Prometheus and the
+benches. Helpers they share live in `tests/support` (never collected: their
+names do not start with `test_`), which is put on the import path here.
 
 Under CI (`GRADMIX_CI=1`, set by `.ci/run`) a skipped test fails: the
 deploy tests skip when kubectl, promtool or prometheus are missing, and a
@@ -9,9 +15,13 @@ green CI run must mean they ran. Locally they still skip, naming the tool and
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Generator
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 CI = os.environ.get("GRADMIX_CI", "") not in ("", "0")
 

@@ -2,7 +2,7 @@
 
 Client, store, server and trainer import their policies, projectors, dtypes,
 value kinds, estimate modes, selection methods, and task and anchor states
-from here, and nowhere else declares them (`tests/test_vocabulary.py` fails
+from here, and nowhere else declares them (`tests/unit/test_vocabulary.py` fails
 on a second declaration, and on a proto enum that disagrees with these).
 
 Members are lower-case strings (`StrEnum`), so they compare equal to the

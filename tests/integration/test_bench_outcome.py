@@ -1,0 +1,53 @@
+"""Smoke test of bench/outcome.py: a shortened run completes and its last line parses."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+LAST_LINE = re.compile(
+    r"outcome: suites=(\d+) beats_uniform=(\d+) beats_proportional=(\d+) "
+    r"beats_similarity=(\d+) loses_similarity=(\d+)"
+)
+
+
+def load_bench() -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # the bench imports its suites module by name
+    spec = importlib.util.spec_from_file_location("bench_outcome", BENCH / "outcome.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_a_short_outcome_run_prints_its_tables_and_last_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = load_bench()
+    argv = ["--suite", "near-misses", "--seeds", "2", "--steps", "60", "--first-anchor", "20",
+            "--anchor-every", "20", "--similarity-temperatures", "1", "--no-single"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("gradmix", "gradient_similarity", "uniform", "proportional"):
+        assert name in out
+    assert "stability: redrawing the sketched rows" in out
+    match = LAST_LINE.search(out.strip().splitlines()[-1])
+    assert match is not None
+    suites, *counts = map(int, match.groups())
+    assert suites == 1 and all(0 <= c <= 1 for c in counts)
+
+
+def test_a_win_counts_only_beyond_the_seed_spread() -> None:
+    bench = load_bench()
+    diff, spread = bench.spread_beyond([1.0, 1.2], [2.0, 2.2])
+    assert diff == pytest.approx(-1.0) and spread == pytest.approx(0.1414, abs=1e-3)
+    diff, spread = bench.spread_beyond([1.0, 2.0], [1.2, 1.3])
+    assert abs(diff) < spread  # inside the spread: neither a win nor a loss
