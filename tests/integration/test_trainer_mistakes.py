@@ -178,7 +178,8 @@ def test_a_task_without_a_readable_path_is_warned_and_summarised(
 
 
 def _start(store: Path, port: int = 0) -> tuple[RunningServer, int]:
-    config = ServerConfig(store=str(store), port=port, metrics_port=0, debounce_seconds=0.1)
+    config = ServerConfig(store=str(store), port=port, metrics_port=0, debounce_seconds=0.1,
+                          insecure=True)
     return build_server(config, registry=CollectorRegistry())
 
 

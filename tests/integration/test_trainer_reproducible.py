@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 def _run(root: Path) -> list[dict[str, Any]]:
     store = root / "store"
-    config = ServerConfig(store=str(store), port=0, metrics_port=0, debounce_seconds=0.1)
+    config = ServerConfig(store=str(store), port=0, metrics_port=0, debounce_seconds=0.1,
+                          insecure=True)
     running, port = build_server(config, registry=CollectorRegistry())
     try:
         data = write_data(root / "data")
