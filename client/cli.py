@@ -36,6 +36,14 @@ from gradmix.client.types import (
     PolicySettings,
     SketchSpec,
 )
+from gradmix.vocabulary import (
+    DEFAULT_DTYPE,
+    DEFAULT_METHOD,
+    DEFAULT_MODE,
+    DEFAULT_POLICY,
+    DEFAULT_PROJECTOR,
+    DEFAULT_VALUE_KIND,
+)
 
 EXIT_ERROR = 1
 
@@ -121,15 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("job")
     sub.add_argument("--subset", action="append", required=True, metavar="A,B,C",
                      help="comma-separated tasks (repeatable; '' is the empty subset)")
-    sub.add_argument("--mode", choices=MODES, default="fast")
+    sub.add_argument("--mode", choices=MODES, default=DEFAULT_MODE)
     sub.add_argument("--anchor", default="", help="anchor (default: the current one)")
     sub = command("select", "select tasks by score threshold, top-k or forward stepwise")
     sub.add_argument("job")
-    sub.add_argument("--method", choices=METHODS, default="threshold")
+    sub.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD)
     sub.add_argument("--threshold", type=float, default=0.0,
                      help="threshold: keep tasks scoring below this (default 0)")
     sub.add_argument("--k", type=int, default=0, help="top_k: how many tasks")
-    sub.add_argument("--mode", choices=MODES, default="fast", help="forward: estimator mode")
+    sub.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help="forward: estimator mode")
     sub.add_argument("--anchor", default="", help="anchor (default: the current one)")
     _lifecycle_commands(command)
     return parser
@@ -141,18 +149,18 @@ def _create_job_command(sub: argparse.ArgumentParser) -> None:
     sketch = sub.add_argument_group("sketch spec (fixed for the job's life)")
     sketch.add_argument("--dim", type=int, required=True, help="projection dimension d")
     sketch.add_argument("--seed", type=int, default=0, help="projection seed (default 0)")
-    sketch.add_argument("--projector", choices=PROJECTORS, default="structured",
-                        help="projector kind (default structured, as gradmix-train)")
+    sketch.add_argument("--projector", choices=PROJECTORS, default=DEFAULT_PROJECTOR,
+                        help="projector kind (default %(default)s, as gradmix-train)")
     sketch.add_argument("--manifest-hash", default="",
                         help="hash of the sketched parameter manifest (default empty)")
-    sketch.add_argument("--dtype", choices=DTYPES, default="float16",
-                        help="storage dtype of the sketches (default float16)")
-    sketch.add_argument("--value-kind", choices=VALUE_KINDS, default="geometric_log_odds",
-                        help="the sketched value f(x) (default geometric_log_odds)")
+    sketch.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                        help="storage dtype of the sketches (default %(default)s)")
+    sketch.add_argument("--value-kind", choices=VALUE_KINDS, default=DEFAULT_VALUE_KIND,
+                        help="the sketched value f(x) (default %(default)s)")
     sub.add_argument("--target", default="", help="the target's description (e.g. its file)")
     policy = sub.add_argument_group("policy settings (unset: the server's defaults)")
-    policy.add_argument("--policy", choices=POLICIES, default="ensemble",
-                        help="the policy (default ensemble; the same one re-creates the job)")
+    policy.add_argument("--policy", choices=POLICIES, default=DEFAULT_POLICY,
+                        help="the policy (default %(default)s; the same one re-creates the job)")
     for name, kind, text in (
         ("regularization", float, "λ of the subset regression"),
         ("temperature", float, "τ, in units of the scores' standard error"),
