@@ -251,14 +251,6 @@ class JobRegistry:
                                 "it is no longer served")
         return await self._attach(info)
 
-    async def served(self) -> list[JobRuntime]:
-        """Every job in the store this server serves (not archived), by name."""
-        runtimes = []
-        for info in await asyncio.to_thread(self.store.list_jobs):
-            with contextlib.suppress(NotFoundError):  # archived, or deleted meanwhile
-                runtimes.append(await self.get(info.name))
-        return runtimes
-
     async def remove(self, name: str) -> None:
         """Stop serving `name`: no more re-estimates (returns once none runs), its
         watch streams end with NOT_FOUND, its metric series go. A later `get`

@@ -11,6 +11,7 @@ one place they become status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -33,6 +34,7 @@ from gradmix.server.publisher import MixturePublisher
 from gradmix.server.queries import QueryResult, estimate_subsets, select_tasks
 from gradmix.server.rows import SourceRef, decode_rows, source_ref
 from gradmix.store import AnchorInfo, SketchStore, TaskInfo, validate_name
+from gradmix.store import NotFoundError as StoreNotFoundError
 from grpc import aio
 
 
@@ -80,10 +82,13 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: aio.ServicerContext
                        ) -> pb.ListJobsResponse:
-        served = await self._registry.served()
-        chosen = page(served, lambda r: [r.name], request.page_token,
+        infos = await asyncio.to_thread(self._store.list_jobs)
+        chosen = page(infos, lambda i: [i.name], request.page_token,
                       self._limits.page_size(request.page_size))
-        jobs = [await self._job(runtime) for runtime in chosen.items]
+        jobs = []
+        for info in chosen.items:  # only this page's jobs are loaded
+            with contextlib.suppress(StoreNotFoundError):  # archived, or deleted meanwhile
+                jobs.append(await self._job(await self._registry.get(info.name)))
         return pb.ListJobsResponse(jobs=jobs, next_page_token=chosen.next_token)
 
     # ----------------------------------------------------------------- tasks
