@@ -128,7 +128,7 @@ def test_a_task_pending_anchor_after_anchor_decays_and_is_flagged(
 
 def test_a_task_pending_too_long_decays_with_no_new_input(
         make: Callable[..., tuple[Harness, SelectionClient]]) -> None:
-    h, client = make(stale_pending_anchors=0, stale_pending_seconds=1.0)
+    _, client = make(stale_pending_anchors=0, stale_pending_seconds=1.0)
     create_job(client)
     for task in ("help", "harm"):
         client.register_task("job", task)
@@ -193,9 +193,9 @@ def _arithmetic_model(vocab: int) -> tuple[object, object]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2,
-                                       n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
-                                       attn_pdrop=0.0))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, bos_token_id=0, eos_token_id=0,
+                                       n_embd=32, n_layer=1, n_head=2, n_positions=16,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     starts = torch.arange(64) % vocab
     ids = (starts[:, None] + torch.arange(12)[None, :]) % vocab
     return model, ids
@@ -233,7 +233,7 @@ def test_an_untrained_model_s_anchor_is_held_and_a_trained_one_s_is_not(
     assert untrained >= 0.9 * level > trained  # what the server will see as L̂(∅)
 
     # The ratio bound off: only the untrained check can hold an anchor here.
-    h, client = make(max_estimated_loss_ratio=0.0)
+    _, client = make(max_estimated_loss_ratio=0.0)
     create_job(client)
     for task in ("help", "harm"):
         client.register_task("job", task)
