@@ -329,6 +329,9 @@ def test_prometheus_sees_the_job_health_metrics_move(live: Live, prometheus: str
     settles('gradmix_implausible_estimates_total{reason="loss_change"}', lambda v: v == 0,
             "the implausible-estimate counter at 0")
     settles("gradmix_estimation_failures_total", lambda v: v == 0, "the failure counter at 0")
+    settles('gradmix_implausible_estimates_total{reason="untrained"}', lambda v: v == 0,
+            "the untrained-anchor counter at 0")
+    settles("gradmix_stale_pending_tasks", lambda v: v == 0, "no stale pending task")
     with grpc.insecure_channel(live.grpc_address) as channel:
         stub = pb_grpc.SelectionServiceStub(channel)
         mixture = stub.GetMixture(pb.GetMixtureRequest(job=JOB), timeout=10)
