@@ -307,7 +307,12 @@ class TrainConfig:
         _require(bool(self.client_cert) == bool(self.client_key),
                  "client_cert and client_key go together")
         stage = int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
-        _require(stage in (0, 1, 2), f"ZeRO stage {stage} unsupported (0–2: sketching vmaps)")
+        _require(stage in (0, 1, 2, 3), f"ZeRO stage {stage} unsupported (0–3)")
+        if stage == 3:  # parameters sharded
+            from gradmix.trainer.sharded import sketching_problem
+
+            problem = sketching_problem(self.sketching)
+            _require(not problem, problem)
         unknown = set(self.policy) - {f.name for f in dataclasses.fields(_policy_fields())}
         _require(not unknown, f"[policy]: unknown keys {sorted(unknown)}")
         try:
