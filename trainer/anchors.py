@@ -51,7 +51,7 @@ from gradmix.client import (
 from gradmix.client.errors import AlreadyExists, GradmixError, InvalidArgument
 from gradmix.store import SketchStore, StoreError
 from gradmix.trainer.config import SketchingConfig, TrainConfig
-from gradmix.trainer.data import TaskPool
+from gradmix.trainer.data import TaskPool, is_data_file, is_url
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describe, is_transient
 from gradmix.trainer.projectors import Projector
@@ -174,7 +174,7 @@ class AnchorProtocol:
             return
         self.state = AnchorState(**plan["state"])
         for task, path in plan["paths"].items():
-            self.pool.add(task, Path(path))
+            self.pool.add(task, path)
         outcomes: dict[str, str] = {}
         sources = plan["sources"]
         for number, src in enumerate(sources, start=1):
@@ -565,7 +565,8 @@ def anchor_horizon(
 
 class TaskFiles:
     """Rank 0's directory of task data files: configured, a registration's metadata
-    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins).
+    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins). Each may be a
+    local path or an fsspec URL (s3://bucket/task.jsonl, ...).
 
     Args:
         config: the job configuration.
@@ -589,6 +590,9 @@ class TaskFiles:
             self.config.data.tasks.get(task, ""),
             self._metadata.get(task, {}).get("path", ""),
         ]
-        if self.config.data.task_dir:
-            candidates.append(str(Path(self.config.data.task_dir) / f"{task}.jsonl"))
-        return next((c for c in candidates if c and Path(c).is_file()), None)
+        if task_dir := self.config.data.task_dir:
+            candidates.append(
+                f"{task_dir.rstrip('/')}/{task}.jsonl" if is_url(task_dir)
+                else str(Path(task_dir) / f"{task}.jsonl")
+            )
+        return next((c for c in candidates if c and is_data_file(c)), None)

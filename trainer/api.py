@@ -332,7 +332,7 @@ class Sketcher:
             tokenizer=self.tokenizer,
             max_length=max_length,
             seed=seed,
-            paths={t: Path(s) for t, s in sources.items() if isinstance(s, str | Path)},
+            paths={t: s for t, s in sources.items() if isinstance(s, str | Path)},
         )
         memory = {t for t, s in given.items() if _in_memory(s)}
         self.client = SelectionClient(server)

@@ -438,5 +438,8 @@ def _resolve(section: str, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def _abs(p: str, base: Path) -> Path:
-    return Path(p) if Path(p).is_absolute() else base / p
+def _abs(p: str, base: Path) -> str:
+    """A local path made absolute against `base`; an fsspec URL as is."""
+    if "://" in p:
+        return p
+    return str(Path(p) if Path(p).is_absolute() else base / p)

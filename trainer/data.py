@@ -1,10 +1,13 @@
 """Task data: JSONL loading, tokenisation with a completion loss mask, batching.
 
-A task (or the target) is a local JSONL file of {"prompt": ..., "completion": ...}
-objects. Files are read when a task is first needed, so tasks that only appear
-later in a mixture cost nothing until then. Every draw of examples (training
-batches, sketch samples) is a pure function of (seed, task, step or anchor,
-rank), which is what makes a resumed run continue the same draws.
+A task (or the target) is a JSONL file of {"prompt": ..., "completion": ...}
+objects: a local path or any fsspec URL (s3://, gs://, file://, memory://,
+...; credentials and endpoints from the environment, e.g. AWS_* variables or
+fsspec's FSSPEC_S3_ENDPOINT_URL). Files are read when a task is first
+needed, so tasks that only appear later in a mixture cost nothing until then.
+Every draw of examples (training batches, sketch samples) is a pure function
+of (seed, task, step or anchor, rank), which is what makes a resumed run
+continue the same draws.
 """
 
 from __future__ import annotations
@@ -130,15 +133,58 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
+#: A data file: a local path, or an fsspec URL (has "://").
+Location = str | Path
+
+
+def is_url(location: Location) -> bool:
+    """Whether a data location is an fsspec URL rather than a local path."""
+    return "://" in str(location)
+
+
+def read_text(location: Location) -> str:
+    """The UTF-8 text of a local file or an fsspec URL.
+
+    Raises:
+        OSError: the file cannot be read (missing, no permission, endpoint away).
+        ValueError: an fsspec URL of an unknown protocol, or of one whose package
+            (e.g. s3fs) is not installed.
+    """
+    if not is_url(location):
+        return Path(location).read_text(encoding="utf-8")
+    import fsspec
+
+    try:
+        with fsspec.open(str(location), "rt", encoding="utf-8") as f:
+            return str(f.read())
+    except ImportError as exc:  # e.g. s3:// without s3fs
+        raise ValueError(f"{exc}") from exc
+
+
+def is_data_file(location: Location) -> bool:
+    """Whether a local path is a file; for an fsspec URL, whether it is one or whether
+    that cannot be told (reading it then reports the error)."""
+    if not is_url(location):
+        return Path(location).is_file()
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(location))
+        return bool(fs.isfile(path))
+    except (OSError, ValueError, ImportError):
+        return True
+
+
 def read_jsonl(
-    path: Path,
+    path: Location,
     tokenizer: Tokenizer,
     max_length: int,
     *,
     max_truncated: float = 1.0,
     warn: bool = True,
 ) -> list[TokenizedExample]:
-    """Read and tokenise a JSONL file of {"prompt", "completion"} objects.
+    """Read and tokenise a JSONL file of {"prompt", "completion"} objects (a local path
+    or an fsspec URL).
 
     Examples longer than `max_length` tokens are cut, and characters the
     character tokenizer does not know become unk; both are counted and, with
@@ -149,8 +195,8 @@ def read_jsonl(
             line), or more than `max_truncated` of the examples cut.
     """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+        lines = read_text(path).splitlines()
+    except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     out = []
     truncated, unknown_in, unknown = 0, 0, set[str]()
@@ -200,7 +246,8 @@ class TaskPool:
         tokenizer: tokenizer for every file.
         max_length: longest example in tokens.
         seed: the training seed every draw derives from.
-        paths: known data files by task name (the target under `None`).
+        paths: known data files (local paths or fsspec URLs) by task name (the target
+            under `None`).
         resolve: fallback giving the file of a task not in `paths` (or None).
     """
 
@@ -210,16 +257,17 @@ class TaskPool:
         *,
         max_length: int,
         seed: int,
-        paths: Mapping[str | None, Path],
-        resolve: Callable[[str], Path | None] | None = None,
+        paths: Mapping[str | None, Location],
+        resolve: Callable[[str], Location | None] | None = None,
     ) -> None:
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
-        self._paths: dict[str | None, Path] = dict(paths)
+        self._paths: dict[str | None, Location] = dict(paths)
         self._resolve = resolve
         self._loaded: dict[str | None, list[TokenizedExample]] = {}
 
-    def add(self, task: str, path: Path) -> None:
-        """Make a task's file known (e.g. from its registration metadata)."""
+    def add(self, task: str, path: Location) -> None:
+        """Make a task's file (local path or fsspec URL) known (e.g. from its registration
+        metadata)."""
         self._paths.setdefault(task, path)
 
     def examples(self, task: str | None) -> list[TokenizedExample]:

@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from gradmix.client import Mixture, MixtureSampler, SelectionClient
@@ -177,7 +176,7 @@ class MixtureSync:
             payload = (None, {}, self.reachable, "", "")
         mixture, paths, reachable, error, self.refused = self.dist.broadcast(payload)
         for task, path in paths.items():
-            self.pool.add(task, Path(path))
+            self.pool.add(task, path)
         if reachable is not None and reachable != self.reachable:
             was, self.reachable = self.reachable, reachable
             if reachable and was is False:
@@ -222,7 +221,7 @@ class MixtureSync:
                 payload = self._usable(mixture)
         mixture, paths = self.dist.broadcast(payload)
         for task, path in paths.items():
-            self.pool.add(task, Path(path))
+            self.pool.add(task, path)
         if mixture is not None:
             self.apply(mixture, step)
 

@@ -11,7 +11,6 @@ caller prints it and exits 2).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from gradmix.client.errors import GradmixError
 from gradmix.store import StoreError
@@ -38,7 +37,7 @@ def preflight(config: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
     for key, path in files.items():
         limit = MAX_TARGET_TRUNCATED if key == "[data].target" else 1.0
         try:  # the trainer reads them again, and warns about them, when it loads them
-            read_jsonl(Path(path), tokenizer, config.data.max_length, max_truncated=limit,
+            read_jsonl(path, tokenizer, config.data.max_length, max_truncated=limit,
                        warn=False)
         except DataError as error:
             raise ConfigError(f"{key}: {_one_line(error)}") from error

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -224,7 +223,7 @@ def _readable_file(files: TaskFiles, pool: TaskPool) -> Callable[[str], str | No
         path = files.path(task)
         if path is None:
             return None
-        pool.add(task, Path(path))
+        pool.add(task, path)
         try:
             pool.examples(task)
         except DataError:
