@@ -193,6 +193,7 @@ class _TransformersTokenizer:
         pad = tok.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_id)
         self.vocab_size = len(tok)
+        self.transformers = tok
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))

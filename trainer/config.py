@@ -115,7 +115,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataConfig:
-    """Where the target's and the tasks' examples are (JSONL of prompt/completion)."""
+    """Where the target's and the tasks' examples are: JSONL of prompt/completion or chat
+    records, or (with `datasets`) .json / .parquet files or `save_to_disk` directories;
+    local paths or fsspec URLs (`gradmix.trainer.data`)."""
 
     target: str
     """The target's JSONL file (the examples whose loss should go down)."""
