@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import ssl
 import subprocess
 import sys
@@ -30,7 +31,12 @@ import grpc
 import pytest
 from gradmix.client import SelectionClient
 from gradmix.client import cli as gradmix_cli
-from gradmix.client.errors import PermissionDenied, Unauthenticated, Unavailable
+from gradmix.client.errors import (
+    GradmixError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.app import RunningServer, ServerStartError, build_server, describe_access
@@ -492,15 +498,67 @@ def test_the_trainer_connects_with_tls_and_its_token_file(secured: Secured,
         load_train_config(path, env={})
 
 
+def test_a_trainer_joins_with_a_writer_token_the_job_an_admin_created(
+        secured: Secured, tmp_path: Path) -> None:
+    """The trainer's job setup (`join_job`) needs `admin` only to create a job: with a
+    writer token it joins a job of the same spec, and for a missing job it names the
+    `gradmix create-job` command an admin runs (which then lets it join)."""
+    from gradmix.client.errors import AlreadyExists
+    from gradmix.client.types import PolicySettings, SketchSpec
+    from gradmix.trainer.errors import ConfigError as TrainConfigError
+    from gradmix.trainer.setup import join_job
+
+    def client(who: str) -> SelectionClient:
+        return SelectionClient(f"127.0.0.1:{secured.port}", tls=True,
+                               root_certificates=secured.certs.ca.read_bytes(),
+                               token=TOKENS[who][0])
+
+    sketch = SketchSpec(dim=DIM, seed=3, manifest_hash="manifest-1")
+    policy = PolicySettings(temperature=2.0)
+    spec = {"sketch": sketch, "policy": policy, "target": "val.jsonl"}
+    admin_token = tmp_path / "admin-token"
+    admin_token.write_text(TOKENS["admin"][0] + "\n")
+    cli = ["--server", f"127.0.0.1:{secured.port}", "--tls", "--ca-cert",
+           str(secured.certs.ca), "--token-file", str(admin_token)]
+    try:
+        with client("writer") as writer:
+            with pytest.raises(TrainConfigError, match="an admin must create it first: "
+                               f"gradmix create-job {SCRATCH} ") as refused:
+                join_job(writer, SCRATCH, **spec)  # type: ignore[arg-type]
+            assert "\n" not in str(refused.value)
+            command = shlex.split(str(refused.value).split("create it first: ", 1)[1])
+            assert gradmix_cli.main([*cli, *command[1:]]) == 0  # the admin runs it
+            assert join_job(writer, SCRATCH, **spec) == "joined"  # type: ignore[arg-type]
+            assert join_job(writer, SCRATCH, sketch=sketch, policy=None, target="") == "joined"
+            for other, field in (({"sketch": dataclasses.replace(sketch, manifest_hash="m-2")},
+                                  "spec.sketch.manifest_hash"),
+                                 ({"policy": PolicySettings(temperature=3.0)},
+                                  "spec.policy.temperature"),
+                                 ({"target": "other.jsonl"}, "spec.target")):
+                with pytest.raises(AlreadyExists, match=field):
+                    join_job(writer, SCRATCH, **{**spec, **other})  # type: ignore[arg-type]
+        with client("root") as root:
+            root.delete_job(SCRATCH)
+        with client("admin") as admin:  # an admin's trainer creates the job itself
+            assert join_job(admin, SCRATCH, **spec) == "created"  # type: ignore[arg-type]
+            assert admin.get_job(SCRATCH).spec.sketch == sketch
+    finally:
+        with client("root") as root, contextlib.suppress(GradmixError):
+            root.delete_job(SCRATCH)
+
+
 @pytest.mark.slow
 def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) -> None:
     """A real gradmix-train run (CPU DeepSpeed, one rank) in upload mode against a TLS
-    server: its sketch rows reach the server's store, its own `store` is never opened."""
+    server with a writer token: refused (exit 2, one line naming the `gradmix
+    create-job` command) while the job is missing; once an admin ran that command,
+    its sketch rows reach the server's store, its own `store` is never opened."""
     from test_trainer_run import write_config, write_data
 
     job = "upjob"
     s = start_secured(tmp_path / "server", certs,
-                      tokens={"trainer": ("trainer-token", "admin", job)})
+                      tokens={"trainer": ("trainer-token", "writer", job),
+                              "ops": ("ops-token", "admin", job)})
     try:
         data = write_data(tmp_path / "data")
         untouched = tmp_path / "trainer-has-no-store"
@@ -513,9 +571,20 @@ def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) ->
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                "GRADMIX_TOKEN": "trainer-token",
                "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
-        run = subprocess.run([sys.executable, "-m", "gradmix.trainer.main", "--config",
-                              str(config), "--upload"], cwd=data, env=env,
-                             capture_output=True, text=True, timeout=300)
+        train = [sys.executable, "-m", "gradmix.trainer.main", "--config", str(config),
+                 "--upload"]
+        refused = subprocess.run(train, cwd=data, env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode == 2, refused.stderr[-4000:]
+        (line,) = [x for x in refused.stderr.splitlines() if x.startswith("gradmix-train:")]
+        assert "an admin must create it first: gradmix create-job upjob" in line
+        (tmp_path / "ops-token").write_text("ops-token\n")
+        command = shlex.split(line.split("create it first: ", 1)[1])
+        assert gradmix_cli.main(["--server", f"127.0.0.1:{s.port}", "--tls", "--ca-cert",
+                                 str(certs.ca), "--token-file", str(tmp_path / "ops-token"),
+                                 *command[1:]]) == 0
+        run = subprocess.run(train, cwd=data, env=env, capture_output=True, text=True,
+                             timeout=300)
         assert run.returncode == 0, run.stderr[-4000:]
         assert not untouched.exists()
         store = SketchStore.open(str(s.store_dir))
