@@ -384,6 +384,76 @@ def test_metrics_can_be_served_over_tls(tmp_path: Path, certs: Any) -> None:
         s.server.stop(grace=0)
 
 
+def test_rotated_certificate_files_serve_new_connections_without_a_restart(
+        tmp_path: Path, certs: Any) -> None:
+    """Files replaced as Kubernetes does (both at once): new gRPC and /metrics
+    connections get the new certificate, an open connection keeps going; a
+    half-written rotation (a key that is not the certificate's) keeps the last one."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("server.pem", "server-key.pem"):
+        (served / name).write_bytes((certs.ca.parent / name).read_bytes())
+    rotated = make_certs(tmp_path / "pki-2")  # another CA: a client of the old one fails
+    served_certs = dataclasses.replace(certs, server_cert=served / "server.pem",
+                                       server_key=served / "server-key.pem")
+    s = start_secured(tmp_path / "server", served_certs, metrics_tls=True)
+
+    def serving(ca: Path) -> bool:
+        """Whether a new connection that trusts `ca` alone gets an answer."""
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{s.port}", creds) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=5)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                return False
+            return True
+
+    def metrics_serving(ca: Path) -> bool:
+        context = ssl.create_default_context(cafile=str(ca))
+        url = f"https://127.0.0.1:{s.server.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=5) as response:
+                return response.status == 200
+        except urllib.error.URLError as exc:
+            assert "CERTIFICATE_VERIFY_FAILED" in str(exc), exc
+            return False
+
+    def replace(pem: bytes, key: bytes | None) -> None:
+        """Write the files aside, then move them in (a reader sees old or new files)."""
+        for name, data in (("server.pem", pem), ("server-key.pem", key)):
+            if data is not None:
+                (served / f".{name}").write_bytes(data)
+                os.replace(served / f".{name}", served / name)
+
+    try:
+        old = grpc.secure_channel(f"127.0.0.1:{s.port}", grpc.ssl_channel_credentials(
+            root_certificates=certs.ca.read_bytes()))
+        health = health_pb2_grpc.HealthStub(old)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert serving(certs.ca) and not serving(rotated.ca)
+        assert metrics_serving(certs.ca) and not metrics_serving(rotated.ca)
+
+        replace(rotated.server_cert.read_bytes(), rotated.server_key.read_bytes())
+        wait_for(lambda: serving(rotated.ca), bool, "the rotated certificate on gRPC")
+        wait_for(lambda: metrics_serving(rotated.ca), bool, "the rotated certificate on /metrics")
+        assert not serving(certs.ca) and not metrics_serving(certs.ca)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # the open connection
+        old.close()
+
+        # Half a rotation: the first CA's certificate beside the second's key.
+        replace(certs.server_cert.read_bytes(), None)
+        deadline = time.monotonic() + 3  # past the reload check period: it was looked at
+        while time.monotonic() < deadline:
+            assert serving(rotated.ca) and not serving(certs.ca)
+            time.sleep(0.2)
+        replace(certs.server_cert.read_bytes(), certs.server_key.read_bytes())  # completed
+        wait_for(lambda: serving(certs.ca), bool, "the certificate rotated back")
+    finally:
+        s.server.stop(grace=0)
+
+
 def test_probes_get_a_plaintext_port_with_health_alone(tmp_path: Path, certs: Any) -> None:
     s = start_secured(tmp_path, certs, health_port=0)
     try:
