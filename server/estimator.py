@@ -31,14 +31,16 @@ Task rows are kept in memory unless the estimator is given a `TaskRows`
 reader (the server's, which reads them back from the store): then a task
 costs its statistics only, and the exact mode and the bootstrap
 (`gradmix.server.policies.resampled`) read its rows back when they run. One
-exact call keeps what it read in a cache of at most `ROW_CACHE_BYTES`
-(rows a subset needs are read again past it) and drops it when it returns.
-The target's rows are always kept: every estimate reads them.
+exact call, or the calls within `rows_cached`, keep what they read in a
+`RowCache` of at most `ROW_CACHE_BYTES` (`gradmix.server.task_statistics`;
+rows are read again past it) and drop it when they return. The target's
+rows are always kept: every estimate reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -53,7 +55,6 @@ from gradmix.server.errors import (
     UnknownTaskError,
 )
 from gradmix.server.task_statistics import (
-    ROW_CACHE_BYTES,
     HessianBank,
     RowCache,
     TaskStatistics,
@@ -112,6 +113,7 @@ class SubsetEstimator:
         self._changed: set[str] = set()  # tasks with rows the solver has not reread
         self._versions: list[int] = []  # per task (index = bank slot): adds so far
         self._solved: dict[tuple[float, int], _Solved] = {}  # (λ, m) → the last solve
+        self._cache: RowCache | None = None  # shared by the calls within `rows_cached`
 
     # ------------------------------------------------------------------ rows
     def add_target_rows(self, grads: np.ndarray, values: np.ndarray) -> None:
@@ -170,6 +172,22 @@ class SubsetEstimator:
         """L̂(∅): the mean target loss softplus(-f_v) at the anchor."""
         return self._require_target().loss()
 
+    @contextlib.contextmanager
+    def rows_cached(self) -> Iterator[None]:
+        """Within it, every exact estimate and bootstrap shares one `RowCache`, so a
+        query of many calls (one subset at a time, forward selection) reads each
+        task's rows back once, not once per call; dropped on leaving."""
+        outer = self._cache
+        self._cache = outer or RowCache()
+        try:
+            yield
+        finally:
+            self._cache = outer
+
+    def row_cache(self) -> RowCache:
+        """The `RowCache` of the enclosing `rows_cached`, else a fresh one."""
+        return self._cache or RowCache()
+
     # ------------------------------------------------------------ estimation
     def discard_solves(self) -> None:
         """Forgets the fast-mode solves kept for reuse (the next estimate solves every subset)."""
@@ -225,7 +243,7 @@ class SubsetEstimator:
         if mode == "fast":
             losses[active] = target_losses(target, fast_w)
             return losses
-        cache = RowCache(ROW_CACHE_BYTES)
+        cache = self.row_cache()
         with single_threaded_blas():
             for row, w0 in zip(active, fast_w, strict=True):
                 w = self._exact_solve(alpha[row], lam, w0.astype(np.float64), cache)

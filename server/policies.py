@@ -298,7 +298,7 @@ def bootstrap_scores(estimator: SubsetEstimator, config: PolicyConfig) -> np.nda
         return np.zeros((0, n))
     rng = np.random.default_rng(config.seed)
     lighter = bootstrap_config(config)
-    cache = RowCache()  # rows read back once for every replicate (within its bound)
+    cache = estimator.row_cache()  # rows read back once for every replicate (within its bound)
     return np.array([policy.scores(resampled(estimator, rng, cache), lighter)
                      for _ in range(config.bootstrap)])
 

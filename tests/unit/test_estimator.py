@@ -363,6 +363,11 @@ def test_rows_read_back_give_the_same_exact_estimates_and_bootstrap_as_rows_kept
     reads.clear()
     np.testing.assert_array_equal(bootstrap_scores(lean, config), bootstrap_scores(kept, config))
     assert len(reads) == 4  # once for all the replicates
+    reads.clear()
+    with lean.rows_cached():  # a query of many calls: one read per task in all
+        for row in subsets:
+            lean.estimate(row[None, :], mode="exact")
+    assert sorted(reads) == sorted(tasks)
     assert all(lean.statistics(t).held_bytes == 0 for t in lean.tasks)
 
 
