@@ -56,6 +56,7 @@ from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describe, is_transient
 from gradmix.trainer.projectors import Projector
 from gradmix.trainer.runlog import RunLog
+from gradmix.trainer.setup import join_job
 from gradmix.trainer.sharded import lockstep_batches, sharded
 from gradmix.trainer.sketch import sketch_examples
 from gradmix.trainer.values import untrained_loss
@@ -229,6 +230,10 @@ class AnchorProtocol:
                     step=step,
                     horizon=asdict(horizon) if horizon is not None else None,
                 )
+        except ConfigError as error:  # the job is missing and this token may not create it
+            self.server_seconds += time.monotonic() - started
+            self.log.event("sketch_point_refused", str(error), level=logging.ERROR, step=step)
+            return {"refused": str(error)}
         except GradmixError as error:
             self.server_seconds += time.monotonic() - started
             if not is_transient(error):
@@ -466,6 +471,8 @@ class AnchorProtocol:
                 self._ensure_job()
             except AlreadyExists as error:
                 problem = f"job {self.config.job!r} exists with another spec: {describe(error)}"
+            except ConfigError as error:  # missing, and this token may not create it
+                problem = str(error)
             except GradmixError as error:
                 if not is_transient(error):
                     problem = f"the server refused job {self.config.job!r}: {describe(error)}"
@@ -495,8 +502,9 @@ class AnchorProtocol:
             value_kind=self.cfg.value_kind,
         )
         policy = PolicySettings(**self.config.policy) if self.config.policy else None
-        self.client.create_job(
-            self.config.job, sketch=sketch, policy=policy, target=self.config.data.target
+        how = join_job(
+            self.client, self.config.job, sketch=sketch, policy=policy,
+            target=self.config.data.target,
         )
         for task, path in self.config.data.tasks.items():
             try:
@@ -506,7 +514,7 @@ class AnchorProtocol:
         self.job_ready = True
         self.log.event(
             "job",
-            f"job {self.config.job} ready (manifest {manifest.hash()})",
+            f"job {self.config.job} ready ({how}; manifest {manifest.hash()})",
             manifest_hash=manifest.hash(),
             manifest=manifest.to_json(),
         )
