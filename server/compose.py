@@ -32,16 +32,24 @@ from gradmix.server.mixture import (
     standard_error,
 )
 from gradmix.server.policies import (
+    POLICIES,
     PolicyConfig,
     bootstrap_config,
     bootstrap_scores,
     compute_scores,
     subsets_scored,
+    task_scales,
 )
 from gradmix.store import MixtureRecord
 
 #: Active tasks with fewer sketched rows than this are capped at the uniform share.
 THIN_ROWS = 16
+#: How much softer than the job's temperature the candidate mixtures go
+#: (`_best_estimated`); the uniform mixture is a candidate too.
+SOFTER = tuple(2.0**k for k in range(9))
+#: A softer candidate must gain this share of the best estimated improvement
+#: L̂(∅) − min L̂ over the sharpest one to be taken.
+SOFTENING_GAIN = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,10 +111,8 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
         columns = [estimator.tasks.index(t) for t in active]
         error = standard_error(replicates[:, columns])
         bootstraps = len(replicates)
-    active_weights = scores_to_mixture(scores, temperature=policy.temperature,
-                                       floor=policy.floor_for(len(scores)), error=error)
     thin = {t for t in active if rows[t] < THIN_ROWS}
-    active_weights = cap_weights(active_weights, thin, 1.0 / len(active))
+    active_weights = _best_estimated(estimator, policy, scores, error, thin, len(active))
     if previous:
         before = {t: previous[t] for t in active if t in previous}
         total_before = sum(before.values())
@@ -126,6 +132,40 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                        score_error=error)
 
 
+def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
+                    scores: Mapping[str, float], error: float, thin: Collection[str],
+                    active: int) -> dict[str, float]:
+    """The mixture from `scores` whose estimated target loss is lowest.
+
+    Candidates are `scores_to_mixture` at the job's temperature and at
+    `SOFTER` times softer steps up to the uniform mixture; each is scored by
+    L̂ of its weights (scale-normalised as the policy's subsets are, see
+    `task_scales`). The sharpest candidate within `SOFTENING_GAIN` of the
+    best estimated gain (L̂(∅) − min L̂) wins, so a softer mixture is taken
+    only for a real predicted gain, not for noise-sized differences. Scores
+    rank tasks one at a time; the estimate sees them together, so two
+    complementary tasks keep a blend where the sharpest mixture would go all
+    in on the one with the better score (bench/outcome.py's complementary
+    suite).
+    """
+    floor = policy.floor_for(len(scores))
+    candidates = [cap_weights(scores_to_mixture(scores, temperature=policy.temperature * factor,
+                                                floor=floor, error=error), thin, 1.0 / active)
+                  for factor in SOFTER]
+    candidates.append(dict.fromkeys(scores, 1.0 / len(scores)))
+    if len(scores) < 2 or not policy_reads_sketches(policy):
+        return candidates[0]
+    columns = estimator.tasks
+    scales = task_scales(estimator)
+    alpha = np.array([[mixture.get(t, 0.0) for t in columns] for mixture in candidates])
+    alpha *= scales
+    subsets = alpha > 0
+    losses = estimator.estimate(subsets, alpha, regularization=policy.regularization)
+    best = float(losses.min())
+    enough = best + SOFTENING_GAIN * max(0.0, estimator.anchor_loss() - best)
+    return candidates[int(np.flatnonzero(losses <= enough)[0])]
+
+
 def kept_composition(previous: Mapping[str, float], new: Composition,
                      estimator: SubsetEstimator, regularization: float) -> Composition:
     """`new` with the `previous` weights kept (an implausible estimate held back).
@@ -142,6 +182,13 @@ def kept_composition(previous: Mapping[str, float], new: Composition,
     estimated = _estimated_loss(estimator, active, {t: weights[t] / mass for t in active},
                                 regularization) if mass > 0 else new.anchor_loss
     return dataclasses.replace(new, weights=weights, estimated_loss=estimated)
+
+
+def policy_reads_sketches(policy: PolicyConfig) -> bool:
+    """Whether the policy's scores come from subset estimates (ensemble,
+    surrogate, simplex). ``gradient_similarity`` is a baseline and keeps its
+    own plain temperature; ``uniform`` reads nothing."""
+    return POLICIES[policy.policy].estimates_subsets
 
 
 def _estimated_loss(estimator: SubsetEstimator, active: Sequence[str],

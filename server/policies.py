@@ -159,6 +159,9 @@ class Policy(ABC):
     name: ClassVar[str]
     #: Whether the policy reads the target (uniform does not).
     needs_target: ClassVar[bool] = True
+    #: Whether its scores come from subset-loss estimates (the baselines' do not);
+    #: such a policy's mixture is chosen by its estimate (`gradmix.server.compose`).
+    estimates_subsets: ClassVar[bool] = True
 
     @abstractmethod
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
@@ -168,6 +171,7 @@ class Policy(ABC):
 class UniformPolicy(Policy):
     name = "uniform"
     needs_target = False
+    estimates_subsets = False
 
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
         return np.zeros(len(estimator.tasks))
@@ -175,6 +179,7 @@ class UniformPolicy(Policy):
 
 class GradientSimilarityPolicy(Policy):
     name = "gradient_similarity"
+    estimates_subsets = False
 
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
         target = estimator.statistics(None).loss_gradient()
