@@ -83,7 +83,7 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     rows = {t: estimator.task_rows(t) if estimator and t in estimator.tasks else 0
             for t in tasks}
     active = [t for t in tasks if rows[t] > 0]
-    states = {t: ACTIVE if rows[t] > 0 else PENDING for t in tasks}
+    states: dict[str, str] = {t: ACTIVE if rows[t] > 0 else PENDING for t in tasks}
     scorable = estimator is not None and estimator.has_target and bool(active)
     if not scorable or estimator is None:
         uniform = 1.0 / len(tasks) if tasks else 0.0

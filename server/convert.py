@@ -43,7 +43,6 @@ FAILED = TaskState.FAILED
 
 _POLICY_FIELDS = ("regularization", "temperature", "floor", "subset_count",
                   "subset_fraction", "prior_weight", "seed")
-FAILED = TaskState.FAILED
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -63,10 +62,10 @@ def policy_name(policy: int) -> str:
 
 
 def policy_enum(name: str) -> pb.Policy.ValueType:
-    return to_wire(Policy(name), pb.Policy)  # type: ignore[return-value]
+    return to_wire(Policy(name), pb.Policy)
 
 
-def estimate_mode(mode: int) -> str:
+def estimate_mode(mode: int) -> EstimateMode:
     try:
         return from_wire(EstimateMode, mode, pb.EstimateMode)
     except ValueError as exc:
@@ -95,9 +94,9 @@ def sketch_to_spec(sketch: pb.SketchSpec) -> SketchSpec:
 
 def spec_to_sketch(spec: SketchSpec) -> pb.SketchSpec:
     return pb.SketchSpec(dim=spec.dim, seed=spec.seed,
-                         value_kind=to_wire(ValueKind(spec.value_kind), pb.ValueKind),  # type: ignore[arg-type]
+                         value_kind=to_wire(ValueKind(spec.value_kind), pb.ValueKind),
                          projector=spec.projector, manifest_hash=spec.manifest_hash,
-                         dtype=to_wire(SketchDtype(spec.dtype), pb.SketchDtype))  # type: ignore[arg-type]
+                         dtype=to_wire(SketchDtype(spec.dtype), pb.SketchDtype))
 
 
 def requested_policy(settings: pb.PolicySettings) -> dict[str, Any]:
@@ -179,7 +178,7 @@ def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
 
 
 def task_state(state: str) -> pb.TaskState.ValueType:
-    return to_wire(TaskState(state), pb.TaskState)  # type: ignore[return-value]
+    return to_wire(TaskState(state), pb.TaskState)
 
 
 def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:

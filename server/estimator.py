@@ -291,9 +291,9 @@ class SubsetEstimator:
             )
         else:
             for task in self._changed:
-                stats = self._tasks[task]
-                assert stats.slot is not None
-                self._solver.refresh(stats.slot, stats.rows, stats.loss_gradient())
+                changed = self._tasks[task]
+                assert changed.slot is not None
+                self._solver.refresh(changed.slot, changed.rows, changed.loss_gradient())
         self._changed.clear()
         return self._solver
 

@@ -122,7 +122,7 @@ class AnchorProtocol:
         store: SketchStore | None,
         log: RunLog,
         files: TaskFiles,
-        reachable: Callable[[], bool],
+        reachable: Callable[[], bool | None],
         learning_rate: Callable[[], float | None] | None = None,
     ) -> None:
         self.files, self.reachable = files, reachable

@@ -275,7 +275,7 @@ class Sketcher:
         seed: int = 0,
         policy: Mapping[str, Any] | None = None,
         dist: Dist | None = None,
-        reachable: Callable[[], bool] | None = None,
+        reachable: Callable[[], bool | None] | None = None,
     ) -> None:
         given = dict(tasks or {})
         self.config = TrainConfig(

@@ -237,7 +237,8 @@ class MixtureSync:
         self._seen_version = max(self._seen_version, version)
         entry = {"version": version, "step": step, "anchor": anchor, "weights": dict(weights)}
         self.history.append(entry)
-        self.log.event("mixture", f"mixture version {version} took effect at step {step}", **entry)
+        self.log.event("mixture", f"mixture version {version} took effect at step {step}",
+                       version=version, step=step, anchor=anchor, weights=dict(weights))
 
     def _usable(self, mixture: Mixture | None) -> tuple[Mixture | None, dict[str, str]]:
         """The mixture restricted to tasks with data, and their files (rank 0)."""

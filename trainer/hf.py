@@ -228,7 +228,8 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         entry = {"version": version, "step": first_step, "draw": at_draw, "weights": weights}
         self.history.append(entry)
         self.sketcher.log.event(
-            "mixture", f"mixture version {version} takes effect at step {first_step}", **entry
+            "mixture", f"mixture version {version} takes effect at step {first_step}",
+            version=version, step=first_step, draw=at_draw, weights=dict(weights),
         )
 
     def _await_anchor_mixture(self, anchor: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from gradmix.client import SelectionClient
+from gradmix.client.client import DEFAULT_TIMEOUT
 from gradmix.trainer.config import ModelConfig, TokenizerConfig, TrainConfig
 from gradmix.trainer.data import CharTokenizer, HFTokenizer, TaskPool, Tokenizer
 from gradmix.trainer.errors import ConfigError
@@ -126,7 +127,7 @@ def build_client(config: TrainConfig, env: Mapping[str, str] | None = None,
     token = token_bytes.decode().strip() if token_bytes else env.get("GRADMIX_TOKEN") or None
     return SelectionClient(
         config.server,
-        **({} if timeout is None else {"timeout": timeout}),
+        timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
         tls=config.tls,
         root_certificates=read("ca_cert"),
         certificate_chain=read("client_cert"),
