@@ -37,6 +37,7 @@ from gradmix.vocabulary import (
     ValueKind,
     W,
 )
+from gradmix.vocabulary.policy_settings import ZERO_MEANS_DEFAULT
 
 
 def _enum_name(enum: ProtoEnum[W], prefix: str, value: int, unspecified: str) -> str:
@@ -84,17 +85,12 @@ def sketch_spec_to_pb(spec: SketchSpec) -> pb.SketchSpec:
 
 def policy_to_pb(policy: PolicySettings) -> pb.PolicySettings:
     """PolicySettings -> message."""
-    return pb.PolicySettings(
-        policy=_enum_value(pb.Policy, "POLICY_", policy.policy, "policy"),
-        regularization=policy.regularization,
-        temperature=policy.temperature,
-        floor=policy.floor,
-        subset_count=policy.subset_count,
-        subset_fraction=policy.subset_fraction,
-        prior_weight=policy.prior_weight,
-        seed=policy.seed,
-        smoothing=policy.smoothing,
-    )
+    message = pb.PolicySettings(policy=_enum_value(pb.Policy, "POLICY_", policy.policy, "policy"))
+    for name in ZERO_MEANS_DEFAULT:
+        setattr(message, name, getattr(policy, name))
+    if policy.smoothing is not None:
+        message.smoothing = policy.smoothing
+    return message
 
 
 def job_spec_to_pb(spec: JobSpec) -> pb.JobSpec:
@@ -119,14 +115,8 @@ def job_spec_from_pb(msg: pb.JobSpec) -> JobSpec:
     )
     policy = PolicySettings(
         policy=policy_name(p.policy),
-        regularization=p.regularization,
-        temperature=p.temperature,
-        floor=p.floor,
-        subset_count=p.subset_count,
-        subset_fraction=p.subset_fraction,
-        prior_weight=p.prior_weight,
-        seed=p.seed,
         smoothing=p.smoothing if p.HasField("smoothing") else None,
+        **{name: getattr(p, name) for name in ZERO_MEANS_DEFAULT},
     )
     return JobSpec(sketch=sketch, policy=policy, target=msg.target)
 

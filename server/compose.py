@@ -32,13 +32,13 @@ from gradmix.server.mixture import (
     standard_error,
 )
 from gradmix.server.policies import (
-    PolicyConfig,
     bootstrap_config,
     bootstrap_scores,
     compute_scores,
     subsets_scored,
 )
 from gradmix.store import MixtureRecord
+from gradmix.vocabulary.policy_settings import PolicyConfig
 
 #: Active tasks with fewer sketched rows than this are capped at the uniform share.
 THIN_ROWS = 16

@@ -232,7 +232,7 @@ class Lifecycle:
     def _mark_gone(self, job: str, keep: bool, reason: str, actor: str) -> JobEvent:
         """Record the event and mark the job archived, so no RPC loads it again meanwhile."""
         store = self._store
-        control = store.job_control(job)  # NotFoundError: no such job
+        control = store.job_control(job)  # RecordNotFoundError: no such job
         if keep and control.archived_at:
             raise PreconditionError(f"job {job!r} is already archived")
         event = store.append_event(job, actor=actor,

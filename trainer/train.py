@@ -5,7 +5,7 @@ for each step (1) apply the newest mixture on every rank at this step
 boundary, (2) run a sketch point if one is due, (3) draw this step's task
 and train on a batch of it, (4) report and checkpoint. Sketching, store
 writes and mixture following are calls out of the loop (anchors.py,
-follow.py), not woven through it.
+mixture_sync.py), not woven through it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from gradmix.trainer.console import Progress
 from gradmix.trainer.data import TaskPool, collate
 from gradmix.trainer.distributed import Dist, cap_cpu_threads, init_distributed, shutdown
 from gradmix.trainer.errors import DataError, ServerRefused, TrainerError
-from gradmix.trainer.follow import MixtureSync, ServerWatch
 from gradmix.trainer.metrics import serve_metrics
+from gradmix.trainer.mixture_sync import MixtureSync, ServerWatch
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.setup import (
