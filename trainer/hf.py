@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from gradmix.client import Mixture
-from gradmix.trainer.anchors import AnchorState
 from gradmix.trainer.api import Sketcher, Source, process_group
 from gradmix.trainer.config import SketchingConfig
 from gradmix.trainer.errors import TrainerError
 from gradmix.trainer.hf_data import as_examples
 from gradmix.trainer.mixture_stream import MixtureStream
 from gradmix.trainer.mixture_sync import ServerWatch
+from gradmix.trainer.train_state import AnchorState
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
