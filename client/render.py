@@ -32,13 +32,16 @@ def _when(timestamp: float) -> str:
 
 
 def jobs_table(jobs: Sequence[Job]) -> str:
-    """One line per job."""
+    """One line per job; an ARCHIVED column when some job is archived."""
+    archived = any(j.archived_at for j in jobs)
     rows = [
         (j.name, j.current_anchor or "-", j.mixture_version, j.task_count,
-         j.spec.sketch.dim, j.spec.policy.policy, _when(j.created_at))
+         j.spec.sketch.dim, j.spec.policy.policy, _when(j.created_at),
+         *([_when(j.archived_at)] if archived else []))
         for j in jobs
     ]
-    return table(("JOB", "ANCHOR", "VERSION", "TASKS", "DIM", "POLICY", "CREATED"), rows)
+    header = ("JOB", "ANCHOR", "VERSION", "TASKS", "DIM", "POLICY", "CREATED")
+    return table((*header, *(("ARCHIVED",) if archived else ())), rows)
 
 
 def tasks_table(tasks: Sequence[Task]) -> str:
@@ -80,6 +83,8 @@ def mixture_table(mixture: Mixture, disconnected_since: float | None = None) -> 
         f"  at {_when(mixture.created_at)}"
         + ("  PINNED" if mixture.pinned else "")
     )
+    if mixture.held:
+        head += "\n" + held_line(mixture)
     if disconnected_since is not None:
         head = (
             f"DISCONNECTED since {_when(disconnected_since)}: reconnecting; "
@@ -88,13 +93,29 @@ def mixture_table(mixture: Mixture, disconnected_since: float | None = None) -> 
     order = sorted(mixture.weights, key=lambda t: (-mixture.weights[t], t))
     rows = [
         (t, f"{mixture.weights[t]:.4f}", f"{mixture.scores.get(t, 0.0):+.5f}",
-         mixture.states.get(t, "-"))
+         _state(mixture, t))
         for t in order
     ]
     body = head + "\n" + table(("TASK", "WEIGHT", "SCORE", "STATE"), rows)
     if mixture.calibration is not None:
         body += "\n" + calibration_line(mixture.calibration)
     return body
+
+
+def _state(mixture: Mixture, task: str) -> str:
+    """A task's state, with how many anchors it has been pending and whether it is stale."""
+    state = mixture.states.get(task, "-")
+    missed = mixture.pending_anchors.get(task, 0)
+    if missed:
+        state += f" ({missed} anchor{'s' if missed > 1 else ''})"
+    return state + (" STALE" if task in mixture.stale_tasks else "")
+
+
+def held_line(mixture: Mixture) -> str:
+    """Why a version's re-estimate was held back, on one line."""
+    return (f"HELD ({mixture.held_reason}): the estimate predicted "
+            f"{mixture.held_estimated_loss:.4g} from anchor loss {mixture.anchor_loss:.4g}; "
+            "the previous weights stay in force")
 
 
 def calibration_line(c: Calibration) -> str:
@@ -117,8 +138,11 @@ def history_table(mixtures: Sequence[Mixture]) -> str:
         top = sorted(m.weights.items(), key=lambda kv: (-kv[1], kv[0]))
         weights = " ".join(f"{t}={w:.3f}" for t, w in top)
         policy = f"{m.policy} (pinned)" if m.pinned else m.policy
-        rows.append((m.version, _when(m.created_at), m.anchor or "-", policy, weights))
-    return table(("VERSION", "CREATED", "ANCHOR", "POLICY", "WEIGHTS"), rows)
+        flags = [f"held:{m.held_reason}"] if m.held else []
+        flags += [f"stale:{','.join(m.stale_tasks)}"] if m.stale_tasks else []
+        rows.append((m.version, _when(m.created_at), m.anchor or "-", policy,
+                     " ".join(flags) or "-", weights))
+    return table(("VERSION", "CREATED", "ANCHOR", "POLICY", "FLAGS", "WEIGHTS"), rows)
 
 
 def estimate_table(result: EstimateResult) -> str:

@@ -34,7 +34,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,9 +46,11 @@ from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import DataError, TrainerError, describe, is_transient
 from gradmix.trainer.job_setup import JobSetup
+from gradmix.trainer.sharded import lockstep_batches, sharded
 from gradmix.trainer.sketch import sketch_examples
 from gradmix.trainer.task_files import TaskFiles
 from gradmix.trainer.train_state import AnchorState, TrainState
+from gradmix.trainer.values import untrained_loss
 from gradmix.vocabulary import TARGET
 from torch import nn
 
@@ -151,7 +152,7 @@ class AnchorProtocol:
             return
         self.state = AnchorState(**plan["state"])
         for task, path in plan["paths"].items():
-            self.pool.add(task, Path(path))
+            self.pool.add(task, path)
         outcomes: dict[str, str] = {}
         sources = plan["sources"]
         for number, src in enumerate(sources, start=1):
@@ -193,7 +194,8 @@ class AnchorProtocol:
                 run = self.state.run or new_run()
                 name = f"{run}-anchor-{step:08d}"
                 horizon = self._horizon(step)
-                self.client.declare_anchor(self.config.job, name, step, horizon=horizon, run=run)
+                self.client.declare_anchor(self.config.job, name, step, horizon=horizon, run=run,
+                                           untrained_loss=untrained_loss(self.module))
                 self.state = AnchorState(name=name, step=step, run=run)
                 self._reference = self._snapshot()
                 self.log.event(
@@ -301,12 +303,10 @@ class AnchorProtocol:
         task = None if source == TARGET_KEY else source
         began = time.monotonic()
         try:
-            # The draw follows the step, not the run: a rerun sketches the same examples.
-            ids = self.pool.sketch_draw(task, f"anchor-{self.state.step:08d}",
-                                        self.cfg.examples_per_task)
+            ids = self._draw(task)
             mine = ids[self.dist.rank :: self.dist.world_size]
-            if mine:
-                self._write_rows(task, anchor, mine)
+            if mine or sharded(self.module):
+                self._write_rows(task, anchor, mine, ids)
         except DataError as error:
             self.problems[source] = f"data cannot be loaded: {describe(error)}"
             self.log.event(
@@ -343,8 +343,34 @@ class AnchorProtocol:
         )
         return "done"
 
-    def _write_rows(self, task: str | None, anchor: str, ids: list[int]) -> None:
+    def _draw(self, task: str | None) -> list[int]:
+        """The source's seeded sketch draw. On a ZeRO-3 model (sketching is collective)
+        the ranks first agree that every one of them could load it.
+
+        Raises:
+            DataError: the data cannot be loaded here, or on another rank.
+        """
+        # The draw follows the step, not the run: a rerun sketches the same examples.
+        problem: DataError | None = None
+        try:
+            ids = self.pool.sketch_draw(task, f"anchor-{self.state.step:08d}",
+                                        self.cfg.examples_per_task)
+        except DataError as error:
+            problem = error
+        if sharded(self.module):
+            loaded = self.dist.all_gather(problem is None)
+            if problem is None and not all(loaded):
+                problem = DataError(f"cannot be loaded on rank {loaded.index(False)}")
+        if problem is not None:
+            raise problem
+        return ids
+
+    def _write_rows(self, task: str | None, anchor: str, ids: list[int],
+                    drawn: list[int]) -> None:
+        """Sketch and write this rank's rows `ids` of the source's draw `drawn`. On a
+        ZeRO-3 model every rank runs as many sketch batches as the busiest one."""
         examples = self.pool.examples(task)
+        lockstep = sharded(self.module)
         grads, values = sketch_examples(
             self.module,
             self.projector,
@@ -352,7 +378,12 @@ class AnchorProtocol:
             batch_size=self.cfg.batch_size,
             pad_id=self.pool.tokenizer.pad_id,
             value_kind=self.cfg.value_kind,
+            min_batches=lockstep_batches(len(drawn), self.dist.world_size, self.cfg.batch_size)
+            if lockstep else 0,
+            filler=examples[drawn[0]] if drawn else None,
         )
+        if not ids:
+            return
         writer = SketchWriter(
             self.client, self.config.job, anchor, task, f"rank-{self.dist.rank}", store=self.store
         )

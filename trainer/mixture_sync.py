@@ -3,8 +3,9 @@
 Rank 0 runs a `ServerWatch` thread on the job's mixture stream. At every
 step boundary `MixtureSync.boundary(step)` broadcasts rank 0's newest
 version (if any) with torch.distributed and every rank schedules it on its
-`MixtureSampler` for that very step, so all ranks switch together; each
-switch is logged ("mixture version V took effect at step S") and kept in
+`MixtureSampler` for that very step (or, `at_step`, a later one: the Hugging
+Face callback's `MixtureStream` is read ahead), so all ranks switch together;
+each switch is logged ("mixture version V takes effect at step S") and kept in
 the run state's `history` (which checkpoints save). When the server is
 unreachable the trainer keeps the mixture in force, the watch keeps
 reconnecting, and the log and progress line say so.
@@ -15,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from gradmix.client import Mixture, SelectionClient
 from gradmix.client.errors import GradmixError
@@ -25,7 +25,6 @@ from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import TrainerError, describe, is_transient
 from gradmix.trainer.runlog import RunLog
-from gradmix.trainer.task_files import TaskFiles
 from gradmix.trainer.train_state import TrainState
 
 
@@ -132,18 +131,29 @@ class ServerWatch:
         self._thread.join(timeout=10.0)
 
 
+class Schedule(Protocol):
+    """What MixtureSync schedules mixtures on: a `MixtureSampler`, or anything that
+    switches at an optimizer step the same way."""
+
+    def update(self, mixture: Mixture | dict[str, float], at_step: int) -> None:
+        """Take effect from optimizer step `at_step` on."""
+        ...
+
+
 class MixtureSync:
     """Applies rank 0's newest mixture on every rank at the same step.
 
     Args:
         dist: the process group.
-        state: this rank's run state: its sampler schedules each mixture, its
-            `history` and `applied_version` record it.
+        state: this rank's run state: its sampler (a `MixtureSampler` or another
+            `Schedule`) schedules each mixture, its `history` and `applied_version`
+            record it.
         log: this rank's run log.
         watch: rank 0's server watch, started (None on other ranks).
-        pool: this rank's task data (learns the files of the mixture's tasks).
-        files: rank 0's task files; tasks without a readable one are left out of the
-            applied weights (and logged).
+        pool: this rank's task data (learns the files of the mixture's tasks); None
+            when the tasks' data is already in hand.
+        locate: rank 0's lookup of a task's data file (`TaskFiles.readable`); tasks
+            without one are left out of the applied weights (and logged).
         hold: reproducible mode: after the first mixture, new versions wait for
             `at_anchor` instead of the next `boundary`.
     """
@@ -154,15 +164,15 @@ class MixtureSync:
         state: TrainState,
         log: RunLog,
         watch: ServerWatch | None,
-        pool: TaskPool,
-        files: TaskFiles,
+        pool: TaskPool | None,
+        locate: Callable[[str], str | None],
         *,
         hold: bool = False,
     ) -> None:
         if state.sampler is None:
             raise ValueError("MixtureSync needs the run state's sampler")
         self.dist, self.state, self.sampler, self.log = dist, state, state.sampler, log
-        self.watch, self.pool, self.files = watch, pool, files
+        self.watch, self.pool, self.locate = watch, pool, locate
         self.reachable: bool | None = None
         """Rank 0's watch's view, the same on every rank: None until known."""
         self.refused = ""
@@ -192,11 +202,12 @@ class MixtureSync:
                 raise TrainerError("no mixture from the server and no [data].tasks to start from")
             self.apply(uniform, step=0)
 
-    def boundary(self, step: int) -> None:
-        """Collective: called by every rank before drawing step `step`'s task."""
-        self._boundary(step, hold=self.hold)
+    def boundary(self, step: int, at_step: int | None = None) -> None:
+        """Collective: called by every rank before drawing step `step`'s task; a new
+        mixture takes effect at `at_step` (default: this step)."""
+        self._boundary(step, at_step, hold=self.hold)
 
-    def _boundary(self, step: int, *, hold: bool) -> None:
+    def _boundary(self, step: int, at_step: int | None = None, *, hold: bool) -> None:
         # Rank 0 does its work (reading the watch, finding and loading the new
         # tasks' files) before the broadcast; the other ranks only receive the result.
         payload: tuple[Mixture | None, dict[str, str], bool | None, str, str] | None = None
@@ -209,8 +220,7 @@ class MixtureSync:
         if payload is None:
             payload = (None, {}, self.reachable, "", "")
         mixture, paths, reachable, error, self.refused = self.dist.broadcast(payload)
-        for task, path in paths.items():
-            self.pool.add(task, Path(path))
+        self._learn(paths)
         if reachable is not None and reachable != self.reachable:
             was, self.reachable = self.reachable, reachable
             if reachable and was is False:
@@ -232,7 +242,7 @@ class MixtureSync:
                     error=error,
                 )
         if mixture is not None:
-            self.apply(mixture, step)
+            self.apply(mixture, step if at_step is None else at_step)
 
     def at_anchor(self, step: int, anchor: str, timeout: float) -> None:
         """Collective (reproducible mode): apply the server's mixture estimated at `anchor`,
@@ -254,10 +264,14 @@ class MixtureSync:
                 self._seen_version = max(self._seen_version, mixture.version)
                 payload = self._usable(mixture)
         mixture, paths = self.dist.broadcast(payload)
-        for task, path in paths.items():
-            self.pool.add(task, Path(path))
+        self._learn(paths)
         if mixture is not None:
             self.apply(mixture, step)
+
+    def _learn(self, paths: dict[str, str]) -> None:
+        if self.pool is not None:
+            for task, path in paths.items():
+                self.pool.add(task, path)
 
     def apply(self, mixture: Mixture | dict[str, float], step: int, version: int = 0) -> None:
         """Schedule a mixture at `step` on this rank and record it."""
@@ -270,15 +284,14 @@ class MixtureSync:
         self._seen_version = max(self._seen_version, version)
         entry = {"version": version, "step": step, "anchor": anchor, "weights": dict(weights)}
         self.state.history.append(entry)
-        self.log.event("mixture", f"mixture version {version} took effect at step {step}",
+        self.log.event("mixture", f"mixture version {version} takes effect at step {step}",
                        version=version, step=step, anchor=anchor, weights=dict(weights))
 
     def _usable(self, mixture: Mixture | None) -> tuple[Mixture | None, dict[str, str]]:
         """The mixture restricted to tasks with data, and their files (rank 0)."""
         if mixture is None:
             return None, {}
-        paths = {t: p for t, w in mixture.weights.items()
-                 if w > 0 and (p := self.files.readable(t, self.pool))}
+        paths = {t: p for t, w in mixture.weights.items() if w > 0 and (p := self.locate(t))}
         dropped = sorted(t for t, w in mixture.weights.items() if w > 0 and t not in paths)
         if dropped:
             self.log.event(

@@ -18,7 +18,7 @@ import torch
 from gradmix.client import SelectionClient
 from gradmix.client.client import DEFAULT_TIMEOUT
 from gradmix.trainer.config import ModelConfig, TokenizerConfig, TrainConfig
-from gradmix.trainer.data import CharTokenizer, HFTokenizer, TaskPool, Tokenizer
+from gradmix.trainer.data import CharTokenizer, HFTokenizer, Location, TaskPool, Tokenizer
 from gradmix.trainer.errors import ConfigError
 from gradmix.trainer.lora import apply_lora
 from torch import nn
@@ -96,8 +96,8 @@ def build_engine(config: TrainConfig, model: nn.Module) -> Any:
 
 def build_pool(config: TrainConfig, tokenizer: Tokenizer) -> TaskPool:
     """Task data for the configured target and tasks (more are added as they appear)."""
-    paths: dict[str | None, Path] = {None: Path(config.data.target)}
-    paths.update({t: Path(p) for t, p in config.data.tasks.items()})
+    paths: dict[str | None, Location] = {None: config.data.target}
+    paths.update(config.data.tasks)
     return TaskPool(
         tokenizer, max_length=config.data.max_length, seed=config.training.seed, paths=paths
     )

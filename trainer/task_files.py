@@ -14,13 +14,14 @@ from pathlib import Path
 from gradmix.client import SelectionClient, Task
 from gradmix.client.errors import GradmixError
 from gradmix.trainer.config import TrainConfig
-from gradmix.trainer.data import TaskPool
+from gradmix.trainer.data import TaskPool, is_data_file, is_url
 from gradmix.trainer.errors import DataError
 
 
 class TaskFiles:
     """Rank 0's directory of task data files: configured, a registration's metadata
-    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins).
+    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins). Each may be a
+    local path or an fsspec URL (s3://bucket/task.jsonl, ...).
 
     Args:
         config: the job configuration.
@@ -44,16 +45,19 @@ class TaskFiles:
             self.config.data.tasks.get(task, ""),
             self._metadata.get(task, {}).get("path", ""),
         ]
-        if self.config.data.task_dir:
-            candidates.append(str(Path(self.config.data.task_dir) / f"{task}.jsonl"))
-        return next((c for c in candidates if c and Path(c).is_file()), None)
+        if task_dir := self.config.data.task_dir:
+            candidates.append(
+                f"{task_dir.rstrip('/')}/{task}.jsonl" if is_url(task_dir)
+                else str(Path(task_dir) / f"{task}.jsonl")
+            )
+        return next((c for c in candidates if c and is_data_file(c)), None)
 
     def readable(self, task: str, pool: TaskPool) -> str | None:
         """The task's file if it is found and loads (into `pool`, now); None otherwise."""
         path = self.path(task)
         if path is None:
             return None
-        pool.add(task, Path(path))
+        pool.add(task, path)
         try:
             pool.examples(task)
         except DataError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from gradmix.trainer.setup import (
     build_pool,
     build_tokenizer,
 )
+from gradmix.trainer.sharded import sharded
 from gradmix.trainer.sketch import eval_mode
 from gradmix.trainer.summary import build_summary
 from gradmix.trainer.task_files import TaskFiles
@@ -104,7 +106,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     watch = ServerWatch(client, config.job, after_version=state.applied_version).start() \
         if dist.is_main else None
     files = TaskFiles(config, client)
-    sync = MixtureSync(dist, state, log, watch, pool, files, hold=config.training.reproducible)
+    sync = MixtureSync(dist, state, log, watch, pool, partial(files.readable, pool=pool),
+                       hold=config.training.reproducible)
     anchors = AnchorProtocol(
         job,
         dist,
@@ -126,8 +129,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     steps, eval_every = config.training.steps, config.training.eval_every
     progress = Progress(steps, start, enabled=dist.is_main)
     target_loss = float("nan")
-    if dist.is_main and eval_every and start == 0:
-        target_loss = _evaluate(engine.module, pool, config, log, steps_done=0)
+    if eval_every and start == 0:
+        target_loss = _evaluate(dist, engine.module, pool, config, log, steps_done=0)
     done, stopped_by, reported = start, "", set[str]()
     with progress:
         for step in range(start, config.training.steps):
@@ -153,8 +156,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
             log.event("step", step=step, task=task, loss=loss.item(), version=version)
             mean_loss = dist.all_mean(loss.item())
             done = state.step = step + 1
-            if dist.is_main and eval_every and (done % eval_every == 0 or done == steps):
-                target_loss = _evaluate(engine.module, pool, config, log, steps_done=done)
+            if eval_every and (done % eval_every == 0 or done == steps):
+                target_loss = _evaluate(dist, engine.module, pool, config, log, steps_done=done)
             progress.update(_status(sync), _details(mean_loss, target_loss, version, anchors))
             if config.training.checkpoint_every and done % config.training.checkpoint_every == 0:
                 _save(config, dist, engine, state, log)
@@ -229,10 +232,19 @@ def _save(config: TrainConfig, dist: Dist, engine: Any, state: TrainState, log: 
 
 
 def _evaluate(
-    module: torch.nn.Module, pool: TaskPool, config: TrainConfig, log: RunLog, *, steps_done: int
+    dist: Dist,
+    module: torch.nn.Module,
+    pool: TaskPool,
+    config: TrainConfig,
+    log: RunLog,
+    *,
+    steps_done: int,
 ) -> float:
     """Rank 0: the target loss after `steps_done` optimizer steps, written to the run log
-    as an `eval` event (step = steps done, so 0 is the initial model)."""
+    as an `eval` event (step = steps done, so 0 is the initial model). Other ranks: NaN,
+    except on a model sharded by ZeRO-3, whose forward every rank runs (not logged)."""
+    if not dist.is_main:
+        return _target_loss(module, pool, config) if sharded(module) else float("nan")
     loss = _target_loss(module, pool, config)
     count = min(config.training.eval_examples, len(pool.examples(None)))
     log.event("eval", step=steps_done, target_loss=loss, examples=count)
@@ -241,7 +253,7 @@ def _evaluate(
 
 @torch.no_grad()
 def _target_loss(module: torch.nn.Module, pool: TaskPool, config: TrainConfig) -> float:
-    """Completion loss on a fixed sample of the target (rank 0 only, no collectives)."""
+    """Completion loss on a fixed sample of the target (collective only under ZeRO-3)."""
     examples = pool.examples(None)[: config.training.eval_examples]
     batch = collate(examples, pool.tokenizer.pad_id).to(next(module.parameters()).device)
     with eval_mode(module):

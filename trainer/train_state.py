@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gradmix.client import MixtureSampler
 from gradmix.trainer import checkpoint
 from gradmix.trainer.distributed import Dist
+
+if TYPE_CHECKING:
+    from gradmix.trainer.mixture_sync import Schedule
 
 
 @dataclass
@@ -50,15 +53,16 @@ class TrainState:
     """A run's state on this rank.
 
     Attributes:
-        sampler: this rank's task sampler (None in a loop gradmix does not drive:
-            `gradmix.trainer.api.Sketcher` keeps only the anchor).
+        sampler: this rank's task sampler (the Hugging Face callback's: its stream's
+            `Schedule`, which the Trainer's checkpoint saves; None in a loop gradmix
+            does not drive: `gradmix.trainer.api.Sketcher` keeps only the anchor).
         step: the next step to train.
         history: every mixture applied: version, step it took effect, anchor, weights.
         applied_version: the mixture version in force (0: none from the server yet).
         anchor: the current anchor.
     """
 
-    sampler: MixtureSampler | None = None
+    sampler: MixtureSampler | Schedule | None = None
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     applied_version: int = 0
@@ -66,7 +70,7 @@ class TrainState:
 
     def save(self, engine: Any, output_dir: str | Path, dist: Dist) -> str:
         """Collective: checkpoint the engine with this state (at `step`). Returns the tag."""
-        assert self.sampler is not None, "only a run gradmix drives is checkpointed here"
+        assert isinstance(self.sampler, MixtureSampler), "only gradmix-train checkpoints here"
         saved = {
             "samplers": dist.all_gather(self.sampler.state_dict()),
             "history": self.history,
@@ -84,7 +88,7 @@ class TrainState:
         Raises:
             TrainerError: the checkpoint is unusable (see `checkpoint.load`).
         """
-        assert self.sampler is not None, "only a run gradmix drives is resumed here"
+        assert isinstance(self.sampler, MixtureSampler), "only gradmix-train resumes here"
         if not checkpoint.has_checkpoint(output_dir):
             return False
         saved = checkpoint.load(engine, output_dir, dist.world_size)
