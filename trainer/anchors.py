@@ -44,7 +44,7 @@ from gradmix.store import SketchStore, StoreError
 from gradmix.trainer.config import SketchingConfig, TrainConfig
 from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
-from gradmix.trainer.errors import DataError, TrainerError, describe, is_transient
+from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describe, is_transient
 from gradmix.trainer.job_setup import JobSetup
 from gradmix.trainer.sharded import lockstep_batches, sharded
 from gradmix.trainer.sketch import sketch_examples
@@ -206,6 +206,10 @@ class AnchorProtocol:
                     step=step,
                     horizon=asdict(horizon) if horizon is not None else None,
                 )
+        except ConfigError as error:  # the job is missing and this token may not create it
+            self.server_seconds += time.monotonic() - started
+            self.log.event("sketch_point_refused", str(error), level=logging.ERROR, step=step)
+            return {"refused": str(error)}
         except GradmixError as error:
             self.server_seconds += time.monotonic() - started
             if not is_transient(error):

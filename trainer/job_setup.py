@@ -1,4 +1,4 @@
-"""Job setup: create the job on the server (or find it) and register the configured tasks.
+"""Job setup: join the job on the server (or create it) and register the configured tasks.
 
 `JobSetup.ensure` is rank 0's part (RPCs, once per run); `JobSetup.setup` is
 the collective before training: rank 0 makes its calls first, then
@@ -18,6 +18,7 @@ from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import ConfigError, describe, is_transient
 from gradmix.trainer.projectors import Projector
 from gradmix.trainer.runlog import RunLog
+from gradmix.trainer.setup import join_job
 
 
 class JobSetup:
@@ -56,6 +57,8 @@ class JobSetup:
             self.ensure()
         except AlreadyExists as error:
             return f"job {self.config.job!r} exists with another spec: {describe(error)}"
+        except ConfigError as error:  # missing, and this token may not create it
+            return str(error)
         except GradmixError as error:
             if not is_transient(error):
                 return f"the server refused job {self.config.job!r}: {describe(error)}"
@@ -72,6 +75,8 @@ class JobSetup:
         """Rank 0: create the job and register the configured tasks (once).
 
         Raises:
+            AlreadyExists: the job exists with another spec.
+            ConfigError: the job does not exist and this token may not create it.
             GradmixError: from the server (the caller decides what is fatal).
         """
         if self.ready:
@@ -87,8 +92,9 @@ class JobSetup:
             value_kind=cfg.value_kind,
         )
         policy = PolicySettings(**self.config.policy) if self.config.policy else None
-        self.client.create_job(
-            self.config.job, sketch=sketch, policy=policy, target=self.config.data.target
+        how = join_job(
+            self.client, self.config.job, sketch=sketch, policy=policy,
+            target=self.config.data.target,
         )
         for task, path in self.config.data.tasks.items():
             try:
@@ -98,7 +104,7 @@ class JobSetup:
         self.ready = True
         self.log.event(
             "job",
-            f"job {self.config.job} ready (manifest {manifest.hash()})",
+            f"job {self.config.job} ready ({how}; manifest {manifest.hash()})",
             manifest_hash=manifest.hash(),
             manifest=manifest.to_json(),
         )
