@@ -33,9 +33,17 @@ test-fast: $(STAMP)
 fuzz: $(STAMP)
 	GRADMIX_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz.py
 
+# mypy checks the `gradmix.*` packages as they are imported: build/mypy/gradmix
+# links each to its folder (pyproject's package-dir), since mypy cannot follow
+# the editable install's import hook; pyproject sets mypy_path and packages.
+MYPY_TREE := build/mypy/gradmix
+MYPY_PACKAGES := server client store trainer demo vocabulary proto
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy server client store trainer demo vocabulary
+	mkdir -p $(MYPY_TREE)
+	for p in $(MYPY_PACKAGES); do ln -sfn ../../../$$p $(MYPY_TREE)/$$p; done
+	$(VENV)/bin/mypy
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -45,7 +45,6 @@ import torch
 from gradmix.server.calibration import calibrated_policy
 from gradmix.server.compose import compose_mixture
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.policies import PolicyConfig
 from gradmix.store import Horizon, MixtureRecord
 from gradmix.trainer.config import ModelConfig, SketchingConfig, TokenizerConfig
 from gradmix.trainer.data import TokenizedExample, collate, tokenize
@@ -53,6 +52,7 @@ from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.setup import build_model, build_tokenizer
 from gradmix.trainer.sketch import sketch_examples
 from gradmix.trainer.values import completion_loss
+from gradmix.vocabulary.policy_settings import PolicyConfig
 from rich.console import Console
 from rich.table import Table
 

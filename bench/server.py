@@ -52,8 +52,9 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.config import ServerConfig
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.policies import PolicyConfig, compute_scores
+from gradmix.server.policies import compute_scores
 from gradmix.store import SketchStore
+from gradmix.vocabulary.policy_settings import PolicyConfig
 from grpc import aio
 
 JOB = "bench"

@@ -38,6 +38,9 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "127.0.0.1:50551"
+DEFAULT_TIMEOUT = 10.0
+"""Seconds each RPC may take (a per-client setting)."""
+
 #: Reconnect promptly after a server restart (grpc's own default waits up to 120 s).
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -70,7 +73,7 @@ class SelectionClient:
         self,
         target: str = DEFAULT_SERVER,
         *,
-        timeout: float = 10.0,
+        timeout: float = DEFAULT_TIMEOUT,
         tls: bool = False,
         root_certificates: bytes | None = None,
         certificate_chain: bytes | None = None,

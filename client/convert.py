@@ -7,8 +7,8 @@ field; `SelectionClient` calls these and never hands a message to its caller.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.timestamp_pb2 import Timestamp
 from gradmix.client.errors import InvalidArgument
 from gradmix.client.types import (
@@ -28,22 +28,31 @@ from gradmix.client.types import (
     Task,
 )
 from gradmix.proto.v1 import selection_pb2 as pb
-from gradmix.vocabulary import WIRE_UNSPECIFIED, Policy, Projector, SketchDtype, ValueKind
+from gradmix.vocabulary import (
+    WIRE_UNSPECIFIED,
+    Policy,
+    Projector,
+    ProtoEnum,
+    SketchDtype,
+    ValueKind,
+    W,
+)
+from gradmix.vocabulary.policy_settings import ZERO_MEANS_DEFAULT
 
 
-def _enum_name(enum: EnumTypeWrapper, prefix: str, value: int, unspecified: str) -> str:
+def _enum_name(enum: ProtoEnum[W], prefix: str, value: int, unspecified: str) -> str:
     """`POLICY_SIMPLEX` -> "simplex"; the unspecified value -> `unspecified`."""
     if value == 0:
         return unspecified
     try:
-        return enum.Name(value).removeprefix(prefix).lower()
+        return enum.Name(cast(W, value)).removeprefix(prefix).lower()
     except ValueError:
         return f"unknown({value})"
 
 
-def _enum_value(enum: EnumTypeWrapper, prefix: str, name: str, what: str) -> int:
+def _enum_value(enum: ProtoEnum[W], prefix: str, name: str, what: str) -> W:
     try:
-        return int(enum.Value(prefix + name.upper()))
+        return enum.Value(prefix + name.upper())
     except ValueError:
         raise InvalidArgument(f"unknown {what} {name!r}") from None
 
@@ -76,17 +85,12 @@ def sketch_spec_to_pb(spec: SketchSpec) -> pb.SketchSpec:
 
 def policy_to_pb(policy: PolicySettings) -> pb.PolicySettings:
     """PolicySettings -> message."""
-    return pb.PolicySettings(
-        policy=_enum_value(pb.Policy, "POLICY_", policy.policy, "policy"),
-        regularization=policy.regularization,
-        temperature=policy.temperature,
-        floor=policy.floor,
-        subset_count=policy.subset_count,
-        subset_fraction=policy.subset_fraction,
-        prior_weight=policy.prior_weight,
-        seed=policy.seed,
-        smoothing=policy.smoothing,
-    )
+    message = pb.PolicySettings(policy=_enum_value(pb.Policy, "POLICY_", policy.policy, "policy"))
+    for name in ZERO_MEANS_DEFAULT:
+        setattr(message, name, getattr(policy, name))
+    if policy.smoothing is not None:
+        message.smoothing = policy.smoothing
+    return message
 
 
 def job_spec_to_pb(spec: JobSpec) -> pb.JobSpec:
@@ -111,14 +115,8 @@ def job_spec_from_pb(msg: pb.JobSpec) -> JobSpec:
     )
     policy = PolicySettings(
         policy=policy_name(p.policy),
-        regularization=p.regularization,
-        temperature=p.temperature,
-        floor=p.floor,
-        subset_count=p.subset_count,
-        subset_fraction=p.subset_fraction,
-        prior_weight=p.prior_weight,
-        seed=p.seed,
         smoothing=p.smoothing if p.HasField("smoothing") else None,
+        **{name: getattr(p, name) for name in ZERO_MEANS_DEFAULT},
     )
     return JobSpec(sketch=sketch, policy=policy, target=msg.target)
 
@@ -231,14 +229,14 @@ def source_to_pb(job: str, anchor: str, task: str | None) -> pb.SketchSource:
     return pb.SketchSource(job=job, anchor=anchor, task=task)
 
 
-def mode_to_pb(mode: str) -> int:
+def mode_to_pb(mode: str) -> pb.EstimateMode.ValueType:
     """"fast" | "exact" -> EstimateMode."""
     if mode not in MODES:
         raise InvalidArgument(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     return _enum_value(pb.EstimateMode, "ESTIMATE_MODE_", mode, "mode")
 
 
-def method_to_pb(method: str) -> int:
+def method_to_pb(method: str) -> pb.SelectionMethod.ValueType:
     """"threshold" | "top_k" | "forward" -> SelectionMethod."""
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}; got {method!r}")

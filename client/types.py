@@ -27,6 +27,12 @@ from gradmix.vocabulary import (
     ValueKind,
     choices,
 )
+from gradmix.vocabulary.policy_settings import (
+    WIRE_FIELDS,
+    ZERO_MEANS_DEFAULT,
+    PolicySettingsError,
+    check_field,
+)
 
 POLICIES = choices(Policy)
 PROJECTORS = choices(Projector)
@@ -74,7 +80,12 @@ class SketchSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class PolicySettings:
-    """How the mixture is made from the sketches; zero numbers take server defaults."""
+    """How the mixture is made from the sketches; zero numbers take server defaults.
+
+    The request form of `gradmix.vocabulary.policy_settings.PolicyConfig`: the
+    same fields (`WIRE_FIELDS`), each value it sets checked against the bounds
+    the server applies, so a bad one fails here instead of at the server.
+    """
 
     policy: str = DEFAULT_POLICY
     """ensemble | surrogate | simplex | uniform | gradient_similarity."""
@@ -97,17 +108,14 @@ class PolicySettings:
     anchor's (None: the server default)."""
 
     def __post_init__(self) -> None:
-        _check_choice("policy", self.policy, POLICIES)
-        if self.smoothing is not None and not 0 <= self.smoothing < 1:
-            raise InvalidArgument(f"policy smoothing must be in [0, 1); got {self.smoothing}")
-        for name in ("regularization", "temperature", "floor", "subset_fraction", "prior_weight"):
+        for name in WIRE_FIELDS:
             value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise InvalidArgument(f"policy {name} must be finite and >= 0; got {value}")
-        if not 0 <= self.subset_count < 2**32:
-            raise InvalidArgument(f"subset_count must be in [0, 2**32); got {self.subset_count}")
-        if not 0 <= self.seed < 2**64:
-            raise InvalidArgument(f"policy seed must be in [0, 2**64); got {self.seed}")
+            if value is None or (value == 0 and name in ZERO_MEANS_DEFAULT):
+                continue  # the server's default
+            try:
+                check_field(name, value)
+            except PolicySettingsError as exc:
+                raise InvalidArgument(f"policy settings: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,7 +42,7 @@ from gradmix.demo.report import (
     summarize,
 )
 from gradmix.demo.run import RunSettings, TrainerRun, write_job
-from gradmix.demo.tasks import TASKS, TaskFiles, initial_tasks, late_tasks, write_tasks
+from gradmix.demo.tasks import TASKS, WrittenTasks, initial_tasks, late_tasks, write_tasks
 from gradmix.server.app import build_server
 from gradmix.server.config import ServerConfig
 from prometheus_client import CollectorRegistry
@@ -146,7 +146,7 @@ class _Follow:
 def _train(
     cfg: DemoConfig,
     client: SelectionClient,
-    files: TaskFiles,
+    files: WrittenTasks,
     *,
     job: str,
     policy: dict[str, Any],
@@ -196,7 +196,7 @@ def _train(
 def _follow(
     cfg: DemoConfig,
     client: SelectionClient,
-    files: TaskFiles,
+    files: WrittenTasks,
     run: TrainerRun,
     seen: _Follow,
     *,

@@ -4,8 +4,8 @@
 starts `python -m gradmix.trainer.main` on it and follows the run through the
 trainer's own rank-0 run log (steps drawn, mixture versions taking effect, and
 the target loss on every target example, which the trainer evaluates every
-`eval_every` steps); `target_losses` reads those measurements back. Nothing
-here reaches into the trainer: it is driven exactly as a user would drive it.
+`eval_every` steps). Nothing here reaches into the trainer: it is driven
+exactly as a user would drive it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from gradmix.demo.tasks import VOCABULARY, TaskFiles
+from gradmix.demo.tasks import VOCABULARY, WrittenTasks
 from gradmix.trainer.config import SketchingConfig, TrainConfig, load_config
-from gradmix.trainer.runlog import log_path, read_log
+from gradmix.trainer.runlog import log_path
 from gradmix.vocabulary import DEFAULT_EXAMPLES_PER_TASK
 
 
@@ -69,7 +69,7 @@ def write_job(
     *,
     job: str,
     settings: RunSettings,
-    files: TaskFiles,
+    files: WrittenTasks,
     initial: list[str],
     server: str,
     store: str,
@@ -208,20 +208,6 @@ class TrainerRun:
             except subprocess.TimeoutExpired:
                 self._process.kill()
         self._console.close()
-
-
-def target_losses(config: TrainConfig) -> list[tuple[int, float]]:
-    """(steps done, target loss) of every `eval` event in the run's rank-0 log, in order.
-
-    Raises:
-        DemoRunError: the run measured nothing.
-    """
-    path = log_path(config.output_dir, 0)
-    events = read_log(path) if path.is_file() else []
-    losses = [(int(e["step"]), float(e["target_loss"])) for e in events if e["event"] == "eval"]
-    if not losses:
-        raise DemoRunError(f"no eval events in {path}")
-    return losses
 
 
 def _count_lines(path: Path) -> int:

@@ -291,7 +291,7 @@ def write_jsonl(path: Path, examples: Iterable[Example]) -> Path:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class TaskFiles:
+class WrittenTasks:
     """Where `write_tasks` put each task's JSONL file."""
 
     target: Path
@@ -306,7 +306,7 @@ def write_tasks(
     seed: int = 0,
     tasks: Mapping[str, DemoTask] | None = None,
     target: DemoTask = TARGET,
-) -> TaskFiles:
+) -> WrittenTasks:
     """Write the target and every task (late ones too) as JSONL into `folder`.
 
     Args:
@@ -327,4 +327,4 @@ def write_tasks(
         name: write_jsonl(root / f"{name}.jsonl", generate(task, count, seed))
         for name, task in chosen.items()
     }
-    return TaskFiles(target=target_path, tasks=paths)
+    return WrittenTasks(target=target_path, tasks=paths)

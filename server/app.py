@@ -29,7 +29,7 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.auth import AuthInterceptor, TokenTable
 from gradmix.server.certificates import CertificateError, CertificateFiles
-from gradmix.server.config import ConfigError, ServerConfig, load_config
+from gradmix.server.config import ServerConfig, ServerConfigError, load_config
 from gradmix.server.convert import mixture_to_pb
 from gradmix.server.errors import ServerError
 from gradmix.server.instrumentation import RpcInstrumentation, add_instrumented_service
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`gradmix-server`: run until SIGTERM/SIGINT, then stop within the grace period."""
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
+    except ServerConfigError as exc:
         print(f"gradmix-server: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(),

@@ -119,7 +119,8 @@ class LowerBlocks:
         """(d, d) with the packed entries in place and zeros strictly above the blocks."""
         out = np.zeros((1, self.dim, self.dim), packed.dtype)
         self.unpack_into(packed[None, :], out)
-        return out[0]
+        square: np.ndarray = out[0]
+        return square
 
 
 class FastSolver:
@@ -225,8 +226,9 @@ class FastSolver:
         factor = scipy.linalg.cho_factor(system, lower=True)
         w0 = -scipy.linalg.cho_solve(factor, center @ self._gradients)
         curvature = self._hessian_products(w0) / self._rows[:, None]
-        jacobian = -scipy.linalg.cho_solve(factor, (curvature + self._gradients).T).T
-        return w0 + (alpha - center) @ jacobian
+        jacobian: np.ndarray = -scipy.linalg.cho_solve(factor, (curvature + self._gradients).T).T
+        solution: np.ndarray = w0 + (alpha - center) @ jacobian
+        return solution
 
     def _hessian_products(self, v: np.ndarray) -> np.ndarray:
         """S_t v for every task t, (n, d) float64, from the packed lower triangles."""
@@ -251,7 +253,8 @@ class FastSolver:
 
     def _row(self, task: int) -> np.ndarray:
         page = int(np.searchsorted(self._starts, task, side="right")) - 1
-        return self._pages[page][task - self._starts[page]]
+        row: np.ndarray = self._pages[page][task - self._starts[page]]
+        return row
 
     def _operand(self, dtype: np.dtype) -> list[np.ndarray]:
         """Per block row, (n+1, block size): row t is S_t's block, the last row the identity's.
@@ -341,7 +344,8 @@ class _Buffers:
         """
 
         def precondition(r: np.ndarray) -> np.ndarray:
-            return scipy.linalg.cho_solve(factor, r.T, check_finite=False).T
+            solved: np.ndarray = scipy.linalg.cho_solve(factor, r.T, check_finite=False)
+            return solved.T
 
         target = CG_TOLERANCE * np.linalg.norm(rhs, axis=1)
         x = np.zeros_like(rhs)
@@ -375,7 +379,7 @@ class _Buffers:
         writes above the block rows, so the stored S is tril(A) and
         A = S + Sᵀ - diag(A).
         """
-        out = np.matmul(systems, v[:, :, None])[:, :, 0]
+        out: np.ndarray = np.matmul(systems, v[:, :, None])[:, :, 0]
         out += np.matmul(v[:, None, :], systems)[:, 0, :]
         out -= np.einsum("kii->ki", systems) * v
         return out
@@ -411,4 +415,5 @@ def single_threaded_blas() -> AbstractContextManager[Any]:
     OpenBLAS's own threads busy-wait; on a shared machine a d = 256 Cholesky
     then runs 10-50x slower than on one thread. Process-wide while active.
     """
-    return _blas_controller().limit(limits=1, user_api="blas")
+    limited: AbstractContextManager[Any] = _blas_controller().limit(limits=1, user_api="blas")
+    return limited

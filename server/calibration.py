@@ -69,8 +69,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.policies import PolicyConfig
 from gradmix.store import CalibrationRecord, Horizon, MixtureRecord
+from gradmix.vocabulary.policy_settings import PolicyConfig
 
 __all__ = [
     "ADAM_OPTIMIZERS",

@@ -33,7 +33,6 @@ from gradmix.server.mixture import (
 )
 from gradmix.server.policies import (
     POLICIES,
-    PolicyConfig,
     bootstrap_config,
     bootstrap_scores,
     compute_scores,
@@ -41,6 +40,7 @@ from gradmix.server.policies import (
     task_scales,
 )
 from gradmix.store import MixtureRecord
+from gradmix.vocabulary.policy_settings import PolicyConfig
 
 #: Active tasks with fewer sketched rows than this are capped at the uniform share.
 THIN_ROWS = 16
@@ -95,7 +95,7 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     rows = {t: estimator.task_rows(t) if estimator and t in estimator.tasks else 0
             for t in tasks}
     active = [t for t in tasks if rows[t] > 0]
-    states = {t: ACTIVE if rows[t] > 0 else PENDING for t in tasks}
+    states: dict[str, str] = {t: ACTIVE if rows[t] > 0 else PENDING for t in tasks}
     scorable = estimator is not None and estimator.has_target and bool(active)
     if not scorable or estimator is None:
         uniform = 1.0 / len(tasks) if tasks else 0.0

@@ -31,9 +31,9 @@ from typing import Any
 
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.limits import Limits
-from gradmix.server.policies import PolicyConfig
 from gradmix.server.staleness import StalePolicy
 from gradmix.vocabulary import DEFAULT_POLICY, Policy, choices
+from gradmix.vocabulary.policy_settings import DEFAULTABLE_FIELDS, PolicyConfig, PolicySettingsError
 
 ENV_PREFIX = "GRADMIX_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -41,7 +41,7 @@ _LIMITS = Limits()
 POLICY_NAMES = choices(Policy)
 
 
-class ConfigError(InvalidArgumentError):
+class ServerConfigError(InvalidArgumentError):
     """A configuration value is missing, of the wrong type, or out of range."""
 
 
@@ -161,47 +161,50 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not self.store:
-            raise ConfigError("store must name a path or URL")
+            raise ServerConfigError("store must name a path or URL")
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
-                raise ConfigError(f"{name} must be in 0..65535, got {value}")
+                raise ServerConfigError(f"{name} must be in 0..65535, got {value}")
         if self.debounce_seconds < 0:
-            raise ConfigError(f"debounce_seconds must be >= 0, got {self.debounce_seconds}")
+            raise ServerConfigError(f"debounce_seconds must be >= 0, got {self.debounce_seconds}")
         if self.weight_tolerance < 0:
-            raise ConfigError(f"weight_tolerance must be >= 0, got {self.weight_tolerance}")
+            raise ServerConfigError(f"weight_tolerance must be >= 0, got {self.weight_tolerance}")
         if self.estimation_workers < 1:
-            raise ConfigError(f"estimation_workers must be >= 1, got {self.estimation_workers}")
+            raise ServerConfigError(f"estimation_workers must be >= 1, "
+                                    f"got {self.estimation_workers}")
         if self.grace_seconds < 0:
-            raise ConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+            raise ServerConfigError(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if self.max_message_bytes < 1024:
-            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+            raise ServerConfigError(f"max_message_bytes must be >= 1024, "
+                                    f"got {self.max_message_bytes}")
         if self.log_level.upper() not in LOG_LEVELS:
-            raise ConfigError(f"log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+            raise ServerConfigError(f"log_level must be one of {LOG_LEVELS}, "
+                                    f"got {self.log_level!r}")
         ratio = self.max_estimated_loss_ratio
         if not (ratio == 0 or 1 < ratio < float("inf")):
-            raise ConfigError(f"max_estimated_loss_ratio must be 0 (no bound) or finite and "
+            raise ServerConfigError(f"max_estimated_loss_ratio must be 0 (no bound) or finite and "
                               f"> 1, got {ratio}")
         if not 0 <= self.untrained_loss_fraction <= 1:
-            raise ConfigError(f"untrained_loss_fraction must be in [0, 1], got "
+            raise ServerConfigError(f"untrained_loss_fraction must be in [0, 1], got "
                               f"{self.untrained_loss_fraction}")
         if self.stale_pending_anchors < 0:
-            raise ConfigError(f"stale_pending_anchors must be >= 0, got "
+            raise ServerConfigError(f"stale_pending_anchors must be >= 0, got "
                               f"{self.stale_pending_anchors}")
         if not 0 <= self.stale_pending_seconds < float("inf"):
-            raise ConfigError(f"stale_pending_seconds must be finite and >= 0, got "
+            raise ServerConfigError(f"stale_pending_seconds must be finite and >= 0, got "
                               f"{self.stale_pending_seconds}")
         if self.policy not in POLICY_NAMES:
-            raise ConfigError(f"policy must be one of {POLICY_NAMES}, got {self.policy!r}")
+            raise ServerConfigError(f"policy must be one of {POLICY_NAMES}, got {self.policy!r}")
         # Jobs take these defaults: refuse at start-up what every CreateJob would refuse.
         try:
             PolicyConfig(**self.policy_defaults())
-        except InvalidArgumentError as exc:
-            raise ConfigError(f"default policy settings: {exc}") from exc
+        except PolicySettingsError as exc:
+            raise ServerConfigError(f"default policy settings: {exc}") from exc
         try:
             self.limits()
         except InvalidArgumentError as exc:
-            raise ConfigError(f"limits: {exc}") from exc
+            raise ServerConfigError(f"limits: {exc}") from exc
         self._check_access()
 
     def limits(self) -> Limits:
@@ -216,25 +219,23 @@ class ServerConfig:
     def _check_access(self) -> None:
         """TLS unless `insecure`; with TLS, tokens too. (The files are read at start-up.)"""
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("tls_cert and tls_key go together")
+            raise ServerConfigError("tls_cert and tls_key go together")
         if self.insecure and self.tls_cert:
-            raise ConfigError("insecure and tls_cert exclude each other")
+            raise ServerConfigError("insecure and tls_cert exclude each other")
         if not self.insecure and not self.tls_cert:
-            raise ConfigError("no TLS certificate: set tls_cert and tls_key "
+            raise ServerConfigError("no TLS certificate: set tls_cert and tls_key "
                               "(or --insecure to serve plaintext)")
         if (self.tls_client_ca or self.tls_metrics) and not self.tls_cert:
-            raise ConfigError("tls_client_ca and tls_metrics need tls_cert")
+            raise ServerConfigError("tls_client_ca and tls_metrics need tls_cert")
         if self.tls_cert and not (self.auth_tokens_file or self.auth_tokens):
-            raise ConfigError("TLS without tokens: set auth_tokens_file or auth_tokens")
+            raise ServerConfigError("TLS without tokens: set auth_tokens_file or auth_tokens")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
-            raise ConfigError(f"health_port must be in 0..65535, got {self.health_port}")
+            raise ServerConfigError(f"health_port must be in 0..65535, got {self.health_port}")
 
     def policy_defaults(self) -> dict[str, Any]:
         """The policy settings this server fills in, without the unset (None) ones."""
-        names = ("regularization", "temperature", "floor", "subset_count",
-                 "subset_fraction", "prior_weight", "smoothing")
-        values = {name: getattr(self, name) for name in names}
-        return {"policy": self.policy} | {k: v for k, v in values.items() if v is not None}
+        values = {name: getattr(self, name) for name in DEFAULTABLE_FIELDS}
+        return {k: v for k, v in values.items() if v is not None}
 
 
 def _field_types() -> dict[str, type]:
@@ -264,7 +265,7 @@ def _coerce(name: str, value: Any, kind: type, origin: str) -> Any:
             return value
     except ValueError:
         pass
-    raise ConfigError(f"{origin}: {name} must be {kind.__name__}, got {value!r}")
+    raise ServerConfigError(f"{origin}: {name} must be {kind.__name__}, got {value!r}")
 
 
 def _from_toml(path: str, kinds: Mapping[str, type]) -> dict[str, Any]:
@@ -272,7 +273,7 @@ def _from_toml(path: str, kinds: Mapping[str, type]) -> dict[str, Any]:
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        raise ServerConfigError(f"cannot read config file {path}: {exc}") from exc
     flat = dict(data)
     policy = flat.pop("policy", None)
     if isinstance(policy, dict):
@@ -288,13 +289,13 @@ def _from_toml(path: str, kinds: Mapping[str, type]) -> dict[str, Any]:
     for table_name in ("tls", "auth"):  # [tls] cert = ... is tls_cert, [auth] tokens_file ...
         table = flat.pop(table_name, None)
         if table is not None and not isinstance(table, dict):
-            raise ConfigError(f"{path}: [{table_name}] must be a table")
+            raise ServerConfigError(f"{path}: [{table_name}] must be a table")
         flat.update({f"{table_name}_{k}": v for k, v in (table or {}).items()})
     if "tls_insecure" in flat:  # [tls] insecure = true
         flat["insecure"] = flat.pop("tls_insecure")
     unknown = sorted(set(flat) - set(kinds))
     if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(kinds)}")
+        raise ServerConfigError(f"{path}: unknown setting(s) {unknown}; known: {sorted(kinds)}")
     return {k: _coerce(k, v, kinds[k], path) for k, v in flat.items()}
 
 
@@ -350,7 +351,7 @@ def load_config(argv: Sequence[str] | None = None,
         env: the environment (None: `os.environ`).
 
     Raises:
-        ConfigError: a value of the wrong type, an unknown TOML key, or a value
+        ServerConfigError: a value of the wrong type, an unknown TOML key, or a value
             the config refuses.
     """
     kinds = _field_types()

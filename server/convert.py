@@ -15,7 +15,6 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server.errors import InvalidArgumentError
-from gradmix.server.policies import PolicyConfig
 from gradmix.store import (
     AnchorInfo,
     CalibrationRecord,
@@ -36,13 +35,12 @@ from gradmix.vocabulary import (
     from_wire,
     to_wire,
 )
+from gradmix.vocabulary.policy_settings import ZERO_MEANS_DEFAULT, PolicyConfig
 
 PENDING = TaskState.PENDING
 ACTIVE = TaskState.ACTIVE
 FAILED = TaskState.FAILED
 
-_POLICY_FIELDS = ("regularization", "temperature", "floor", "subset_count",
-                  "subset_fraction", "prior_weight", "seed")
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -62,10 +60,10 @@ def policy_name(policy: int) -> str:
 
 
 def policy_enum(name: str) -> pb.Policy.ValueType:
-    return to_wire(Policy(name), pb.Policy)  # type: ignore[return-value]
+    return to_wire(Policy(name), pb.Policy)
 
 
-def estimate_mode(mode: int) -> str:
+def estimate_mode(mode: int) -> EstimateMode:
     try:
         return from_wire(EstimateMode, mode, pb.EstimateMode)
     except ValueError as exc:
@@ -94,9 +92,9 @@ def sketch_to_spec(sketch: pb.SketchSpec) -> SketchSpec:
 
 def spec_to_sketch(spec: SketchSpec) -> pb.SketchSpec:
     return pb.SketchSpec(dim=spec.dim, seed=spec.seed,
-                         value_kind=to_wire(ValueKind(spec.value_kind), pb.ValueKind),  # type: ignore[arg-type]
+                         value_kind=to_wire(ValueKind(spec.value_kind), pb.ValueKind),
                          projector=spec.projector, manifest_hash=spec.manifest_hash,
-                         dtype=to_wire(SketchDtype(spec.dtype), pb.SketchDtype))  # type: ignore[arg-type]
+                         dtype=to_wire(SketchDtype(spec.dtype), pb.SketchDtype))
 
 
 def requested_policy(settings: pb.PolicySettings) -> dict[str, Any]:
@@ -105,7 +103,7 @@ def requested_policy(settings: pb.PolicySettings) -> dict[str, Any]:
     name = policy_name(settings.policy)
     if name:
         requested["policy"] = name
-    for field in _POLICY_FIELDS:
+    for field in ZERO_MEANS_DEFAULT:
         value = getattr(settings, field)
         if value:
             requested[field] = value
@@ -142,7 +140,7 @@ def job_settings(policy: Mapping[str, Any], target: str) -> dict[str, Any]:
 def settings_to_pb(settings: Mapping[str, Any]) -> tuple[pb.PolicySettings, str]:
     policy = settings.get("policy", {})
     message = pb.PolicySettings(policy=policy_enum(policy.get("policy", WIRE_UNSPECIFIED[Policy])))
-    for field in (*_POLICY_FIELDS, "smoothing"):
+    for field in (*ZERO_MEANS_DEFAULT, "smoothing"):
         if field in policy:
             setattr(message, field, policy[field])
     return message, str(settings.get("target", ""))
@@ -178,7 +176,7 @@ def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
 
 
 def task_state(state: str) -> pb.TaskState.ValueType:
-    return to_wire(TaskState(state), pb.TaskState)  # type: ignore[return-value]
+    return to_wire(TaskState(state), pb.TaskState)
 
 
 def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:

@@ -304,7 +304,8 @@ class SubsetEstimator:
                 raise InvalidArgumentError("weights must be nonnegative")
             alpha = np.where(mask, given, 0.0)
         total = alpha.sum(axis=1, keepdims=True)
-        return np.divide(alpha, total, out=np.zeros_like(alpha), where=total > 0)
+        normalised: np.ndarray = np.divide(alpha, total, out=np.zeros_like(alpha), where=total > 0)
+        return normalised
 
     # --------------------------------------------------------------- helpers
     def _require_target(self) -> TaskStatistics:
@@ -331,9 +332,9 @@ class SubsetEstimator:
             )
         else:
             for task in self._changed:
-                stats = self._tasks[task]
-                assert stats.slot is not None
-                self._solver.refresh(stats.slot, stats.rows, stats.loss_gradient())
+                changed = self._tasks[task]
+                assert changed.slot is not None
+                self._solver.refresh(changed.slot, changed.rows, changed.loss_gradient())
         self._changed.clear()
         return self._solver
 
@@ -381,7 +382,9 @@ class SubsetEstimator:
             return float(coef @ softplus(-(values + grads @ w)) + 0.5 * lam * (w @ w))
 
         def gradient(w: np.ndarray) -> np.ndarray:
-            return -(coef * expit(-(values + grads @ w))) @ grads + lam * w
+            slope: np.ndarray = coef * expit(-(values + grads @ w))
+            step: np.ndarray = -slope @ grads + lam * w
+            return step
 
         initial = float(np.linalg.norm(gradient(np.zeros_like(w))))
         tolerance = EXACT_GRADIENT_TOLERANCE * max(1.0, initial)
@@ -418,7 +421,8 @@ def target_losses(target: TaskStatistics, w: np.ndarray) -> np.ndarray:
     """
     margins = target.grads(w.dtype) @ w.T
     margins += target.values().astype(w.dtype)[:, None]
-    return softplus(-margins).mean(axis=0, dtype=np.float64)
+    losses: np.ndarray = softplus(-margins).mean(axis=0, dtype=np.float64)
+    return losses
 
 
 def _backtrack(

@@ -34,7 +34,7 @@ from gradmix.server.queries import QueryPool
 from gradmix.store import (
     JobInfo,
     MixtureRecord,
-    NotFoundError,
+    RecordNotFoundError,
     SketchSpec,
     SketchStore,
     StoreUnavailableError,
@@ -254,7 +254,7 @@ class JobRegistry:
         """The job `name`, loaded from the store if this server has not seen it.
 
         Raises:
-            NotFoundError: (store) no such job, or it is archived; InvalidNameError:
+            RecordNotFoundError: (store) no such job, or it is archived; InvalidNameError:
                 a bad name.
         """
         runtime = self._jobs.get(name)
@@ -263,7 +263,7 @@ class JobRegistry:
         self.limits.check_name(name, "job")
         info = await asyncio.to_thread(self.store.get_job, name)
         if await asyncio.to_thread(self._archived, name):
-            raise NotFoundError(f"job {name!r} is archived: its data is kept in the store, "
+            raise RecordNotFoundError(f"job {name!r} is archived: its data is kept in the store, "
                                 "it is no longer served")
         return await self._attach(info)
 
@@ -309,7 +309,7 @@ class JobRegistry:
     def _find(self, name: str) -> JobInfo | None:
         try:
             return self.store.get_job(name)
-        except NotFoundError:
+        except RecordNotFoundError:
             return None
 
     async def _attach(self, info: JobInfo) -> JobRuntime:

@@ -63,7 +63,6 @@ from gradmix.server.errors import PreconditionError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.lifecycle import operated
 from gradmix.server.limits import Limits
-from gradmix.server.policies import PolicyConfig
 from gradmix.server.rows import row_problems
 from gradmix.server.sanity import implausible
 from gradmix.server.staleness import (
@@ -80,12 +79,13 @@ from gradmix.store import (
     CalibrationRecord,
     JobInfo,
     MixtureRecord,
-    NotFoundError,
     ReadCursor,
+    RecordNotFoundError,
     SketchStore,
     TaskInfo,
 )
 from gradmix.vocabulary import AnchorState
+from gradmix.vocabulary.policy_settings import PolicyConfig
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,7 @@ class JobState:
         Raises:
             PreconditionError: no complete anchor, the anchor is open, or it
                 has no target rows.
-            NotFoundError: (store) no such anchor.
+            RecordNotFoundError: (store) no such anchor.
         """
         anchors = self.store.list_anchors(self.name)
         name = anchor or current_anchor(anchors)
@@ -465,7 +465,7 @@ class JobState:
                 "target and tasks there, then complete it")
         info = next((a for a in anchors if a.name == name), None)
         if info is None:
-            raise NotFoundError(f"job {self.name!r} has no anchor {name!r}")
+            raise RecordNotFoundError(f"job {self.name!r} has no anchor {name!r}")
         if info.state != "complete":
             raise PreconditionError(
                 f"anchor {name!r} of job {self.name!r} is not complete: complete it first")

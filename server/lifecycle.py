@@ -234,7 +234,7 @@ class Lifecycle:
     def _mark_gone(self, job: str, keep: bool, reason: str, actor: str) -> JobEvent:
         """Record the event and mark the job archived, so no RPC loads it again meanwhile."""
         store = self._store
-        control = store.job_control(job)  # NotFoundError: no such job
+        control = store.job_control(job)  # RecordNotFoundError: no such job
         if keep and control.archived_at:
             raise PreconditionError(f"job {job!r} is already archived")
         event = store.append_event(job, actor=actor,
@@ -254,7 +254,7 @@ class Lifecycle:
 
     def _unarchive(self, job: str, reason: str, actor: str) -> JobEvent:
         store = self._store
-        control = store.job_control(job)  # NotFoundError: no such job
+        control = store.job_control(job)  # RecordNotFoundError: no such job
         if not control.archived_at:
             raise PreconditionError(f"job {job!r} is not archived")
         store.set_job_control(job, dataclasses.replace(control, archived_at=0.0))

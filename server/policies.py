@@ -38,17 +38,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import combinations
 from typing import ClassVar
 
 import gradmix.vocabulary as vocabulary
 import numpy as np
-from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.mixture import scores_to_mixture, standard_error
 from gradmix.server.simplex import optimize_simplex
 from gradmix.server.task_statistics import RowCache
+from gradmix.vocabulary.policy_settings import PolicyConfig
 
 #: Ridge penalty of the surrogate fit, relative to the mean diagonal of XᵀX
 #: (centred design): small enough not to bias a well-posed fit, large enough
@@ -56,101 +56,6 @@ from gradmix.server.task_statistics import RowCache
 SURROGATE_RIDGE = 1e-3
 #: Fewest subsets a bootstrap replicate of ``ensemble``/``surrogate`` draws.
 BOOTSTRAP_MIN_SUBSETS = 64
-
-# What a job's settings may be: inside these, every job can always be turned
-# into a mixture, however many tasks it grows to (bench/outcome.py and the
-# policy tests exercise the ends). λ's range is also where calibration keeps
-# the λ it derives (`gradmix.server.calibration.REGULARIZATION_MIN/MAX`).
-REGULARIZATION_RANGE = (1e-8, 1e8)
-TEMPERATURE_RANGE = (1e-3, 1e3)
-PRIOR_WEIGHT_MAX = 1e3
-SUBSET_COUNT_MAX = 20_000
-#: The floors of n tasks together take at most this share of the weight: the
-#: floor in force is min(ε, FLOOR_SHARE / n), so it scales down as tasks grow.
-FLOOR_SHARE = 0.5
-#: The largest ε a job may ask for: more could not hold even for two tasks.
-FLOOR_MAX = FLOOR_SHARE / 2
-
-
-@dataclass(frozen=True, kw_only=True)
-class PolicyConfig:
-    """How scores and the mixture are computed for a job.
-
-    Attributes:
-        policy: One of `POLICIES`.
-        regularization: λ of the estimator's ridge on w. In units of the
-            per-example Hessian σ(f)σ(-f)‖g‖²: λ = 1 keeps ‖w‖ moderate when
-            sketch rows have norm ≈ 1; calibrate against a few fine-tunes.
-        temperature: τ of `scores_to_mixture`, in standard errors of the
-            scores (their sampling noise, bootstrapped over the sketched
-            rows): beyond the tie margin (`TIE_MARGIN` standard errors of
-            the best), each standard error costs a task a factor e^(1/τ).
-        floor: Least weight of any task, ε ≤ `FLOOR_MAX`; with n tasks the
-            floor in force is `floor_for(n)` = min(ε, `FLOOR_SHARE`/n), so a
-            job's floor never rules out a mixture however many tasks it has.
-        subset_count: Subsets drawn by ``ensemble`` / ``surrogate`` (500:
-            each task is in ≈ 250 of them at q = 0.5, enough for stable means).
-        subset_fraction: q in (0, 1), subset size ⌈q·n⌉.
-        prior_weight: Weight of a registered task that has no sketch at the
-            current anchor yet, relative to the uniform share 1/n (the server
-            applies it).
-        seed: Seed of the subset draws (and of the bootstrap).
-        smoothing: β in [0, 1): a new anchor's mixture is (1-β)·new +
-            β·(the mixture in force before that anchor), so one anchor's
-            sampling noise cannot swing the mixture on its own.
-        bootstrap: Replicates of the bootstrap over sketched rows that gives
-            the scores' standard error (≥ 2).
-    """
-
-    policy: str = "ensemble"
-    regularization: float = 1.0
-    temperature: float = 0.5
-    floor: float = 0.001
-    subset_count: int = 500
-    subset_fraction: float = 0.5
-    prior_weight: float = 1.0
-    seed: int = 0
-    smoothing: float = 0.3
-    bootstrap: int = 8
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise InvalidArgumentError(
-                f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}"
-            )
-        # field: (in range, the range in words); NaN fails every comparison.
-        checks = {
-            "regularization": (_within(self.regularization, *REGULARIZATION_RANGE),
-                               f"in [{REGULARIZATION_RANGE[0]:g}, {REGULARIZATION_RANGE[1]:g}]"),
-            "temperature": (_within(self.temperature, *TEMPERATURE_RANGE),
-                            f"in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}]"),
-            "floor": (_within(self.floor, 0.0, FLOOR_MAX),
-                      f"in [0, {FLOOR_MAX:g}] (the floors of n tasks take at most "
-                      f"{FLOOR_SHARE:g} of the weight; ε scales down as tasks grow)"),
-            "subset_count": (isinstance(self.subset_count, int)
-                             and 1 <= self.subset_count <= SUBSET_COUNT_MAX,
-                             f"an integer in [1, {SUBSET_COUNT_MAX}]"),
-            "subset_fraction": (0 < self.subset_fraction < 1, "in (0, 1)"),
-            "prior_weight": (_within(self.prior_weight, 0.0, PRIOR_WEIGHT_MAX),
-                             f"in [0, {PRIOR_WEIGHT_MAX:g}]"),
-            "seed": (isinstance(self.seed, int) and 0 <= self.seed < 2**64,
-                     "an integer in [0, 2^64)"),
-            "smoothing": (0 <= self.smoothing < 1, "in [0, 1)"),
-            "bootstrap": (isinstance(self.bootstrap, int) and 2 <= self.bootstrap <= 1000,
-                          "an integer in [2, 1000]"),
-        }
-        for field, (ok, allowed) in checks.items():
-            if not ok:
-                raise InvalidArgumentError(
-                    f"invalid {field}: {getattr(self, field)!r}; must be {allowed}")
-
-    def floor_for(self, tasks: int) -> float:
-        """The floor in force for a mixture of `tasks` tasks: min(ε, FLOOR_SHARE / n)."""
-        return min(self.floor, FLOOR_SHARE / tasks) if tasks else self.floor
-
-
-def _within(value: float, low: float, high: float) -> bool:
-    return isinstance(value, int | float) and low <= value <= high
 
 
 class Policy(ABC):
@@ -389,7 +294,6 @@ __all__ = [
     "EnsemblePolicy",
     "GradientSimilarityPolicy",
     "Policy",
-    "PolicyConfig",
     "SimplexPolicy",
     "SurrogatePolicy",
     "UniformPolicy",

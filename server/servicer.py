@@ -33,8 +33,14 @@ from gradmix.server.paging import decode_token, encode_token, page
 from gradmix.server.publisher import MixturePublisher
 from gradmix.server.queries import QueryResult, estimate_subsets, select_tasks
 from gradmix.server.rows import SourceRef, decode_rows, source_ref
-from gradmix.store import AnchorInfo, JobInfo, SketchStore, TaskInfo, validate_name
-from gradmix.store import NotFoundError as StoreNotFoundError
+from gradmix.store import (
+    AnchorInfo,
+    JobInfo,
+    RecordNotFoundError,
+    SketchStore,
+    TaskInfo,
+    validate_name,
+)
 from grpc import aio
 
 
@@ -87,7 +93,7 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
                       self._limits.page_size(request.page_size))
         jobs = []
         for info in chosen.items:  # only this page's jobs are loaded
-            with contextlib.suppress(StoreNotFoundError):  # archived, or deleted meanwhile
+            with contextlib.suppress(RecordNotFoundError):  # archived, or deleted meanwhile
                 archived = await asyncio.to_thread(self._archived_at, info.name)
                 if not archived:
                     jobs.append(await self._job(await self._registry.get(info.name)))

@@ -49,7 +49,8 @@ ROW_CACHE_BYTES = 256 << 20
 
 def softplus(x: np.ndarray) -> np.ndarray:
     """log(1 + exp(x)), stable for any finite x."""
-    return np.logaddexp(0.0, x)
+    y: np.ndarray = np.logaddexp(0.0, x)
+    return y
 
 
 class HessianBank:
@@ -94,7 +95,8 @@ class HessianBank:
     def row(self, slot: int) -> np.ndarray:
         """Slot's packed sum, a float64 view (layout.size,)."""
         page, index = divmod(slot, PAGE)
-        return self._pages[page][index]
+        row: np.ndarray = self._pages[page][index]
+        return row
 
     def pages(self) -> list[np.ndarray]:
         """Views (≤ PAGE, layout.size) covering slots 0..size-1 in order."""
@@ -164,7 +166,8 @@ class TaskStatistics:
     def hessian(self) -> np.ndarray:
         """H = mean_i σ(f_i)σ(-f_i) g_i g_iᵀ, float64 (d, d), symmetric."""
         lower = np.tril(self._bank.layout.unpack(self.hessian_sum()))
-        return (lower + np.tril(lower, -1).T) / self.rows
+        symmetric: np.ndarray = (lower + np.tril(lower, -1).T) / self.rows
+        return symmetric
 
     def loss(self) -> float:
         """Mean loss at the anchor, mean_i softplus(-f_i)."""

@@ -32,6 +32,7 @@ from zarr.abc.store import Store
 from zarr.codecs import BytesCodec
 from zarr.codecs.bytes import Endian
 from zarr.errors import ContainsArrayError
+from zarr.types import AnyArray
 
 INITIAL_ROWS = 1 << 16
 """Rows a new array's metadata spans. Unwritten chunks cost nothing, and every
@@ -111,7 +112,7 @@ class RowColumn:
 
 def _open_or_create(
     store: Store, path: str, row_shape: tuple[int, ...], dtype: str, chunk_rows: int
-) -> zarr.Array:
+) -> AnyArray:
     try:
         array = zarr.create_array(
             store, name=path, shape=(INITIAL_ROWS, *row_shape), chunks=(chunk_rows, *row_shape),
@@ -125,7 +126,7 @@ def _open_or_create(
     return array
 
 
-def is_plain(array: zarr.Array, row_shape: tuple[int, ...]) -> bool:
+def is_plain(array: AnyArray, row_shape: tuple[int, ...]) -> bool:
     """True if chunks are whole rows, stored uncompressed and little-endian."""
     codecs: tuple[object, ...] = tuple(getattr(array.metadata, "codecs", ()))
     return (
@@ -137,7 +138,7 @@ def is_plain(array: zarr.Array, row_shape: tuple[int, ...]) -> bool:
     )
 
 
-def read_range(backend: StoreBackend, array: zarr.Array, start: int, stop: int) -> np.ndarray:
+def read_range(backend: StoreBackend, array: AnyArray, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` of a plain row array, read from its chunks directly.
 
     Only for rows below a writer's committed count: their chunks exist in full.

@@ -63,7 +63,7 @@ class SpecMismatchError(StoreError):
         )
 
 
-class NotFoundError(StoreError, KeyError):
+class RecordNotFoundError(StoreError, KeyError):
     """A job, task, anchor or record does not exist."""
 
     code_name = "NOT_FOUND"

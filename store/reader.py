@@ -17,6 +17,7 @@ from gradmix.store.columns import is_plain, read_range
 from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import StoreError
 from gradmix.store.records import ReadCursor, Rows
+from zarr.types import AnyArray
 
 
 class ArrayCache:
@@ -24,9 +25,9 @@ class ArrayCache:
 
     def __init__(self, backend: StoreBackend) -> None:
         self._backend = backend
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, AnyArray] = {}
 
-    def get(self, path: str) -> zarr.Array:
+    def get(self, path: str) -> AnyArray:
         """The array at ``path`` (its chunk layout does not change, so it is opened once)."""
         array = self._arrays.get(path)
         if array is None:
@@ -146,9 +147,11 @@ def _first_unseen(ids: np.ndarray, seen: np.ndarray) -> np.ndarray | None:
     fresh = ~contains(seen, ids)
     if fresh.all() and np.unique(ids).shape[0] == ids.shape[0]:
         return None
+    first: np.ndarray
     _, first = np.unique(ids, return_index=True)
     first.sort()
-    return first[fresh[first]]
+    unseen: np.ndarray = first[fresh[first]]
+    return unseen
 
 
 def contains(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

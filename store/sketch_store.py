@@ -22,7 +22,7 @@ from gradmix.store.backend import StoreBackend, open_backend
 from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import (
     InvalidSpecError,
-    NotFoundError,
+    RecordNotFoundError,
     SpecMismatchError,
     StoreStateError,
 )
@@ -128,12 +128,12 @@ class SketchStore:
         return info
 
     def get_job(self, job: str) -> JobInfo:
-        """The job's record. Raises NotFoundError."""
+        """The job's record. Raises RecordNotFoundError."""
         validate_name(job, "job")
         if job not in self._jobs:
             attrs = self._docs.read(layout.job_dir(job))
             if attrs is None:
-                raise NotFoundError(f"job {job!r} not found")
+                raise RecordNotFoundError(f"job {job!r} not found")
             self._jobs[job] = _job_info(job, attrs)
         return self._jobs[job]
 
@@ -168,7 +168,7 @@ class SketchStore:
         validate_name(task, "task")
         attrs = self._docs.read(layout.task_dir(job, task))
         if attrs is None:
-            raise NotFoundError(f"task {task!r} is not registered with job {job!r}")
+            raise RecordNotFoundError(f"task {task!r} is not registered with job {job!r}")
         self._docs.write(layout.task_dir(job, task), {**attrs, "failure": str(reason)})
         return _task_info(task, {**attrs, "failure": str(reason)})
 
@@ -187,7 +187,7 @@ class SketchStore:
             return
         validate_name(task, "task")
         if self._docs.read(layout.task_dir(job, task)) is None:
-            raise NotFoundError(f"task {task!r} is not registered in job {job!r}")
+            raise RecordNotFoundError(f"task {task!r} is not registered in job {job!r}")
 
     # --- anchors --------------------------------------------------------------
 
@@ -230,7 +230,7 @@ class SketchStore:
         return info
 
     def complete_anchor(self, job: str, anchor: str) -> AnchorInfo:
-        """Mark an anchor complete; idempotent. Raises NotFoundError."""
+        """Mark an anchor complete; idempotent. Raises RecordNotFoundError."""
         info = self._anchor(job, anchor)
         if info.state == "complete":
             return info
@@ -261,7 +261,7 @@ class SketchStore:
         validate_name(anchor, "anchor")
         attrs = self._docs.read(layout.anchor_dir(job, anchor))
         if attrs is None:
-            raise NotFoundError(f"anchor {anchor!r} is not declared in job {job!r}")
+            raise RecordNotFoundError(f"anchor {anchor!r} is not declared in job {job!r}")
         return _anchor_info(anchor, attrs)
 
     # --- rows -----------------------------------------------------------------
@@ -272,7 +272,7 @@ class SketchStore:
         One writer id must be used by one process at a time (it owns its arrays).
         Within a process the same live writer is returned for the same id (while
         anyone holds it), so concurrent appends through it are serialised.
-        Raises NotFoundError if the job, anchor or task is unknown.
+        Raises RecordNotFoundError if the job, anchor or task is unknown.
         """
         spec = self.get_job(job).spec
         self._anchor(job, anchor)
@@ -408,7 +408,7 @@ class SketchStore:
         retire it (`retired` True) or activate it again (False; None: unchanged).
 
         Raises:
-            NotFoundError: no such job or task.
+            RecordNotFoundError: no such job or task.
             InvalidSpecError: metadata that is not strings.
         """
         self.get_job(job)
@@ -472,7 +472,7 @@ class SketchStore:
     def delete_job(self, job: str) -> None:
         """Remove the job and everything stored under it (rows, history, events).
 
-        Raises NotFoundError. Writers of the job must have stopped: rows appended
+        Raises RecordNotFoundError. Writers of the job must have stopped: rows appended
         while it is deleted may be left behind, unreachable (no job lists them).
         """
         self.get_job(job)

@@ -28,37 +28,28 @@ anchor is complete.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
-from gradmix.client import (
-    Horizon,
-    PolicySettings,
-    SelectionClient,
-    SketchSpec,
-    SketchWriter,
-    Task,
-)
-from gradmix.client.errors import AlreadyExists, GradmixError, InvalidArgument
+from gradmix.client import Horizon, SketchWriter
+from gradmix.client.errors import GradmixError, InvalidArgument
 from gradmix.store import SketchStore, StoreError
 from gradmix.trainer.config import SketchingConfig, TrainConfig
-from gradmix.trainer.data import TaskPool, is_data_file, is_url
+from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describe, is_transient
-from gradmix.trainer.projectors import Projector
-from gradmix.trainer.runlog import RunLog
-from gradmix.trainer.setup import join_job
+from gradmix.trainer.job_setup import JobSetup
 from gradmix.trainer.sharded import lockstep_batches, sharded
 from gradmix.trainer.sketch import sketch_examples
+from gradmix.trainer.task_files import TaskFiles
+from gradmix.trainer.train_state import AnchorState, TrainState
 from gradmix.trainer.values import untrained_loss
 from gradmix.vocabulary import TARGET
 from torch import nn
@@ -75,73 +66,49 @@ def new_run() -> str:
     return f"run-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
 
 
-@dataclass
-class AnchorState:
-    """The current anchor as every rank knows it (saved with checkpoints)."""
-
-    name: str = ""
-    step: int = -1
-    complete: bool = False
-    sketched: list[str] = field(default_factory=list)
-    """Sources with rows from every rank at this anchor (TARGET_KEY for the target)."""
-    unusable: list[str] = field(default_factory=list)
-    """Tasks whose data could not be read at this anchor (not retried until the next)."""
-    run: str = ""
-    """This training run (kept across resumes): every anchor it declares carries it, so a
-    second run of the job on the same store never reuses this run's anchors."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return asdict(self)
-
-
 class AnchorProtocol:
-    """Runs sketch points. Every rank constructs one; `client` and `store` on each.
+    """Runs sketch points. Every rank constructs one, complete, before the first.
 
     Args:
-        config: the job configuration.
+        job: the job (its config, projector, server client and this rank's run log);
+            rank 0 sets it up again at a sketch point if the server was away before.
         dist: the process group.
         module: the model being trained (DeepSpeed: `engine.module`).
-        projector: the job's projector.
         pool: task data.
-        client: the server client (each rank commits its own rows).
         store: the sketch store (each rank writes its own rows); None: rows go to the
             server over gRPC (upload mode).
-        log: this rank's run log.
         files: rank 0's task file directory.
-        reachable: rank 0's view of whether the server is reachable.
+        state: this rank's run state; the protocol keeps its `anchor`.
+        reachable: rank 0's view of whether the server is reachable (None: not known).
         learning_rate: the optimizer's current learning rate (None, or a callable
             returning None or 0: the configured one), for anchor horizons.
     """
 
     def __init__(
         self,
-        config: TrainConfig,
+        job: JobSetup,
         dist: Dist,
         module: nn.Module,
-        projector: Projector,
         pool: TaskPool,
-        client: SelectionClient,
         store: SketchStore | None,
-        log: RunLog,
         files: TaskFiles,
-        reachable: Callable[[], bool],
+        state: TrainState,
+        reachable: Callable[[], bool | None],
         learning_rate: Callable[[], float | None] | None = None,
     ) -> None:
-        self.files, self.reachable = files, reachable
+        self.job, self.files, self.reachable = job, files, reachable
         self.learning_rate = learning_rate
-        self.config, self.cfg = config, config.sketching
-        self.dist, self.module, self.projector, self.pool = dist, module, projector, pool
-        self.client, self.store, self.log = client, store, log
-        self.state = AnchorState()
-        self.job_ready = False
+        self.config, self.cfg = job.config, job.config.sketching
+        self.dist, self.module, self.projector, self.pool = dist, module, job.projector, pool
+        self.client, self.store, self.log = job.client, store, job.log
+        self._run = state
         self._reference: dict[str, torch.Tensor] = {}
         # what the end-of-run summary reports (see trainer.summary)
         self.refused = ""
         """The server's last refusal of a sketch point (same on every rank; "" if none)."""
         self.completed: list[tuple[str, int]] = []
         self.sketched_ever: set[str] = set()
-        self.known_tasks: set[str] = set(config.data.tasks)
+        self.known_tasks: set[str] = set(self.config.data.tasks)
         self.problems: dict[str, str] = {}
         """Why a source is not sketched (latest reason; cleared when it is)."""
         self.sketch_seconds = 0.0
@@ -149,6 +116,15 @@ class AnchorProtocol:
         self._quiet_until = 0.0
         self.reported_failed: set[str] = set()
         self._complete_refused = ""
+
+    @property
+    def state(self) -> AnchorState:
+        """The current anchor (kept in the run state, so checkpoints hold it)."""
+        return self._run.anchor
+
+    @state.setter
+    def state(self, value: AnchorState) -> None:
+        self._run.anchor = value
 
     # ------------------------------------------------------------ schedule
 
@@ -212,7 +188,7 @@ class AnchorProtocol:
             return None  # do not stall training on calls bound to fail
         started = time.monotonic()
         try:
-            self._ensure_job()
+            self.job.ensure()
             tasks = self.client.list_tasks(self.config.job)
             if self._needs_new_anchor(step):
                 run = self.state.run or new_run()
@@ -455,70 +431,6 @@ class AnchorProtocol:
         self.log.event("anchor_complete", f"anchor {anchor} complete", anchor=anchor)
         return True
 
-    # ------------------------------------------------------------ the job
-
-    def setup_job(self) -> None:
-        """Collective: rank 0 creates the job (or finds it) and registers the configured
-        tasks. A server that is away is retried at the next sketch point; a job that
-        exists with another sketch spec is fatal on every rank.
-
-        Raises:
-            TrainerError: the job exists with another spec (sketches must never mix).
-        """
-        problem = ""
-        if self.dist.is_main:
-            try:
-                self._ensure_job()
-            except AlreadyExists as error:
-                problem = f"job {self.config.job!r} exists with another spec: {describe(error)}"
-            except ConfigError as error:  # missing, and this token may not create it
-                problem = str(error)
-            except GradmixError as error:
-                if not is_transient(error):
-                    problem = f"the server refused job {self.config.job!r}: {describe(error)}"
-                else:
-                    self.log.event(
-                        "server",
-                        f"cannot set up the job yet ({describe(error)}); retrying at the next "
-                        "sketch point, training on a uniform mixture meanwhile",
-                        level=logging.WARNING,
-                        error=describe(error),
-                    )
-        problem = self.dist.broadcast(problem)
-        if problem:
-            raise ConfigError(problem)
-
-    def _ensure_job(self) -> None:
-        """Rank 0: create the job and register the configured tasks (once)."""
-        if self.job_ready:
-            return
-        manifest = self.projector.manifest
-        sketch = SketchSpec(
-            dim=self.cfg.dim,
-            seed=self.cfg.seed,
-            projector=manifest.projector,
-            manifest_hash=manifest.hash(),
-            dtype=self.cfg.dtype,
-            value_kind=self.cfg.value_kind,
-        )
-        policy = PolicySettings(**self.config.policy) if self.config.policy else None
-        how = join_job(
-            self.client, self.config.job, sketch=sketch, policy=policy,
-            target=self.config.data.target,
-        )
-        for task, path in self.config.data.tasks.items():
-            try:
-                self.client.register_task(self.config.job, task, {"path": path})
-            except AlreadyExists:  # registered by someone else, with other metadata
-                self.log.event("task_registered_elsewhere", task=task)
-        self.job_ready = True
-        self.log.event(
-            "job",
-            f"job {self.config.job} ready ({how}; manifest {manifest.hash()})",
-            manifest_hash=manifest.hash(),
-            manifest=manifest.to_json(),
-        )
-
 
 def optimizer_name(kind: str) -> str:
     """The horizon's optimizer name for a DeepSpeed/torch optimizer type: "adamw", "adam"
@@ -571,38 +483,3 @@ def anchor_horizon(
         optimizer=optimizer,
         parameters=parameters,
     )
-
-
-class TaskFiles:
-    """Rank 0's directory of task data files: configured, a registration's metadata
-    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins). Each may be a
-    local path or an fsspec URL (s3://bucket/task.jsonl, ...).
-
-    Args:
-        config: the job configuration.
-        client: the server client (to look up tasks registered since the last listing).
-    """
-
-    def __init__(self, config: TrainConfig, client: SelectionClient) -> None:
-        self.config, self.client = config, client
-        self._metadata: dict[str, dict[str, str]] = {}
-
-    def remember(self, tasks: list[Task]) -> None:
-        """Keep the registration metadata of listed tasks."""
-        self._metadata.update({t.name: dict(t.metadata) for t in tasks})
-
-    def path(self, task: str) -> str | None:
-        """The task's data file, or None if none can be found."""
-        if task not in self._metadata and task not in self.config.data.tasks:
-            with contextlib.suppress(GradmixError):  # unreachable: use what is known
-                self.remember(self.client.list_tasks(self.config.job))
-        candidates = [
-            self.config.data.tasks.get(task, ""),
-            self._metadata.get(task, {}).get("path", ""),
-        ]
-        if task_dir := self.config.data.task_dir:
-            candidates.append(
-                f"{task_dir.rstrip('/')}/{task}.jsonl" if is_url(task_dir)
-                else str(Path(task_dir) / f"{task}.jsonl")
-            )
-        return next((c for c in candidates if c and is_data_file(c)), None)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed
 from gradmix.client import PolicySettings, SelectionClient, SketchSpec
 from gradmix.store import SketchStore
-from gradmix.trainer.anchors import AnchorProtocol, AnchorState, TaskFiles
+from gradmix.trainer.anchors import AnchorProtocol
 from gradmix.trainer.config import (
     DataConfig,
     ModelConfig,
@@ -49,10 +49,13 @@ from gradmix.trainer.config import (
 from gradmix.trainer.data import TaskPool, TokenizedExample, Tokenizer, tokenize
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import TrainerError
+from gradmix.trainer.job_setup import JobSetup
 from gradmix.trainer.projectors import Projector, build_projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.sharded import sharded, sketching_problem
 from gradmix.trainer.sketch import sketch_examples
+from gradmix.trainer.task_files import TaskFiles
+from gradmix.trainer.train_state import AnchorState, TrainState
 from torch import nn
 
 __all__ = [
@@ -299,7 +302,7 @@ class Sketcher:
         seed: int = 0,
         policy: Mapping[str, Any] | None = None,
         dist: Dist | None = None,
-        reachable: Callable[[], bool] | None = None,
+        reachable: Callable[[], bool | None] | None = None,
     ) -> None:
         given = dict(tasks or {})
         self.config = TrainConfig(
@@ -338,16 +341,15 @@ class Sketcher:
         memory = {t for t, s in given.items() if _in_memory(s)}
         self.client = SelectionClient(server)
         self.log = RunLog(output_dir, self.dist.rank)
+        self.job = JobSetup(self.config, self.projector, self.client, self.log)
         self.protocol = AnchorProtocol(
-            self.config,
+            self.job,
             self.dist,
             model,
-            self.projector,
             self.pool,
-            self.client,
             SketchStore.open(str(store)),
-            self.log,
             _Files(self.config, self.client, memory),
+            TrainState(),
             reachable=reachable or (lambda: True),
             learning_rate=current_lr,
         )
@@ -369,7 +371,7 @@ class Sketcher:
         Raises:
             TrainerError: the job exists with another sketch spec.
         """
-        self.protocol.setup_job()
+        self.job.setup(self.dist)
 
     def due(self, step: int) -> bool:
         """Whether `step` is a sketch point of the schedule."""

@@ -1,10 +1,9 @@
 """Checkpoint and resume: the DeepSpeed checkpoint plus the run's own state.
 
-Next to the model and optimizer, `client_state["gradmix"]` holds what makes a
-resumed run continue the same draws and stay auditable: the next step, every
-rank's sampler state (gathered to rank 0, which writes the client state), the
-mixture history (version, step it took effect), the mixture version in force
-and the anchor.
+Next to the model and optimizer, `client_state["gradmix"]` holds the run's
+`gradmix.trainer.train_state.TrainState` (what makes a resumed run continue
+the same draws and stay auditable) and the next step; `TrainState.save` and
+`TrainState.resume` are the callers.
 """
 
 from __future__ import annotations

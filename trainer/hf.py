@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from gradmix.client import Mixture
-from gradmix.trainer.anchors import AnchorState
 from gradmix.trainer.api import Sketcher, Source, process_group
 from gradmix.trainer.config import SketchingConfig
 from gradmix.trainer.errors import TrainerError
-from gradmix.trainer.follow import MixtureSync, ServerWatch
 from gradmix.trainer.hf_data import as_examples
 from gradmix.trainer.mixture_stream import MixtureStream
+from gradmix.trainer.mixture_sync import MixtureSync, ServerWatch
+from gradmix.trainer.train_state import AnchorState, TrainState
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -118,7 +118,7 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
     def history(self) -> list[dict[str, Any]]:
         """Every mixture scheduled: version, the optimizer step it takes effect at,
         anchor and weights."""
-        return self.sync.history if self.sync is not None else self._restored
+        return self.sync.state.history if self.sync is not None else self._restored
 
     @property
     def watch(self) -> ServerWatch | None:
@@ -144,8 +144,9 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         stream_state["draw"] = state.global_step * self._per_step if args.ignore_data_skip else 0
         self.stream.load_state_dict(stream_state)
         assert self.sketcher is not None and self.sync is not None
-        self.sync.history = list(saved["history"])
-        self.sync.applied_version = max((h["version"] for h in self.sync.history), default=0)
+        history = list(saved["history"])
+        self.sync.state.history = history
+        self.sync.state.applied_version = max((h["version"] for h in history), default=0)
         self.sketcher.state = AnchorState(**saved["anchor"])
 
     # ------------------------------------------------------------ Trainer events
@@ -180,7 +181,7 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         )
         self.sync = MixtureSync(
             dist,
-            _StreamSchedule(self.stream, self._per_step),
+            TrainState(sampler=_StreamSchedule(self.stream, self._per_step)),
             self.sketcher.log,
             None,
             None,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from gradmix.client import SelectionClient
+from gradmix.client.client import DEFAULT_TIMEOUT
 from gradmix.client.errors import AlreadyExists, NotFound, PermissionDenied
 from gradmix.client.types import Job, PolicySettings, SketchSpec
 from gradmix.trainer.config import ModelConfig, TokenizerConfig, TrainConfig
@@ -130,7 +131,7 @@ def build_client(config: TrainConfig, env: Mapping[str, str] | None = None,
     token = token_bytes.decode().strip() if token_bytes else env.get("GRADMIX_TOKEN") or None
     return SelectionClient(
         config.server,
-        **({} if timeout is None else {"timeout": timeout}),
+        timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
         tls=config.tls,
         root_certificates=read("ca_cert"),
         certificate_chain=read("client_cert"),

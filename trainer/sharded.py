@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the config check below runs without importing torch
+    import torch
     from gradmix.trainer.config import SketchingConfig
     from torch import nn
 
@@ -82,7 +83,7 @@ def sharded(module: nn.Module) -> bool:
     return any(is_sharded(p) for p in module.parameters())
 
 
-def full_shape(param: nn.Parameter) -> tuple[int, ...]:
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """A parameter's real shape (a ZeRO-3 parameter's `.shape` is its placeholder's)."""
     return tuple(getattr(param, "ds_shape", param.shape))
 

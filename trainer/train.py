@@ -5,29 +5,29 @@ for each step (1) apply the newest mixture on every rank at this step
 boundary, (2) run a sketch point if one is due, (3) draw this step's task
 and train on a batch of it, (4) report and checkpoint. Sketching, store
 writes and mixture following are calls out of the loop (anchors.py,
-follow.py), not woven through it.
+mixture_sync.py), not woven through it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from gradmix.client import MixtureSampler
 from gradmix.store import SketchStore
-from gradmix.trainer import checkpoint
-from gradmix.trainer.anchors import AnchorProtocol, AnchorState, TaskFiles
+from gradmix.trainer.anchors import AnchorProtocol
 from gradmix.trainer.config import TrainConfig
 from gradmix.trainer.console import Progress
 from gradmix.trainer.data import TaskPool, collate
 from gradmix.trainer.distributed import Dist, cap_cpu_threads, init_distributed, shutdown
-from gradmix.trainer.errors import DataError, ServerRefused, TrainerError
-from gradmix.trainer.follow import MixtureSync, ServerWatch
+from gradmix.trainer.errors import ServerRefused
+from gradmix.trainer.job_setup import JobSetup
 from gradmix.trainer.metrics import serve_metrics
+from gradmix.trainer.mixture_sync import MixtureSync, ServerWatch
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.setup import (
@@ -40,6 +40,8 @@ from gradmix.trainer.setup import (
 from gradmix.trainer.sharded import sharded
 from gradmix.trainer.sketch import eval_mode
 from gradmix.trainer.summary import build_summary
+from gradmix.trainer.task_files import TaskFiles
+from gradmix.trainer.train_state import TrainState
 from gradmix.trainer.values import completion_loss
 
 
@@ -86,35 +88,42 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
         if dist.is_main and config.metrics_port else None
     client = build_client(config)
     store = None if config.upload else SketchStore.open(config.store)  # upload: rows over gRPC
-    files = TaskFiles(config, client)
-    sampler = MixtureSampler(config.training.seed, rank=dist.rank, world_size=dist.world_size)
-    sync = MixtureSync(dist, sampler, log, None, pool, _readable_file(files, pool))
-    anchors = AnchorProtocol(
-        config,
-        dist,
-        model,
-        projector,
-        pool,
-        client,
-        store,
-        log,
-        files,
-        reachable=lambda: sync.reachable,
-    )
-    anchors.setup_job()
+    job = JobSetup(config, projector, client, log)
+    job.setup(dist)
     engine = build_engine(config, model)
-    anchors.module = engine.module
-    anchors.learning_rate = lambda: _current_lr(engine)
 
     # ---- resume, or start from the server's first mixture
-    start = _resume(config, dist, engine, sampler, sync, anchors, log)
-    if dist.is_main:
-        sync.watch = ServerWatch(client, config.job, after_version=sync.applied_version).start()
+    sampler = MixtureSampler(config.training.seed, rank=dist.rank, world_size=dist.world_size)
+    state = TrainState(sampler=sampler)
+    if state.resume(engine, config.output_dir, dist):
+        log.event(
+            "resume",
+            f"resumed at step {state.step} with mixture version {state.applied_version}",
+            step=state.step,
+            anchor=state.anchor.name,
+        )
+    start = state.step
+    watch = ServerWatch(client, config.job, after_version=state.applied_version).start() \
+        if dist.is_main else None
+    files = TaskFiles(config, client)
+    sync = MixtureSync(dist, state, log, watch, pool, partial(files.readable, pool=pool),
+                       hold=config.training.reproducible)
+    anchors = AnchorProtocol(
+        job,
+        dist,
+        engine.module,
+        pool,
+        store,
+        files,
+        state,
+        reachable=lambda: sync.reachable,
+        learning_rate=lambda: _current_lr(engine),
+    )
     waited = time.monotonic()
     if start == 0:
-        _first_mixture(config, dist, sync, anchors)
+        wait = config.training.wait_for_mixture if job.ready else 0.0
+        sync.first(wait, config.data.tasks)
     waited = time.monotonic() - waited
-    sync.hold = config.training.reproducible
 
     # ---- the loop
     steps, eval_every = config.training.steps, config.training.eval_every
@@ -146,24 +155,24 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
 
             log.event("step", step=step, task=task, loss=loss.item(), version=version)
             mean_loss = dist.all_mean(loss.item())
-            done = step + 1
+            done = state.step = step + 1
             if eval_every and (done % eval_every == 0 or done == steps):
                 target_loss = _evaluate(dist, engine.module, pool, config, log, steps_done=done)
             progress.update(_status(sync), _details(mean_loss, target_loss, version, anchors))
             if config.training.checkpoint_every and done % config.training.checkpoint_every == 0:
-                _save(config, dist, engine, done, sampler, sync, anchors, log)
+                _save(config, dist, engine, state, log)
 
     # ---- finish: a final checkpoint, the summary, then leave cleanly
     every = config.training.checkpoint_every
     if start < done and not (every and done % every == 0):
-        _save(config, dist, engine, done, sampler, sync, anchors, log)
-    if sync.watch is not None:
-        sync.watch.close()
+        _save(config, dist, engine, state, log)
+    if watch is not None:
+        watch.close()
     client.close()
     if dist.is_main:
         summary = build_summary(
             steps=done,
-            history=sync.history,
+            history=state.history,
             anchors=anchors,
             configured_tasks=list(config.data.tasks),
             first_wait_seconds=waited,
@@ -216,81 +225,10 @@ def _current_lr(engine: Any) -> float | None:
     return float(rates[0]) if rates else None
 
 
-def _readable_file(files: TaskFiles, pool: TaskPool) -> Callable[[str], str | None]:
-    """Rank 0's test for a mixture's task: its file, if found and readable (loaded now)."""
-
-    def locate(task: str) -> str | None:
-        path = files.path(task)
-        if path is None:
-            return None
-        pool.add(task, path)
-        try:
-            pool.examples(task)
-        except DataError:
-            return None
-        return path
-
-    return locate
-
-
-def _first_mixture(
-    config: TrainConfig, dist: Dist, sync: MixtureSync, anchors: AnchorProtocol
-) -> None:
-    """Rank 0 waits briefly for the job's first mixture; every rank then starts from
-    it, or from a uniform mixture over the configured tasks."""
-    if dist.is_main and sync.watch is not None and anchors.job_ready:
-        sync.watch.wait_first(config.training.wait_for_mixture)
-    sync.boundary(0)
-    if sync.applied_version == 0:
-        if not config.data.tasks:
-            raise TrainerError("no mixture from the server and no [data].tasks to start from")
-        sync.apply({t: 1.0 for t in config.data.tasks}, step=0)
-
-
-def _resume(
-    config: TrainConfig,
-    dist: Dist,
-    engine: Any,
-    sampler: MixtureSampler,
-    sync: MixtureSync,
-    anchors: AnchorProtocol,
-    log: RunLog,
-) -> int:
-    """Load the latest checkpoint if there is one; returns the next step."""
-    if not checkpoint.has_checkpoint(config.output_dir):
-        return 0
-    state = checkpoint.load(engine, config.output_dir, dist.world_size)
-    sampler.load_state_dict(state["samplers"][dist.rank])
-    sync.history = list(state["history"])
-    sync.applied_version = int(state["applied_version"])
-    anchors.state = AnchorState(**state["anchor"])
-    log.event(
-        "resume",
-        f"resumed at step {state['step']} with mixture version {sync.applied_version}",
-        step=state["step"],
-        anchor=anchors.state.name,
-    )
-    return int(state["step"])
-
-
-def _save(
-    config: TrainConfig,
-    dist: Dist,
-    engine: Any,
-    step: int,
-    sampler: MixtureSampler,
-    sync: MixtureSync,
-    anchors: AnchorProtocol,
-    log: RunLog,
-) -> None:
-    state = {
-        "samplers": dist.all_gather(sampler.state_dict()),
-        "history": sync.history,
-        "applied_version": sync.applied_version,
-        "anchor": anchors.state.to_dict(),
-    }
-    tag = checkpoint.save(engine, config.output_dir, step, state)
-    log.event("checkpoint", f"checkpoint {tag}", step=step, tag=tag)
+def _save(config: TrainConfig, dist: Dist, engine: Any, state: TrainState, log: RunLog) -> None:
+    """Collective: checkpoint the engine and the run state, at `state.step`."""
+    tag = state.save(engine, config.output_dir, dist)
+    log.event("checkpoint", f"checkpoint {tag}", step=state.step, tag=tag)
 
 
 def _evaluate(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 
 class Policy(StrEnum):
@@ -133,14 +133,20 @@ WIRE_UNSPECIFIED: dict[type[StrEnum], str] = {
 """What a request field left unspecified (0, or "" for the projector) means."""
 
 E = TypeVar("E", bound=StrEnum)
+W = TypeVar("W", bound=int)
+"""A proto enum's number type (`pb.Policy.ValueType`, a NewType of int)."""
 
 
-class ProtoEnum(Protocol):
-    """The part of a generated protobuf enum wrapper this module uses."""
+class ProtoEnum(Protocol[W]):
+    """The part of a generated protobuf enum wrapper this module uses.
 
-    def Name(self, number: int) -> str: ...
+    Generic in the number type, so `to_wire(..., pb.Policy)` is typed
+    `pb.Policy.ValueType`, which is what the message constructors take.
+    """
 
-    def Value(self, name: str) -> int: ...
+    def Name(self, number: W) -> str: ...
+
+    def Value(self, name: str) -> W: ...
 
 
 def choices(enum: type[StrEnum]) -> tuple[str, ...]:
@@ -164,12 +170,12 @@ def wire_prefix(enum: type[StrEnum]) -> str:
     return _snake(enum.__name__).upper() + "_"
 
 
-def to_wire(member: StrEnum, proto: ProtoEnum) -> int:
+def to_wire(member: StrEnum, proto: ProtoEnum[W]) -> W:
     """The proto enum number of `member` (`Policy.SIMPLEX` -> `POLICY_SIMPLEX`)."""
-    return int(proto.Value(wire_prefix(type(member)) + member.name))
+    return proto.Value(wire_prefix(type(member)) + member.name)
 
 
-def from_wire(enum: type[E], number: int, proto: ProtoEnum) -> E:
+def from_wire(enum: type[E], number: int, proto: ProtoEnum[W]) -> E:
     """The member a proto enum number stands for; 0 means `WIRE_UNSPECIFIED[enum]`.
 
     Raises:
@@ -181,7 +187,8 @@ def from_wire(enum: type[E], number: int, proto: ProtoEnum) -> E:
             raise ValueError(f"{_snake(enum.__name__).replace('_', ' ')} is unspecified")
         return enum(WIRE_UNSPECIFIED[enum])
     try:
-        return enum[proto.Name(number).removeprefix(wire_prefix(enum))]
+        name = proto.Name(cast(W, number))  # W is a NewType of int
+        return enum[name.removeprefix(wire_prefix(enum))]
     except (ValueError, KeyError):
         raise ValueError(f"unknown {enum.__name__} number {number}") from None
 

@@ -49,7 +49,7 @@ from gradmix.server.auth import (
     new_token_line,
     parse_tokens,
 )
-from gradmix.server.config import ConfigError, ServerConfig
+from gradmix.server.config import ServerConfig, ServerConfigError
 from gradmix.server.rows import encode_rows
 from gradmix.store import SketchStore
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -498,9 +498,9 @@ def test_the_cli_takes_tls_and_a_token_file(secured: Secured, tmp_path: Path,
 
 def test_plaintext_only_when_asked_and_tls_only_with_tokens(tmp_path: Path, certs: Any) -> None:
     store = str(tmp_path / "store")
-    with pytest.raises(ConfigError, match="--insecure"):
+    with pytest.raises(ServerConfigError, match="--insecure"):
         ServerConfig(store=store)
-    with pytest.raises(ConfigError, match="tokens"):
+    with pytest.raises(ServerConfigError, match="tokens"):
         ServerConfig(store=store, tls_cert=str(certs.server_cert), tls_key=str(certs.server_key))
     line = new_token_line("reader", "*", "ops")[1]
     missing = ServerConfig(store=store, tls_cert=str(tmp_path / "missing.pem"),

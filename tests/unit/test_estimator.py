@@ -333,7 +333,8 @@ def test_subsets_without_a_changed_task_reuse_their_solution():
 
 
 def test_rows_read_back_give_the_same_exact_estimates_and_bootstrap_as_rows_kept():
-    from gradmix.server.policies import PolicyConfig, bootstrap_scores
+    from gradmix.server.policies import bootstrap_scores
+    from gradmix.vocabulary.policy_settings import PolicyConfig
 
     kept, target, tasks = build(5, n_tasks=4)
     reads: list[str] = []

@@ -8,8 +8,8 @@ import pytest
 from gradmix.demo.planted import planted_tasks
 from gradmix.server.compose import compose_mixture, mixture_changed
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.policies import PolicyConfig
 from gradmix.store import MixtureRecord
+from gradmix.vocabulary.policy_settings import PolicyConfig
 
 
 def estimator_with(tasks: list[str], *, target: bool = True) -> SubsetEstimator:

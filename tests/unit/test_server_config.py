@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gradmix.server.config import ConfigError, ServerConfig, load_config
+from gradmix.server.config import ServerConfig, ServerConfigError, load_config
 
 
 def test_defaults_match_the_documented_ports() -> None:
@@ -50,14 +50,14 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
 ])
 def test_bad_values_are_refused_with_the_setting_named(argv: list[str], env: dict[str, str],
                                                        message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ServerConfigError, match=message):
         load_config(argv, env=env)
 
 
 def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
     toml = tmp_path / "bad.toml"
     toml.write_text("prot = 1\n")
-    with pytest.raises(ConfigError, match="prot"):
+    with pytest.raises(ServerConfigError, match="prot"):
         load_config(["--config", str(toml)], env={})
 
 
@@ -69,7 +69,7 @@ def test_toml_booleans_set_boolean_settings(tmp_path: Path) -> None:
     config = load_config(["--config", str(toml)], env={})
     assert config.tls_metrics is True and not config.insecure
     toml.write_text('[tls]\ncert = "c.pem"\nkey = "k.pem"\nmetrics = 1\n')
-    with pytest.raises(ConfigError, match="tls_metrics must be bool"):
+    with pytest.raises(ServerConfigError, match="tls_metrics must be bool"):
         load_config(["--config", str(toml)], env={})
 
 

@@ -23,7 +23,7 @@ from gradmix.store import (
     InvalidRowsError,
     InvalidSpecError,
     MixtureRecord,
-    NotFoundError,
+    RecordNotFoundError,
     SketchSpec,
     SketchStore,
     SpecMismatchError,
@@ -419,7 +419,7 @@ def test_bad_rows_are_refused_before_anything_is_written(tmp_path: Path, rows: s
 
 def test_unknown_objects_raise_not_found(tmp_path: Path) -> None:
     store = prepared(str(tmp_path / "s"))
-    with pytest.raises(NotFoundError) as err:
+    with pytest.raises(RecordNotFoundError) as err:
         store.get_job("nope")
     assert str(err.value) == "job 'nope' not found"
     for call in (
@@ -430,10 +430,10 @@ def test_unknown_objects_raise_not_found(tmp_path: Path) -> None:
         lambda: store.register_task("nope", "t"),
         lambda: store.read_mixtures("nope"),
     ):
-        with pytest.raises(NotFoundError):
+        with pytest.raises(RecordNotFoundError):
             call()
-    assert isinstance(NotFoundError("x"), KeyError)
-    assert issubclass(InvalidRowsError, ValueError) and issubclass(NotFoundError, StoreError)
+    assert isinstance(RecordNotFoundError("x"), KeyError)
+    assert issubclass(InvalidRowsError, ValueError) and issubclass(RecordNotFoundError, StoreError)
 
 
 # --- registry ordering and anchors ---------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from gradmix.store import (
     InvalidSpecError,
     JobControl,
-    NotFoundError,
+    RecordNotFoundError,
     SketchSpec,
     SketchStore,
 )
@@ -45,7 +45,7 @@ def test_update_task_merges_removes_retires_and_persists(store: SketchStore) -> 
     assert task.registered_at == info.registered_at
     assert reopened.update_task("job", "alpha", retired=False).retired_at == 0.0
     assert reopened.register_task("job", "alpha", {"uri": "b"}).metadata == {"uri": "b"}
-    with pytest.raises(NotFoundError):
+    with pytest.raises(RecordNotFoundError):
         store.update_task("job", "nope", retired=True)
     with pytest.raises(InvalidSpecError):
         store.update_task("job", "alpha", metadata={"k": 1})  # type: ignore[dict-item]
@@ -69,12 +69,12 @@ def test_delete_job_removes_everything_and_frees_the_name(store: SketchStore) ->
     store.append_event("job", actor="ann", action="archive_job")
     assert store.committed_rows("job", "a0", "alpha") == 5
     store.delete_job("job")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(RecordNotFoundError):
         store.get_job("job")
     assert store.list_jobs() == []
     assert SketchStore.open(store.url).list_jobs() == []
     store.create_job("job", SketchSpec(dim=DIM, seed=2), {"policy": {}})
     assert store.list_tasks("job") == [] and store.list_events("job") == []
     assert store.read_mixtures("job") == []
-    with pytest.raises(NotFoundError):
+    with pytest.raises(RecordNotFoundError):
         store.delete_job("other")

@@ -4,11 +4,11 @@ Rank 0 runs a `ServerWatch` thread on the job's mixture stream. At every
 step boundary `MixtureSync.boundary(step)` broadcasts rank 0's newest
 version (if any) with torch.distributed and every rank schedules it on its
 `MixtureSampler` for that very step (or, `at_step`, a later one: the Hugging
-Face callback's `MixtureStream` is read ahead), so all ranks switch together; each
-switch is logged ("mixture version V takes effect at step S") and kept in
-`history` for the checkpoint. When the server is unreachable the trainer
-keeps the mixture in force, the watch keeps reconnecting, and the log and
-progress line say so.
+Face callback's `MixtureStream` is read ahead), so all ranks switch together;
+each switch is logged ("mixture version V takes effect at step S") and kept in
+the run state's `history` (which checkpoints save). When the server is
+unreachable the trainer keeps the mixture in force, the watch keeps
+reconnecting, and the log and progress line say so.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from gradmix.client import Mixture, MixtureSampler, SelectionClient
+from gradmix.client import Mixture, SelectionClient
 from gradmix.client.errors import GradmixError
 from gradmix.trainer.data import TaskPool
 from gradmix.trainer.distributed import Dist
-from gradmix.trainer.errors import describe, is_transient
+from gradmix.trainer.errors import TrainerError, describe, is_transient
 from gradmix.trainer.runlog import RunLog
+from gradmix.trainer.train_state import TrainState
 
 
 class ServerWatch:
@@ -144,42 +145,74 @@ class MixtureSync:
 
     Args:
         dist: the process group.
-        sampler: this rank's task sampler (a `MixtureSampler` or another `Schedule`).
+        state: this rank's run state: its sampler (a `MixtureSampler` or another
+            `Schedule`) schedules each mixture, its `history` and `applied_version`
+            record it.
         log: this rank's run log.
-        watch: rank 0's server watch (None on other ranks).
+        watch: rank 0's server watch, started (None on other ranks).
         pool: this rank's task data (learns the files of the mixture's tasks); None
             when the tasks' data is already in hand.
-        locate: rank 0's lookup of a task's data file; tasks without one are left
-            out of the applied weights (and logged).
+        locate: rank 0's lookup of a task's data file (`TaskFiles.readable`); tasks
+            without one are left out of the applied weights (and logged).
+        hold: reproducible mode: after the first mixture, new versions wait for
+            `at_anchor` instead of the next `boundary`.
     """
 
     def __init__(
         self,
         dist: Dist,
-        sampler: MixtureSampler | Schedule,
+        state: TrainState,
         log: RunLog,
         watch: ServerWatch | None,
         pool: TaskPool | None,
         locate: Callable[[str], str | None],
+        *,
+        hold: bool = False,
     ) -> None:
-        self.dist, self.sampler, self.log, self.watch = dist, sampler, log, watch
-        self.pool, self.locate = pool, locate
-        self.history: list[dict[str, Any]] = []
+        if state.sampler is None:
+            raise ValueError("MixtureSync needs the run state's sampler")
+        self.dist, self.state, self.sampler, self.log = dist, state, state.sampler, log
+        self.watch, self.pool, self.locate = watch, pool, locate
         self.reachable: bool | None = None
         """Rank 0's watch's view, the same on every rank: None until known."""
         self.refused = ""
         """The watch's last non-retryable refusal ("" if none)."""
-        self.applied_version = 0
-        self._seen_version = 0
-        self.hold = False
-        """Reproducible mode: new versions wait for `at_anchor` instead of `boundary`."""
+        self._seen_version = state.applied_version
+        self.hold = hold
+
+    @property
+    def applied_version(self) -> int:
+        """The mixture version in force (0: none from the server yet)."""
+        return self.state.applied_version
+
+    def first(self, wait: float, tasks: Iterable[str]) -> None:
+        """Collective, before step 0: rank 0 waits up to `wait` seconds for the job's
+        first mixture; every rank then starts from it, or from a uniform mixture over
+        `tasks` (the configured ones).
+
+        Raises:
+            TrainerError: no mixture came and there are no tasks to start from.
+        """
+        if self.dist.is_main and self.watch is not None and wait > 0:
+            self.watch.wait_first(wait)
+        self._boundary(0, hold=False)
+        if self.applied_version == 0:
+            uniform = dict.fromkeys(tasks, 1.0)
+            if not uniform:
+                raise TrainerError("no mixture from the server and no [data].tasks to start from")
+            self.apply(uniform, step=0)
 
     def boundary(self, step: int, at_step: int | None = None) -> None:
         """Collective: called by every rank before drawing step `step`'s task; a new
         mixture takes effect at `at_step` (default: this step)."""
+        self._boundary(step, at_step, hold=self.hold)
+
+    def _boundary(self, step: int, at_step: int | None = None, *, hold: bool) -> None:
+        # Rank 0 does its work (reading the watch, finding and loading the new
+        # tasks' files) before the broadcast; the other ranks only receive the result.
         payload: tuple[Mixture | None, dict[str, str], bool | None, str, str] | None = None
         if self.dist.is_main and self.watch is not None:
-            latest = None if self.hold else self.watch.latest()
+            latest = None if hold else self.watch.latest()
             fresh = latest if latest and latest.version > self._seen_version else None
             self._seen_version = fresh.version if fresh else self._seen_version
             watch = self.watch
@@ -247,11 +280,12 @@ class MixtureSync:
             version, weights, anchor = mixture.version, mixture.weights, mixture.anchor
         else:
             weights, anchor = dict(mixture), ""
-        self.applied_version = version
+        self.state.applied_version = version
         self._seen_version = max(self._seen_version, version)
         entry = {"version": version, "step": step, "anchor": anchor, "weights": dict(weights)}
-        self.history.append(entry)
-        self.log.event("mixture", f"mixture version {version} takes effect at step {step}", **entry)
+        self.state.history.append(entry)
+        self.log.event("mixture", f"mixture version {version} takes effect at step {step}",
+                       version=version, step=step, anchor=anchor, weights=dict(weights))
 
     def _usable(self, mixture: Mixture | None) -> tuple[Mixture | None, dict[str, str]]:
         """The mixture restricted to tasks with data, and their files (rank 0)."""
