@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,75 @@ def test_mixture_watch_says_when_it_is_disconnected_and_back(served: Served) -> 
     finally:
         proc.kill()
         proc.wait()
+        if again is not None:
+            again.stop(0)
+
+
+def _read_screen(fd: int, needle: str, seen: list[str], timeout: float = 60.0) -> str:
+    """Read a pseudo-terminal until `needle` shows (bounded); the text so far, without
+    colour or cursor codes, is kept in `seen`."""
+    import re
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            seen.append(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", chunk.decode(errors="replace")))
+        screen = "".join(seen)
+        if needle in screen:
+            return screen
+    raise AssertionError(f"{needle!r} never shown; the terminal showed:\n{''.join(seen)[-3000:]}")
+
+
+@pytest.mark.timeout(180)
+def test_mixture_watch_on_a_terminal_redraws_and_marks_the_disconnection(
+    served: Served, tmp_path: Path
+) -> None:
+    """On an 80-column terminal (a pseudo-terminal) `--watch` is a live view: the table is
+    redrawn in place, marked DISCONNECTED while the server is away, and no line is wider
+    than the window."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from client_support import start_server
+
+    create_job(served.client)
+    served.client.register_task("job", "a")
+    first = wait_for(lambda: served.client.get_job("job").mixture_version or None, "version 1")
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update(GRADMIX_SERVER=served.address, TERM="xterm-256color")
+    with (tmp_path / "stderr").open("w") as errors:
+        proc = subprocess.Popen([GRADMIX, "mixture", "job", "--watch"], env=env,
+                                stdin=child_fd, stdout=child_fd, stderr=errors)
+    os.close(child_fd)
+    again = None
+    seen: list[str] = []
+    try:
+        _read_screen(main_fd, f"version {first} ", seen)
+        served.server.stop(0)
+        _read_screen(main_fd, "DISCONNECTED since ", seen)
+        again, _ = start_server(served.store, served.port)
+        served.client.register_task("job", "b")
+        screen = _read_screen(main_fd, f"version {first + 1} ", seen)
+        after = screen[screen.rindex(f"version {first + 1} "):]
+        assert "DISCONNECTED" not in after  # the mark is gone once it is back
+        lines = [ln for part in screen.split("\n") for ln in part.split("\r")]
+        assert all(len(line.rstrip()) <= 80 for line in lines), max(lines, key=len)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main_fd)
         if again is not None:
             again.stop(0)
 
