@@ -263,7 +263,7 @@ def test_mixture_watch_says_when_it_is_disconnected_and_back(served: Served) -> 
         assert proc.stdout is not None and proc.stderr is not None
         assert json.loads(proc.stdout.readline())["version"] == first
         # A version received over the stream: the watch is open before the server stops
-        # (a stream opened while the server shuts down can hang: WATCH RACE, below).
+        # (a stream opened while the server shuts down can hang: WATCH RACE, above).
         served.client.register_task("job", "b")
         assert json.loads(proc.stdout.readline())["version"] == first + 1
         served.server.stop(0)
