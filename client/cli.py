@@ -1,7 +1,7 @@
 """The `gradmix` command line: inspect jobs and mixtures, register tasks, ask for estimates.
 
 Operators also retire, activate and update tasks, pin and unpin a mixture,
-and delete or archive a job; `events` lists who changed what, and when.
+and delete, archive or unarchive a job; `events` lists who changed what, and when.
 
 Every command takes `--json` for machine-readable output. Connection options
 default from the environment (GRADMIX_SERVER, GRADMIX_TOKEN, GRADMIX_TOKEN_FILE,
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         _connection_options(sub, top=False)
         return sub
 
-    command("jobs", "list the jobs")
+    command("jobs", "list the jobs").add_argument(
+        "--archived", action="store_true", help="list archived jobs too")
     _create_job_command(command("create-job", "create a job (idempotent for the same spec)"))
     command("tasks", "list a job's tasks").add_argument("job")
     command("anchors", "list a job's anchors").add_argument("job")
@@ -221,6 +222,8 @@ def _lifecycle_commands(command: Callable[[str, str], argparse.ArgumentParser]) 
     sub.add_argument("--reason", default="", help="why, for the event log")
     change("archive-job", "stop serving a job, keeping its store data", "name").add_argument(
         "--reason", default="", help="why, for the event log")
+    change("unarchive-job", "serve an archived job again", "name").add_argument(
+        "--reason", default="", help="why, for the event log")
     sub = command("events", "list a job's event log: who changed what, when")
     sub.add_argument("job")
     sub.add_argument("--after", type=int, default=0, help="only events after this sequence")
@@ -255,11 +258,13 @@ def _run_lifecycle(client: SelectionClient, args: argparse.Namespace, out: TextI
         task = client.update_task(args.job, args.name, meta,
                                   remove=getattr(args, "remove_meta", []), retired=retired)
         _emit(args, task, lambda t: render.tasks_table([t]), out)
-    elif name in ("pin", "unpin", "delete-job", "archive-job"):
+    elif name in ("pin", "unpin", "delete-job", "archive-job", "unarchive-job"):
         if name == "pin":
             event = client.pin_mixture(args.job, _parse_weights(args.weight), args.reason)
         elif name == "unpin":
             event = client.unpin_mixture(args.job, args.reason)
+        elif name == "unarchive-job":
+            event = client.unarchive_job(args.name, args.reason)
         else:
             keep = name == "archive-job" or args.keep_data
             event = client.delete_job(args.name, keep_data=keep, reason=args.reason)
@@ -358,7 +363,7 @@ def _run(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None
     if _run_lifecycle(client, args, out):
         return
     if name == "jobs":
-        _emit(args, client.list_jobs(), render.jobs_table, out)
+        _emit(args, client.list_jobs(include_archived=args.archived), render.jobs_table, out)
     elif name == "create-job":
         _emit(args, _create_job(client, args), lambda j: render.jobs_table([j]), out)
     elif name == "tasks":

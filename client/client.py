@@ -160,10 +160,11 @@ class SelectionClient:
         """The job `name` (NotFound if none)."""
         return convert.job_from_pb(self._call("GetJob", pb.GetJobRequest(name=name)))
 
-    def list_jobs(self) -> list[Job]:
-        """Every job on the server."""
-        return [convert.job_from_pb(j)
-                for j in self._pages("ListJobs", pb.ListJobsRequest(), "jobs")]
+    def list_jobs(self, *, include_archived: bool = False) -> list[Job]:
+        """Every job the server serves; with `include_archived`, archived ones too
+        (their `archived_at` set)."""
+        request = pb.ListJobsRequest(include_archived=include_archived)
+        return [convert.job_from_pb(j) for j in self._pages("ListJobs", request, "jobs")]
 
     def report_task_failure(self, job: str, task: str, reason: str) -> Task:
         """Report that a task's data cannot be loaded: it leaves the mixture (state
@@ -195,7 +196,8 @@ class SelectionClient:
                 for t in self._pages("ListTasks", pb.ListTasksRequest(job=job), "tasks")]
 
     def declare_anchor(
-        self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = ""
+        self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = "",
+        untrained_loss: float = 0.0,
     ) -> Anchor:
         """Declare an anchor (idempotent; AlreadyExists if declared at another step or run).
 
@@ -206,8 +208,13 @@ class SelectionClient:
             run: The training run declaring it (a name, e.g. one per launch of a
                 job, kept across resumes). The job's current anchor is the
                 latest complete anchor of the run that started last.
+            untrained_loss: The target loss of an untrained model, log(vocabulary
+                size) for a token model (0: not given). An anchor whose target loss
+                is near it was taken before the model learnt anything: the server
+                holds its estimate back.
         """
-        request = pb.DeclareAnchorRequest(job=job, anchor=anchor, step=step, run=run)
+        request = pb.DeclareAnchorRequest(job=job, anchor=anchor, step=step, run=run,
+                                          untrained_loss=untrained_loss)
         if horizon is not None:
             request.horizon.CopyFrom(convert.horizon_to_pb(horizon))
         return convert.anchor_from_pb(self._call("DeclareAnchor", request))
@@ -437,6 +444,15 @@ class SelectionClient:
     def archive_job(self, name: str, reason: str = "") -> JobEvent:
         """`delete_job(name, keep_data=True)`."""
         return self.delete_job(name, keep_data=True, reason=reason)
+
+    def unarchive_job(self, name: str, reason: str = "") -> JobEvent:
+        """Serve an archived job again, as its store data was left.
+
+        Raises:
+            FailedPrecondition: The job is not archived. NotFound: No such job.
+        """
+        request = pb.UnarchiveJobRequest(name=name, reason=reason)
+        return convert.job_event_from_pb(self._call("UnarchiveJob", request, safe=False))
 
     def list_job_events(self, job: str, after_sequence: int = 0) -> list[JobEvent]:
         """The job's event log (who changed what, when) after `after_sequence`."""

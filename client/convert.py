@@ -132,6 +132,7 @@ def job_from_pb(msg: pb.Job) -> Job:
         mixture_version=msg.mixture_version,
         task_count=msg.task_count,
         created_at=_time(msg.created_at),
+        archived_at=_time(msg.archived_at) if msg.HasField("archived_at") else 0.0,
     )
 
 
@@ -179,6 +180,7 @@ def anchor_from_pb(msg: pb.Anchor) -> Anchor:
         declared_at=_time(msg.declared_at),
         horizon=horizon_from_pb(msg.horizon) if msg.HasField("horizon") else None,
         run=msg.run,
+        untrained_loss=msg.untrained_loss,
     )
 
 
@@ -214,6 +216,11 @@ def mixture_from_pb(msg: pb.Mixture) -> Mixture:
         score_error=msg.score_error,
         calibration=calibration_from_pb(msg.calibration) if msg.HasField("calibration") else None,
         pinned=msg.pinned,
+        held=msg.held,
+        held_reason=msg.held_reason,
+        held_estimated_loss=msg.held_estimated_loss,
+        stale_tasks=tuple(msg.stale_tasks),
+        pending_anchors={w.task: w.pending_anchors for w in msg.weights if w.pending_anchors},
     )
 
 

@@ -160,13 +160,16 @@ def state(name: str) -> Text:
 
 
 def jobs_table(jobs: Sequence[Job]) -> Table:
-    """One line per job."""
+    """One line per job; an ARCHIVED column when some job is archived."""
+    archived = any(j.archived_at for j in jobs)
     rows = [
         (j.name, j.current_anchor or "-", j.mixture_version, j.task_count,
-         j.spec.sketch.dim, j.spec.policy.policy, _when(j.created_at))
+         j.spec.sketch.dim, j.spec.policy.policy, _when(j.created_at),
+         *([_when(j.archived_at)] if archived else []))
         for j in jobs
     ]
-    return table(("JOB", "ANCHOR", "VERSION", "TASKS", "DIM", "POLICY", "CREATED"), rows,
+    header = ("JOB", "ANCHOR", "VERSION", "TASKS", "DIM", "POLICY", "CREATED")
+    return table((*header, *(("ARCHIVED",) if archived else ())), rows,
                  right=("VERSION", "TASKS", "DIM"))
 
 
@@ -220,16 +223,36 @@ def mixture_table(mixture: Mixture, disconnected_since: float | None = None) -> 
     if mixture.pinned:
         second.append("  PINNED", style="bold yellow")
     lines.append(second)
+    if mixture.held:
+        lines.append(Text(held_line(mixture), style="yellow"))
     order = sorted(mixture.weights, key=lambda t: (-mixture.weights[t], t))
     rows = [
         (t, f"{mixture.weights[t]:.4f}", f"{mixture.scores.get(t, 0.0):+.5f}",
-         state(mixture.states.get(t, "-")))
+         _state(mixture, t))
         for t in order
     ]
     lines.append(table(("TASK", "WEIGHT", "SCORE", "STATE"), rows, right=("WEIGHT", "SCORE")))
     if mixture.calibration is not None:
         lines.append(Text(calibration_line(mixture.calibration)))
     return Group(*lines)
+
+
+def _state(mixture: Mixture, task: str) -> Text:
+    """A task's state, with how many anchors it has been pending and whether it is stale."""
+    shown = state(mixture.states.get(task, "-"))
+    missed = mixture.pending_anchors.get(task, 0)
+    if missed:
+        shown.append(f" ({missed} anchor{'s' if missed > 1 else ''})")
+    if task in mixture.stale_tasks:
+        shown.append(" STALE", style="bold yellow")
+    return shown
+
+
+def held_line(mixture: Mixture) -> str:
+    """Why a version's re-estimate was held back, on one line."""
+    return (f"HELD ({mixture.held_reason}): the estimate predicted "
+            f"{mixture.held_estimated_loss:.4g} from anchor loss {mixture.anchor_loss:.4g}; "
+            "the previous weights stay in force")
 
 
 def calibration_line(c: Calibration) -> str:
@@ -252,8 +275,12 @@ def history_table(mixtures: Sequence[Mixture]) -> Table:
         top = sorted(m.weights.items(), key=lambda kv: (-kv[1], kv[0]))
         weights = " ".join(f"{t}={w:.3f}" for t, w in top)
         policy = f"{m.policy} (pinned)" if m.pinned else m.policy
-        rows.append((m.version, _when(m.created_at), m.anchor or "-", policy, weights))
-    return table(("VERSION", "CREATED", "ANCHOR", "POLICY", "WEIGHTS"), rows, right=("VERSION",))
+        flags = [f"held:{m.held_reason}"] if m.held else []
+        flags += [f"stale:{','.join(m.stale_tasks)}"] if m.stale_tasks else []
+        rows.append((m.version, _when(m.created_at), m.anchor or "-", policy,
+                     " ".join(flags) or "-", weights))
+    return table(("VERSION", "CREATED", "ANCHOR", "POLICY", "FLAGS", "WEIGHTS"), rows,
+                 right=("VERSION",))
 
 
 def estimate_table(result: EstimateResult) -> Group:

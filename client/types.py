@@ -143,6 +143,9 @@ class Job:
     task_count: int
     created_at: float
     """Unix time."""
+    archived_at: float = 0.0
+    """Unix time it was archived (0: it is not; only `list_jobs(include_archived=True)`
+    lists archived jobs)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,6 +210,8 @@ class Anchor:
     """The horizon it was declared with (None: none)."""
     run: str = ""
     """The training run that declared it ("" when none was given)."""
+    untrained_loss: float = 0.0
+    """The untrained target loss it was declared with (log of the vocabulary size; 0: none)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,6 +265,18 @@ class Mixture:
     """How the estimate's λ was set (None before the first anchor, or from older servers)."""
     pinned: bool = False
     """The weights were pinned by an operator (`pin_mixture`), not estimated."""
+    held: bool = False
+    """The server's sanity check held the re-estimate back: the weights are the previous
+    version's (`held_reason` says why)."""
+    held_reason: str = ""
+    """Why it was held: "loss_change" (the estimate moved the loss implausibly far),
+    "untrained" (the anchor's model had not learnt yet) or "non_finite"; "" if not held."""
+    held_estimated_loss: float = 0.0
+    """The target loss the held-back estimate predicted (0 if not held)."""
+    stale_tasks: tuple[str, ...] = ()
+    """Pending tasks pending for too long: their weight decays until they are sketched."""
+    pending_anchors: dict[str, int] = field(default_factory=dict)
+    """Pending task -> complete anchors in a row it has missed."""
 
 
 @dataclass(frozen=True, kw_only=True)

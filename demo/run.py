@@ -23,6 +23,7 @@ import tomli_w
 from gradmix.demo.tasks import VOCABULARY, TaskFiles
 from gradmix.trainer.config import SketchingConfig, TrainConfig, load_config
 from gradmix.trainer.runlog import log_path, read_log
+from gradmix.vocabulary import DEFAULT_EXAMPLES_PER_TASK
 
 
 class DemoRunError(RuntimeError):
@@ -42,7 +43,7 @@ class RunSettings:
     lr: float = 3e-3
     warmup_steps: int = 50
     dim: int = 128
-    examples_per_task: int = 64
+    examples_per_task: int = DEFAULT_EXAMPLES_PER_TASK
     first_anchor: int = 150
     interval: int = 50
     reanchor_every: int = 300

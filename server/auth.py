@@ -237,6 +237,7 @@ RPC_ROLES: dict[str, Requirement] = {
     "PinMixture": Requirement(Role.ADMIN, _field("job")),
     "UnpinMixture": Requirement(Role.ADMIN, _field("job")),
     "DeleteJob": Requirement(Role.ADMIN, _field("name")),
+    "UnarchiveJob": Requirement(Role.ADMIN, _field("name")),
     "ListJobEvents": Requirement(Role.READER, _field("job")),
 }
 

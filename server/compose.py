@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from gradmix.server.convert import ACTIVE, FAILED, PENDING
@@ -55,6 +55,10 @@ class Composition:
     estimated_loss: float
     subsets_estimated: int
     score_error: float = 0.0
+    #: Pending tasks' complete anchors in a row without rows (`gradmix.server.staleness`).
+    pending_anchors: dict[str, int] = field(default_factory=dict)
+    #: Pending tasks whose weight decays for waiting too long.
+    stale: tuple[str, ...] = ()
 
 
 def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
@@ -153,13 +157,13 @@ def mixture_changed(last: MixtureRecord | None, anchor: str, new: Composition,
                     tolerance: float) -> bool:
     """Whether `new` deserves a new version after `last`.
 
-    It does when the task set, a task's state or the anchor changed, or when
-    some weight moved by more than `tolerance`.
+    It does when the task set, a task's state, the stale tasks or the anchor
+    changed, or when some weight moved by more than `tolerance`.
     """
     if last is None:
         return bool(new.weights)
     if last.anchor != anchor or set(last.weights) != set(new.weights):
         return True
-    if last.states != new.states:
+    if last.states != new.states or set(last.stale) != set(new.stale):
         return True
     return any(abs(last.weights[t] - w) > tolerance for t, w in new.weights.items())

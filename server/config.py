@@ -32,6 +32,7 @@ from typing import Any
 from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.limits import Limits
 from gradmix.server.policies import PolicyConfig
+from gradmix.server.staleness import StalePolicy
 from gradmix.vocabulary import DEFAULT_POLICY, Policy, choices
 
 ENV_PREFIX = "GRADMIX_"
@@ -90,6 +91,16 @@ class ServerConfig:
     (either way): beyond it the estimate is held back as implausible and the previous
     mixture stays in force (0: no bound). 100: the demo's good anchors predict drops of
     28-48x (and its run does fall that far), an anchor on an untrained model 100-140x."""
+    untrained_loss_fraction: float = 0.9
+    """An anchor whose target loss is at least this fraction of the untrained level its
+    trainer declared (log of the vocabulary size) is taken on an untrained model: its
+    estimate is held back (0: no check; anchors declared without the level are not checked)."""
+    stale_pending_anchors: int = 2
+    """A task still pending at more complete anchors in a row than this is stale: its
+    prior weight halves per further anchor (0: no anchor bound)."""
+    stale_pending_seconds: float = 21600.0
+    """A task pending this long is stale: its prior weight halves per such period
+    waited (0: no time bound). Default 6 h; the GradmixTaskStuckPending alert fires at 2 h."""
 
     # [limits] (gradmix.server.limits.Limits; a `[limits]` TOML table is accepted too)
     max_value_abs: float = _LIMITS.max_value_abs
@@ -171,6 +182,15 @@ class ServerConfig:
         if not (ratio == 0 or 1 < ratio < float("inf")):
             raise ConfigError(f"max_estimated_loss_ratio must be 0 (no bound) or finite and "
                               f"> 1, got {ratio}")
+        if not 0 <= self.untrained_loss_fraction <= 1:
+            raise ConfigError(f"untrained_loss_fraction must be in [0, 1], got "
+                              f"{self.untrained_loss_fraction}")
+        if self.stale_pending_anchors < 0:
+            raise ConfigError(f"stale_pending_anchors must be >= 0, got "
+                              f"{self.stale_pending_anchors}")
+        if not 0 <= self.stale_pending_seconds < float("inf"):
+            raise ConfigError(f"stale_pending_seconds must be finite and >= 0, got "
+                              f"{self.stale_pending_seconds}")
         if self.policy not in POLICY_NAMES:
             raise ConfigError(f"policy must be one of {POLICY_NAMES}, got {self.policy!r}")
         # Jobs take these defaults: refuse at start-up what every CreateJob would refuse.
@@ -187,6 +207,11 @@ class ServerConfig:
     def limits(self) -> Limits:
         """The `[limits]` block as the `Limits` the server checks requests against."""
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
+    def stale_policy(self) -> StalePolicy:
+        """When a pending task counts as stale (`gradmix.server.staleness`)."""
+        return StalePolicy(anchors=self.stale_pending_anchors,
+                           seconds=self.stale_pending_seconds)
 
     def _check_access(self) -> None:
         """TLS unless `insecure`; with TLS, tokens too. (The files are read at start-up.)"""

@@ -43,7 +43,6 @@ FAILED = TaskState.FAILED
 
 _POLICY_FIELDS = ("regularization", "temperature", "floor", "subset_count",
                   "subset_fraction", "prior_weight", "seed")
-FAILED = TaskState.FAILED
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -172,7 +171,7 @@ def anchor_to_pb(job: str, anchor: AnchorInfo, target_rows: int) -> pb.Anchor:
     message = pb.Anchor(job=job, name=anchor.name, step=anchor.step,
                         state=to_wire(AnchorState(anchor.state), pb.AnchorState),
                         target_rows=target_rows, declared_at=timestamp(anchor.declared_at),
-                        run=anchor.run)
+                        run=anchor.run, untrained_loss=anchor.untrained_loss)
     if anchor.horizon is not None:
         message.horizon.CopyFrom(horizon_to_pb(anchor.horizon))
     return message
@@ -187,7 +186,9 @@ def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:
     tasks = sorted(record.weights)
     weights = [pb.TaskWeight(task=task, weight=record.weights[task],
                              score=record.scores.get(task, 0.0),
-                             state=task_state(record.states.get(task, ACTIVE)))
+                             state=task_state(record.states.get(task, ACTIVE)),
+                             pending_anchors=record.pending_anchors.get(task, 0),
+                             stale=task in record.stale)
                for task in tasks]
     pending = [task for task in tasks if record.states.get(task) == PENDING]
     message = pb.Mixture(
@@ -195,7 +196,9 @@ def mixture_to_pb(job: str, record: MixtureRecord) -> pb.Mixture:
         policy=policy_enum(record.policy) if record.policy else pb.POLICY_UNSPECIFIED,
         weights=weights, pending_tasks=pending, created_at=timestamp(record.created_at),
         anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss,
-        score_error=record.score_error, pinned=record.pinned)
+        score_error=record.score_error, pinned=record.pinned, held=record.held,
+        held_reason=record.held_reason, held_estimated_loss=record.held_estimated_loss,
+        stale_tasks=[task for task in tasks if task in record.stale])
     if record.calibration is not None:
         message.calibration.CopyFrom(calibration_to_pb(record.calibration))
     return message

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: A failed re-estimate is retried after this many seconds, doubling up to the max.
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
+#: A decay re-estimate runs this long after the decay is due (clocks are not exact).
+DECAY_SLACK_SECONDS = 0.5
 
 
 class JobRuntime:
@@ -69,6 +71,8 @@ class JobRuntime:
         self.idle = asyncio.Event()
         #: The re-estimate running on the executor (close waits for it).
         self._inflight: Future[tuple[Refreshed, float]] | None = None
+        #: The re-estimate scheduled for a stale weight's next decay (None: none).
+        self._decay_timer: asyncio.TimerHandle | None = None
         self._task = asyncio.create_task(self._run(), name=f"reestimate-{self.name}")
 
     def request(self, *, anchor: str = "", source: Source = None, full: bool = False,
@@ -151,6 +155,15 @@ class JobRuntime:
             log.warning("job %r: mixture version %d was written before the failure; published",
                         self.name, record.version)
 
+    def _wake_at(self, when: float | None) -> None:
+        """Re-estimate at Unix time `when` (a stale task's weight decays by time then)."""
+        if self._decay_timer is not None:
+            self._decay_timer.cancel()
+            self._decay_timer = None
+        if when is not None:
+            delay = max(0.0, when - time.time()) + DECAY_SLACK_SECONDS
+            self._decay_timer = asyncio.get_running_loop().call_later(delay, self.request)
+
     def _publish(self, record: MixtureRecord) -> None:
         self._publisher.publish(self.name, mixture_to_pb(self.name, record))
         set_record(self._metrics, self.name, record)
@@ -163,7 +176,9 @@ class JobRuntime:
         metrics.set_estimate(self.name, finished_at=time.time(),
                              open_anchors=outcome.open_anchors,
                              pending_since=outcome.pending_since,
-                             implausible=outcome.implausible, held=outcome.held)
+                             implausible=outcome.implausible, held=outcome.held,
+                             stale=len(outcome.stale))
+        self._wake_at(outcome.next_change)
         record = outcome.record
         if record is None:
             return
@@ -176,6 +191,7 @@ class JobRuntime:
     async def close(self, *, drain: bool = False) -> None:
         """Stop re-estimating; with `drain`, return only once no re-estimate of the job
         is running (one in flight can no longer publish or write to the store)."""
+        self._wake_at(None)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -304,7 +320,8 @@ class JobRegistry:
         last = records[-1] if records else None
         state = JobState(self.store, info, last, tolerance=self._config.weight_tolerance,
                          max_loss_ratio=self._config.max_estimated_loss_ratio,
-                         limits=self._config.limits())
+                         limits=self._config.limits(), stale=self._config.stale_policy(),
+                         untrained_fraction=self._config.untrained_loss_fraction)
         self._metrics.add_job(info.name)
         self._publisher.add_job(info.name, [mixture_to_pb(info.name, r) for r in records])
         runtime = JobRuntime(state, publisher=self._publisher, metrics=self._metrics,
@@ -323,6 +340,7 @@ class JobRegistry:
 
 def set_record(metrics: ServerMetrics, job: str, record: MixtureRecord) -> None:
     """The mixture, pin and calibration gauges from a published version."""
+    metrics.stale_tasks.labels(job).set(len(record.stale))
     metrics.set_mixture(job, record.version, record.created_at, record.weights,
                         anchor_loss=record.anchor_loss, estimated_loss=record.estimated_loss)
     metrics.mixture_pinned.labels(job).set(1 if record.pinned else 0)

@@ -21,13 +21,18 @@ the change the run realised. The policy handed to `compose_mixture` is the
 job's with `regularization` replaced by it; the estimator's own default λ
 stays the job's setting, which queries (EstimateSubsets, SelectTasks) use.
 
-An estimate whose predicted loss is implausibly far from the anchor's own
-(`gradmix.server.sanity`) is held back: its weights are not published, the
-outcome says why (for the log and the metrics), and the previous weights stay
-in force. At a new anchor they are published again as that anchor's version,
+An estimate whose predicted loss is implausibly far from the anchor's own,
+or one at an anchor taken on an untrained model (`gradmix.server.sanity`), is
+held back: the previous weights stay in force and are published again as a
+version that says so (`held`, `held_reason`, and the L̂ the held-back
+estimate predicted) once, when the hold begins or a new anchor arrives,
 with their own estimated loss there (`kept_composition`), so that the next
 anchor's calibration still learns from the interval: holding back would
 otherwise repeat at every anchor of a run whose λ starts far off.
+
+A task pending for too long gets a decaying weight and is flagged stale
+(`gradmix.server.staleness`); the time-based decay also asks for a
+re-estimate when it next moves (`Refreshed.next_change`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,15 @@ from gradmix.server.limits import Limits
 from gradmix.server.policies import PolicyConfig
 from gradmix.server.rows import row_problems
 from gradmix.server.sanity import implausible
+from gradmix.server.staleness import (
+    MAX_EXTRA_ANCHORS,
+    StalePolicy,
+    Streak,
+    decayed,
+    next_change,
+    pending_streaks,
+    run_order,
+)
 from gradmix.store import (
     AnchorInfo,
     CalibrationRecord,
@@ -81,13 +95,10 @@ def current_anchor(anchors: Sequence[AnchorInfo]) -> str:
     run by step; so a second run of a job takes over at its first complete
     anchor, whatever the step the previous run had reached.
     """
-    started: dict[str, float] = {}
-    for anchor in anchors:
-        started[anchor.run] = min(started.get(anchor.run, anchor.declared_at), anchor.declared_at)
     complete = [a for a in anchors if a.state == AnchorState.COMPLETE]
     if not complete:
         return ""
-    return max(complete, key=lambda a: (started[a.run], a.step, a.declared_at)).name
+    return max(complete, key=run_order(anchors)).name
 
 
 @dataclass
@@ -111,6 +122,8 @@ class Refreshed:
     pending_since: dict[str, float] = field(default_factory=dict)  # task -> waiting since
     implausible: str = ""          # why the estimate is implausible ("" = it is not)
     held: bool = False             # whether it was held back (the previous mixture stays)
+    stale: tuple[str, ...] = ()    # pending tasks whose weight decays
+    next_change: float | None = None  # when a stale weight next decays by time (None: never)
 
 
 #: σ is bootstrapped again once the rows grew by more than this factor (or λ moved by it).
@@ -146,7 +159,8 @@ class JobState:
 
     def __init__(self, store: SketchStore, info: JobInfo, last: MixtureRecord | None,
                  *, tolerance: float, max_loss_ratio: float = 0.0,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, stale: StalePolicy | None = None,
+                 untrained_fraction: float = 0.0) -> None:
         self.store = store
         self.limits = limits or Limits()
         self.name = info.name
@@ -155,6 +169,10 @@ class JobState:
         self.tolerance = tolerance
         #: The sanity bound on L̂ / L̂(∅) either way (`gradmix.server.sanity`; 0: none).
         self.max_loss_ratio = max_loss_ratio
+        #: L̂(∅) ≥ this × an anchor's declared untrained loss holds its estimate (0: never).
+        self.untrained_fraction = untrained_fraction
+        #: When a pending task is stale (None: never).
+        self.stale = stale
         self.last = last
         #: Held while the estimator is read or extended (worker and query threads).
         self.lock = threading.Lock()
@@ -169,6 +187,10 @@ class JobState:
         self._flagged: tuple[str, str] | None = None
         #: Tasks retired by an operator: their rows are not ingested.
         self._retired: frozenset[str] = frozenset()
+        #: Tasks with rows at earlier anchors (read once each, for pending streaks).
+        self._sourced: dict[str, frozenset[str]] = {}
+        #: The stale tasks of the last refresh (to log each change once).
+        self._stale: frozenset[str] = frozenset()
 
     @property
     def anchor(self) -> str:
@@ -210,41 +232,53 @@ class JobState:
             if known is None and estimator is not None and composition.subsets_estimated:
                 self._error = ScoreError.of(anchor, estimator, policy.regularization,
                                             composition.score_error)
+            streaks = self._streaks(infos, anchors, anchor, composition, estimator)
+            now = time.time()
+            if self.stale is not None:
+                composition = decayed(composition, streaks, self.stale, now)
             estimated = composition  # what the sanity check judges (before pins)
             composition = operated(composition, tasks, retired, pin, estimator,
                                    policy.regularization)
             self.task_rows = {t: estimator.task_rows(t) for t in estimator.tasks} \
                 if estimator else {}
+        self._log_stale(composition, streaks)
         active = sum(state == ACTIVE for state in composition.states.values())
         pending = sum(state == PENDING for state in composition.states.values())
         outcome = Refreshed(None, composition.subsets_estimated, pending, active,
                             open_anchors={a.name: a.declared_at for a in anchors
                                           if a.state == "open"},
-                            pending_since=_pending_since(infos, anchors, anchor, composition))
+                            pending_since={t: s.since for t, s in streaks.items()},
+                            stale=composition.stale,
+                            next_change=next_change(streaks, self.stale, now)
+                            if self.stale is not None and active else None)
         pinned = pin is not None
         if estimated.subsets_estimated and not pinned:  # a pin is the operator's call
-            outcome = self._checked(outcome, anchor, estimated)
-        if outcome.held:
-            if self.last is None or self.last.anchor == anchor or estimator is None:
-                return outcome
+            outcome = self._checked(outcome, anchor, estimated,
+                                    next((a.untrained_loss for a in anchors if a.name == anchor),
+                                         0.0))
+        if outcome.held and self.last is not None and estimator is not None:
             with self.lock:
                 composition = kept_composition(self.last.weights, composition, estimator,
                                                policy.regularization)
-        if not (mixture_changed(self.last, anchor, composition, self.tolerance)
-                or (self.last is not None and self.last.pinned != pinned)):
+        held = (outcome.implausible, estimated.estimated_loss) if outcome.held else None
+        last = self.last
+        flags = (pinned, held is not None, held[0] if held else "")
+        flags_changed = last is not None and (last.pinned, last.held, last.held_reason) != flags
+        if not (mixture_changed(last, anchor, composition, self.tolerance) or flags_changed):
             return outcome
-        record = self._record(anchor, composition, calibration, pinned)
+        record = self._record(anchor, composition, calibration, pinned, held)
         self.store.append_mixture(self.name, record)
         self.last = record
         return dataclasses.replace(outcome, record=record)
 
-    def _checked(self, outcome: Refreshed, anchor: str, composition: Composition) -> Refreshed:
+    def _checked(self, outcome: Refreshed, anchor: str, composition: Composition,
+                 untrained_loss: float) -> Refreshed:
         """`outcome` with the sanity check's verdict on `composition` (`gradmix.server.sanity`).
 
         An implausible estimate is held back while there is a previous mixture to keep.
         """
         reason = implausible(composition.anchor_loss, composition.estimated_loss,
-                             self.max_loss_ratio)
+                             self.max_loss_ratio, untrained_loss, self.untrained_fraction)
         if not reason:
             self._flagged = None
             return outcome
@@ -252,9 +286,10 @@ class JobState:
         if self._flagged != (anchor, reason):
             self._flagged = (anchor, reason)
             log.warning(
-                "job %r: implausible estimate at anchor %r (%s, bound a factor %g): anchor "
-                "loss %.4g, estimated loss %.4g; %s", self.name, anchor, reason,
-                self.max_loss_ratio, composition.anchor_loss, composition.estimated_loss,
+                "job %r: implausible estimate at anchor %r (%s; bound a factor %g, untrained "
+                "level %.4g): anchor loss %.4g, estimated loss %.4g; %s", self.name, anchor,
+                reason, self.max_loss_ratio, untrained_loss, composition.anchor_loss,
+                composition.estimated_loss,
                 f"the weights of version {self.last.version} stay in force"
                 if self.last is not None else "published: no earlier mixture to keep")
         return dataclasses.replace(outcome, implausible=reason, held=held)
@@ -339,14 +374,51 @@ class JobState:
         return grads[~bad], values[~bad]
 
     def _record(self, anchor: str, composition: Composition,
-                calibration: CalibrationRecord | None, pinned: bool) -> MixtureRecord:
+                calibration: CalibrationRecord | None, pinned: bool,
+                held: tuple[str, float] | None) -> MixtureRecord:
+        """The next version; `held`: (why, the held-back L̂) when the weights were kept."""
         version = (self.last.version if self.last else 0) + 1
+        pending = {t: n for t, n in composition.pending_anchors.items()
+                   if composition.states.get(t) == PENDING}
         return MixtureRecord(
             version=version, created_at=time.time(), anchor=anchor,
             policy=self.policy.policy, weights=composition.weights,
             scores=composition.scores, states=composition.states,
             anchor_loss=composition.anchor_loss, estimated_loss=composition.estimated_loss,
-            score_error=composition.score_error, calibration=calibration, pinned=pinned)
+            score_error=composition.score_error, calibration=calibration, pinned=pinned,
+            held=held is not None, held_reason=held[0] if held else "",
+            held_estimated_loss=held[1] if held else 0.0, pending_anchors=pending,
+            stale=tuple(t for t in composition.stale if composition.states.get(t) == PENDING))
+
+    def _streaks(self, tasks: Sequence[TaskInfo], anchors: Sequence[AnchorInfo], anchor: str,
+                 composition: Composition, estimator: SubsetEstimator | None
+                 ) -> dict[str, Streak]:
+        """Each pending task's streak (`gradmix.server.staleness`); call with `lock` held."""
+        present = frozenset(estimator.tasks) if estimator is not None else frozenset()
+
+        def sourced(name: str) -> frozenset[str]:
+            if name == anchor:
+                return present
+            if name not in self._sourced:  # an earlier anchor: its rows rarely change
+                self._sourced[name] = frozenset(self.store.sources(self.name, name))
+            return self._sourced[name]
+
+        pending = {t for t, s in composition.states.items() if s == PENDING}
+        limit = (self.stale.anchors if self.stale else 0) + MAX_EXTRA_ANCHORS
+        return pending_streaks(tasks, pending, anchors, anchor, sourced, limit)
+
+    def _log_stale(self, composition: Composition, streaks: dict[str, Streak]) -> None:
+        """Log each task that turns stale, and each that stops being stale."""
+        stale = frozenset(composition.stale)
+        for task in sorted(stale - self._stale):
+            log.warning("job %r: task %r is stale: pending at %d complete anchor(s) in a row, "
+                        "%.0f s; its weight decays (now %.4g) until it is sketched, retired "
+                        "or reported failed", self.name, task, streaks[task].anchors,
+                        time.time() - streaks[task].since, composition.weights.get(task, 0.0))
+        for task in sorted(self._stale - stale):
+            log.info("job %r: task %r is no longer stale (%s)", self.name, task,
+                     composition.states.get(task, "gone"))
+        self._stale = stale
 
     def estimator_at(self, anchor: str) -> tuple[str, SubsetEstimator]:
         """The estimator at `anchor` ("" = current), for queries; call with `lock` held.
@@ -382,11 +454,3 @@ class JobState:
                 "target there and commit it")
         return name, estimator
 
-
-def _pending_since(tasks: Sequence[TaskInfo], anchors: Sequence[AnchorInfo], anchor: str,
-                   composition: Composition) -> dict[str, float]:
-    """When each pending task began waiting for a sketch: its registration or the
-    current anchor's declaration, whichever is later."""
-    declared = next((a.declared_at for a in anchors if a.name == anchor), 0.0)
-    return {t.name: max(t.registered_at, declared) for t in tasks
-            if composition.states.get(t.name) == PENDING}

@@ -15,6 +15,8 @@ job. Where each change lives, and what it does:
   underneath, and EstimateSubsets and SelectTasks answer from them.
 - Archiving marks the control document: the server stops serving the job
   (NOT_FOUND), its store data stays where it is, and the name stays taken.
+  ListJobs lists it with `include_archived`, its event log stays readable,
+  and unarchiving clears the mark: the job is served again as it was left.
   Deleting removes the job's whole tree from the store. Either way its watch
   streams end with NOT_FOUND and its metric series go.
 
@@ -242,7 +244,24 @@ class Lifecycle:
             store.set_job_control(job, dataclasses.replace(control, archived_at=time.time()))
         return event
 
+    async def unarchive_job(self, request: pb.UnarchiveJobRequest, actor: str) -> JobEvent:
+        """Serve an archived job again, from its store data as it was left."""
+        self._registry.limits.check_name(request.name, "job")
+        event = await asyncio.to_thread(self._unarchive, request.name, request.reason, actor)
+        await self._registry.get(request.name)  # attach: re-estimate, series, watchers
+        log.info("job %r unarchived by %s", request.name, actor)
+        return event
+
+    def _unarchive(self, job: str, reason: str, actor: str) -> JobEvent:
+        store = self._store
+        control = store.job_control(job)  # NotFoundError: no such job
+        if not control.archived_at:
+            raise PreconditionError(f"job {job!r} is not archived")
+        store.set_job_control(job, dataclasses.replace(control, archived_at=0.0))
+        return store.append_event(job, actor=actor, action="unarchive_job",
+                                  details={"reason": reason} if reason else None)
+
     async def events(self, job: str, after_sequence: int) -> list[JobEvent]:
-        """The job's event log after `after_sequence`."""
-        await self._registry.get(job)
+        """The job's event log after `after_sequence` (an archived job's too)."""
+        self._registry.limits.check_name(job, "job")
         return await asyncio.to_thread(self._store.list_events, job, after_sequence)

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from wsgiref.simple_server import WSGIServer
 
-from gradmix.server.sanity import LOSS_CHANGE, NON_FINITE
+from gradmix.server.sanity import REASONS
 from gradmix.vocabulary import TARGET
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -27,7 +27,7 @@ TARGET_LABEL = TARGET
 #: The label naming the gradmix job on every per-job series.
 JOB_LABEL = "gradmix_job"
 #: Why a re-estimate was held back (`implausible_estimates`' reason label).
-IMPLAUSIBLE_REASONS = (LOSS_CHANGE, NON_FINITE)
+IMPLAUSIBLE_REASONS = REASONS
 
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 2.5, 5.0, 10.0)
@@ -102,14 +102,20 @@ class ServerMetrics:
             "was declared (0: none open).", [JOB_LABEL], registry=registry)
         self.oldest_pending_task_age = Gauge(
             "gradmix_oldest_pending_task_age_seconds", "Seconds the longest-pending task has "
-            "waited for a sketch: since its registration or the current anchor's declaration, "
+            "waited for a sketch: since the first of the complete anchors in a row it missed "
+            "was declared, or since it registered or the current anchor was declared, "
             "whichever is later (0: none pending).", [JOB_LABEL], registry=registry)
+        self.stale_tasks = Gauge(
+            "gradmix_stale_pending_tasks", "Pending tasks flagged stale (pending past the "
+            "server's stale_pending_anchors or stale_pending_seconds): their weight decays.",
+            [JOB_LABEL], registry=registry)
         self.last_estimate_age = Gauge(
             "gradmix_last_estimate_age_seconds", "Seconds since the last re-estimate of the "
             "job finished (failed ones do not count).", [JOB_LABEL], registry=registry)
         self.implausible_estimates = Counter(
             "gradmix_implausible_estimates", "Re-estimates found implausible, by reason "
-            "(loss_change: L̂ too far from L̂(∅); non_finite); held back unless the job had "
+            "(loss_change: L̂ too far from L̂(∅); untrained: L̂(∅) near the untrained level; "
+            "non_finite); held back unless the job had "
             "no mixture yet.", [JOB_LABEL, "reason"],
             registry=registry)
         self.estimate_held = Gauge(
@@ -143,6 +149,7 @@ class ServerMetrics:
         self.commit_to_publish.labels(job)
         self.estimate_held.labels(job).set(0)
         self.anchors_open.labels(job).set(0)
+        self.stale_tasks.labels(job).set(0)
         self.set_task_counts(job, 0, 0)
         self.oldest_open_anchor_age.labels(job).set_function(times.oldest_anchor_age)
         self.oldest_pending_task_age.labels(job).set_function(times.oldest_pending_age)
@@ -163,7 +170,7 @@ class ServerMetrics:
 
     def set_estimate(self, job: str, *, finished_at: float, open_anchors: Mapping[str, float],
                      pending_since: Mapping[str, float], implausible: str,
-                     held: bool) -> None:
+                     held: bool, stale: int = 0) -> None:
         """Record a finished re-estimate.
 
         Args:
@@ -172,6 +179,7 @@ class ServerMetrics:
             pending_since: each pending task's time it started waiting.
             implausible: why its estimate was implausible ("" = it was not).
             held: whether it was held back (the previous mixture stays).
+            stale: how many pending tasks are stale.
         """
         times = self._jobs.get(job)
         if times is not None:
@@ -180,6 +188,7 @@ class ServerMetrics:
             times.pending = min(pending_since.values(), default=None)
         self.anchors_open.labels(job).set(len(open_anchors))
         self.estimate_held.labels(job).set(1 if held else 0)
+        self.stale_tasks.labels(job).set(stale)
         if implausible:
             self.implausible_estimates.labels(job, implausible).inc()
 

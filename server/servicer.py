@@ -33,7 +33,7 @@ from gradmix.server.paging import decode_token, encode_token, page
 from gradmix.server.publisher import MixturePublisher
 from gradmix.server.queries import QueryResult, estimate_subsets, select_tasks
 from gradmix.server.rows import SourceRef, decode_rows, source_ref
-from gradmix.store import AnchorInfo, SketchStore, TaskInfo, validate_name
+from gradmix.store import AnchorInfo, JobInfo, SketchStore, TaskInfo, validate_name
 from gradmix.store import NotFoundError as StoreNotFoundError
 from grpc import aio
 
@@ -88,8 +88,26 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
         jobs = []
         for info in chosen.items:  # only this page's jobs are loaded
             with contextlib.suppress(StoreNotFoundError):  # archived, or deleted meanwhile
-                jobs.append(await self._job(await self._registry.get(info.name)))
+                archived = await asyncio.to_thread(self._archived_at, info.name)
+                if not archived:
+                    jobs.append(await self._job(await self._registry.get(info.name)))
+                elif request.include_archived:
+                    jobs.append(await asyncio.to_thread(self._archived_job, info, archived))
         return pb.ListJobsResponse(jobs=jobs, next_page_token=chosen.next_token)
+
+    def _archived_at(self, job: str) -> float:
+        return self._store.job_control(job).archived_at
+
+    def _archived_job(self, info: JobInfo, archived_at: float) -> pb.Job:
+        """An archived job as the store keeps it (it is not served: no runtime)."""
+        policy, target = convert.settings_to_pb(info.settings)
+        spec = pb.JobSpec(sketch=convert.spec_to_sketch(info.spec), policy=policy, target=target)
+        return pb.Job(name=info.name, spec=spec,
+                      current_anchor=current_anchor(self._store.list_anchors(info.name)),
+                      mixture_version=self._store.last_mixture_version(info.name),
+                      task_count=len(self._store.list_tasks(info.name)),
+                      created_at=convert.timestamp(info.created_at),
+                      archived_at=convert.timestamp(archived_at))
 
     # ----------------------------------------------------------------- tasks
 
@@ -164,7 +182,8 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
             self._limits.check_anchor_step(int(request.step),
                                            max((a.step for a in anchors), default=0))
         return self._store.declare_anchor(request.job, request.anchor, int(request.step),
-                                          convert.horizon_from_pb(request), request.run)
+                                          convert.horizon_from_pb(request), request.run,
+                                          request.untrained_loss)
 
     async def CompleteAnchor(self, request: pb.CompleteAnchorRequest,
                              context: aio.ServicerContext) -> pb.Anchor:
@@ -345,6 +364,11 @@ class SelectionServicer(pb_grpc.SelectionServiceServicer):
     async def DeleteJob(self, request: pb.DeleteJobRequest, context: aio.ServicerContext
                         ) -> pb.JobEvent:
         event = await self._lifecycle.delete_job(request, actor_of(context))
+        return convert.event_to_pb(request.name, event)
+
+    async def UnarchiveJob(self, request: pb.UnarchiveJobRequest, context: aio.ServicerContext
+                           ) -> pb.JobEvent:
+        event = await self._lifecycle.unarchive_job(request, actor_of(context))
         return convert.event_to_pb(request.name, event)
 
     async def ListJobEvents(self, request: pb.ListJobEventsRequest,

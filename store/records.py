@@ -171,7 +171,9 @@ class AnchorInfo:
 
     `horizon` is None when the anchor was declared without one (and for
     anchors declared before horizons existed). `run` names the training run
-    that declared it ("" when none was given).
+    that declared it ("" when none was given). `untrained_loss` is the
+    target loss of an untrained model as the declaring trainer gave it
+    (log of its vocabulary size; 0.0 when not given).
     """
 
     name: str
@@ -180,6 +182,7 @@ class AnchorInfo:
     declared_at: float
     horizon: Horizon | None = None
     run: str = ""
+    untrained_loss: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -312,9 +315,14 @@ class CalibrationRecord:
 class MixtureRecord:
     """One published mixture version of a job.
 
-    `score_error`, `calibration` and `pinned` came later: records stored
-    before them read back as 0.0, None and False. `pinned`: the weights were
-    pinned by an operator, not estimated.
+    `score_error`, `calibration`, `pinned`, the `held_*` fields,
+    `pending_anchors` and `stale` came later: records stored before them read
+    back as 0.0, None, False, "" and empty. `pinned`: the weights were pinned
+    by an operator, not estimated. `held`: the re-estimate was held back by the
+    sanity check (`held_reason` says why, `held_estimated_loss` is what it
+    predicted) and the weights are the previous version's. `pending_anchors`:
+    each pending task's complete anchors in a row without its rows; `stale`:
+    the pending tasks whose weight decays for it (`gradmix.server.staleness`).
     """
 
     version: int
@@ -329,6 +337,11 @@ class MixtureRecord:
     score_error: float = 0.0
     calibration: CalibrationRecord | None = None
     pinned: bool = False
+    held: bool = False
+    held_reason: str = ""
+    held_estimated_loss: float = 0.0
+    pending_anchors: dict[str, int] = field(default_factory=dict)
+    stale: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _is_int(self.version) or self.version < 1:
@@ -350,6 +363,8 @@ class MixtureRecord:
         doc["anchor_loss"] = _encode_float(self.anchor_loss)
         doc["estimated_loss"] = _encode_float(self.estimated_loss)
         doc["score_error"] = _encode_float(self.score_error)
+        doc["held_estimated_loss"] = _encode_float(self.held_estimated_loss)
+        doc["stale"] = list(self.stale)
         if self.calibration is None:
             del doc["calibration"]
         else:
@@ -373,6 +388,11 @@ class MixtureRecord:
             calibration=(CalibrationRecord.from_dict(doc["calibration"])
                          if doc.get("calibration") else None),
             pinned=bool(doc.get("pinned", False)),
+            held=bool(doc.get("held", False)),
+            held_reason=str(doc.get("held_reason", "")),
+            held_estimated_loss=float(doc.get("held_estimated_loss", 0.0)),
+            pending_anchors={str(k): int(v) for k, v in doc.get("pending_anchors", {}).items()},
+            stale=tuple(str(t) for t in doc.get("stale", ())),
         )
 
 

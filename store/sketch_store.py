@@ -8,6 +8,7 @@ is idempotent and a different value is a :class:`SpecMismatchError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -191,14 +192,16 @@ class SketchStore:
     # --- anchors --------------------------------------------------------------
 
     def declare_anchor(
-        self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = ""
+        self, job: str, anchor: str, step: int, horizon: Horizon | None = None, run: str = "",
+        untrained_loss: float = 0.0,
     ) -> AnchorInfo:
         """Declare an anchor at a training step; idempotent. Another step is a SpecMismatchError.
 
         `horizon` (optional) is kept with the anchor; the first declaration
         fixes it, a repeated declaration's horizon is ignored. `run` (optional,
         a name) is the training run declaring it; another run re-declaring the
-        anchor is a SpecMismatchError.
+        anchor is a SpecMismatchError. `untrained_loss` (optional, 0: not
+        given) is kept like the horizon.
         """
         self.get_job(job)
         validate_name(anchor, "anchor")
@@ -208,11 +211,17 @@ class SketchStore:
             raise InvalidSpecError(f"anchor step must be a non-negative integer, got {step!r}")
         if horizon is not None and not isinstance(horizon, Horizon):
             raise InvalidSpecError(f"horizon must be a Horizon, got {type(horizon).__name__}")
+        if (isinstance(untrained_loss, bool) or not isinstance(untrained_loss, int | float)
+                or not math.isfinite(untrained_loss) or untrained_loss < 0):
+            raise InvalidSpecError(
+                f"untrained_loss must be finite and >= 0 (0: not given), got {untrained_loss!r}")
         doc: dict[str, Any] = {"step": step, "state": "open", "declared_at": time.time()}
         if horizon is not None:
             doc["horizon"] = horizon.to_dict()
         if run:
             doc["run"] = run
+        if untrained_loss:
+            doc["untrained_loss"] = float(untrained_loss)
         info = _anchor_info(anchor, self._docs.create(layout.anchor_dir(job, anchor), doc))
         if info.step != step:
             raise SpecMismatchError("step", info.step, step, what=f"anchor {anchor}")
@@ -225,13 +234,15 @@ class SketchStore:
         info = self._anchor(job, anchor)
         if info.state == "complete":
             return info
-        done = AnchorInfo(anchor, info.step, "complete", info.declared_at, info.horizon, info.run)
+        done = dataclasses.replace(info, state="complete")
         doc: dict[str, Any] = {"step": done.step, "state": done.state,
                                "declared_at": done.declared_at}
         if done.horizon is not None:
             doc["horizon"] = done.horizon.to_dict()
         if done.run:
             doc["run"] = done.run
+        if done.untrained_loss:
+            doc["untrained_loss"] = done.untrained_loss
         self._docs.write(layout.anchor_dir(job, anchor), doc)
         return done
 
@@ -355,6 +366,11 @@ class SketchStore:
                 cache[version] = MixtureRecord.from_dict(attrs)
             out.append(cache[version])
         return out
+
+    def last_mixture_version(self, job: str) -> int:
+        """The job's latest mixture version (0: none), without reading the history."""
+        self.get_job(job)
+        return self._last_version(job)
 
     def _last_version(self, job: str) -> int:
         """The highest version that has its document (0: none)."""
@@ -496,4 +512,5 @@ def _task_info(task: str, attrs: dict[str, Any]) -> TaskInfo:
 def _anchor_info(anchor: str, attrs: dict[str, Any]) -> AnchorInfo:
     horizon = attrs.get("horizon")
     return AnchorInfo(anchor, int(attrs["step"]), str(attrs["state"]), float(attrs["declared_at"]),
-                      Horizon.from_dict(horizon) if horizon else None, str(attrs.get("run", "")))
+                      Horizon.from_dict(horizon) if horizon else None, str(attrs.get("run", "")),
+                      float(attrs.get("untrained_loss", 0.0)))

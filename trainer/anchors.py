@@ -57,6 +57,7 @@ from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describ
 from gradmix.trainer.projectors import Projector
 from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.sketch import sketch_examples
+from gradmix.trainer.values import untrained_loss
 from gradmix.vocabulary import TARGET
 from torch import nn
 
@@ -215,7 +216,8 @@ class AnchorProtocol:
                 run = self.state.run or new_run()
                 name = f"{run}-anchor-{step:08d}"
                 horizon = self._horizon(step)
-                self.client.declare_anchor(self.config.job, name, step, horizon=horizon, run=run)
+                self.client.declare_anchor(self.config.job, name, step, horizon=horizon, run=run,
+                                           untrained_loss=untrained_loss(self.module))
                 self.state = AnchorState(name=name, step=step, run=run)
                 self._reference = self._snapshot()
                 self.log.event(

@@ -53,6 +53,7 @@ from typing import Any
 from gradmix.trainer.errors import ConfigError
 from gradmix.vocabulary import (
     DEFAULT_DTYPE,
+    DEFAULT_EXAMPLES_PER_TASK,
     DEFAULT_PROJECTOR,
     DEFAULT_VALUE_KIND,
     Policy,
@@ -217,7 +218,7 @@ class SketchingConfig:
     """Structured projector's Kronecker factor size k (0: 4⌈√d⌉, at least 64)."""
     parameters: tuple[str, ...] = ("*",)
     """fnmatch patterns over parameter names (default: all trainable)."""
-    examples_per_task: int = 64
+    examples_per_task: int = DEFAULT_EXAMPLES_PER_TASK
     """Examples sketched per task (and for the target) at an anchor (seeded draw)."""
     batch_size: int = 8
     """Examples per sketching batch."""

@@ -131,3 +131,32 @@ def completion_loss(
 def logistic_loss(values: torch.Tensor) -> torch.Tensor:
     """ℓ(f) = softplus(−f) = −log σ(f), elementwise: the loss the value linearises."""
     return F.softplus(-values)
+
+
+def uniform_loss(vocab_size: int) -> float:
+    """The loss ℓ(f) = softplus(−f) of a uniform prediction over `vocab_size` tokens, for
+    either value kind: −log(1/V) = log V (the clamp caps it at −log `PROB_EPS`).
+
+    With p_t = 1/V for every token, `log_odds` gives f = logit(1/V) = −log(V − 1) and
+    `geometric_log_odds` the same (p̄ = 1/V); softplus(log(V − 1)) = log V.
+    """
+    if vocab_size < 2:
+        raise SketchError(f"a vocabulary needs at least 2 tokens, got {vocab_size}")
+    return min(math.log(vocab_size), -_LOG_LO)
+
+
+def untrained_loss(model: torch.nn.Module) -> float:
+    """The target loss `model` would have before it learnt anything, `uniform_loss` of its
+    vocabulary (the width of its output layer); 0.0 when that cannot be told.
+
+    The server compares an anchor's target loss with it (DeclareAnchor's
+    `untrained_loss`): a loss near it means the anchor's model has not learnt yet.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        getter = getattr(model, "get_output_embeddings", None)
+        layer = getter() if callable(getter) else None
+        weight = getattr(layer, "weight", None)
+        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 \
+            else None
+    return uniform_loss(vocab) if vocab is not None and vocab >= 2 else 0.0

@@ -117,6 +117,10 @@ DEFAULT_DTYPE: str = SketchDtype.FLOAT16.value
 DEFAULT_VALUE_KIND: str = ValueKind.GEOMETRIC_LOG_ODDS.value
 DEFAULT_MODE: str = EstimateMode.FAST.value
 DEFAULT_METHOD: str = SelectionMethod.THRESHOLD.value
+#: Examples sketched per task (and for the target) at an anchor. The scores'
+#: noise falls as 1/√rows; README "How good are the estimates?" has the
+#: outcome and stability measured at 64, 128 and 256.
+DEFAULT_EXAMPLES_PER_TASK: int = 256
 
 WIRE_UNSPECIFIED: dict[type[StrEnum], str] = {
     Policy: Policy.ENSEMBLE.value,

@@ -342,6 +342,7 @@ class Job(_message.Message):
     TASK_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ESTIMATION_ERROR_FIELD_NUMBER: _builtins.int
+    ARCHIVED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     current_anchor: _builtins.str
     """latest complete anchor ("" if none)"""
@@ -356,6 +357,12 @@ class Job(_message.Message):
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def archived_at(self) -> _timestamp_pb2.Timestamp:
+        """Set when the job is archived (DeleteJob with keep_data): listed only by a
+        ListJobs with include_archived, not served until UnarchiveJob.
+        """
+
     def __init__(
         self,
         *,
@@ -366,10 +373,11 @@ class Job(_message.Message):
         task_count: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         estimation_error: _builtins.str = ...,
+        archived_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archived_at", b"archived_at", "created_at", b"created_at", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_anchor", b"current_anchor", "estimation_error", b"estimation_error", "mixture_version", b"mixture_version", "name", b"name", "spec", b"spec", "task_count", b"task_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived_at", b"archived_at", "created_at", b"created_at", "current_anchor", b"current_anchor", "estimation_error", b"estimation_error", "mixture_version", b"mixture_version", "name", b"name", "spec", b"spec", "task_count", b"task_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -429,17 +437,21 @@ class ListJobsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_ARCHIVED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     page_token: _builtins.str
+    include_archived: _builtins.bool
+    """list archived jobs too (with archived_at set)"""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_archived: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_archived", b"include_archived", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -678,6 +690,7 @@ class Anchor(_message.Message):
     DECLARED_AT_FIELD_NUMBER: _builtins.int
     HORIZON_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    UNTRAINED_LOSS_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     name: _builtins.str
     step: _builtins.int
@@ -685,6 +698,8 @@ class Anchor(_message.Message):
     target_rows: _builtins.int
     run: _builtins.str
     """the training run that declared it ("" for none)"""
+    untrained_loss: _builtins.float
+    """as declared (0: not given)"""
     @_builtins.property
     def declared_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -702,10 +717,11 @@ class Anchor(_message.Message):
         declared_at: _timestamp_pb2.Timestamp | None = ...,
         horizon: Global___Horizon | None = ...,
         run: _builtins.str = ...,
+        untrained_loss: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon", "job", b"job", "name", b"name", "run", b"run", "state", b"state", "step", b"step", "target_rows", b"target_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["declared_at", b"declared_at", "horizon", b"horizon", "job", b"job", "name", b"name", "run", b"run", "state", b"state", "step", b"step", "target_rows", b"target_rows", "untrained_loss", b"untrained_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -720,6 +736,7 @@ class DeclareAnchorRequest(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     HORIZON_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    UNTRAINED_LOSS_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     anchor: _builtins.str
     step: _builtins.int
@@ -729,6 +746,13 @@ class DeclareAnchorRequest(_message.Message):
     new run on a job never keeps estimating at a previous run's anchor; the
     estimate's calibration never pairs anchors of two runs. Re-declaring an
     anchor under another run is ALREADY_EXISTS.
+    """
+    untrained_loss: _builtins.float
+    """Optional (0: not given). The target loss an untrained model has: the
+    cross-entropy of a uniform prediction, log(vocabulary size) for a token
+    model. An anchor whose target loss L̂(∅) is within the server's
+    `untrained_loss_fraction` of it is taken on a model that has not learnt
+    yet: its estimate is held back (Mixture.held_reason "untrained").
     """
     @_builtins.property
     def horizon(self) -> Global___Horizon:
@@ -744,10 +768,11 @@ class DeclareAnchorRequest(_message.Message):
         step: _builtins.int = ...,
         horizon: Global___Horizon | None = ...,
         run: _builtins.str = ...,
+        untrained_loss: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["horizon", b"horizon"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "horizon", b"horizon", "job", b"job", "run", b"run", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "horizon", b"horizon", "job", b"job", "run", b"run", "step", b"step", "untrained_loss", b"untrained_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1027,12 +1052,23 @@ class TaskWeight(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    PENDING_ANCHORS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     weight: _builtins.float
     """probability; weights of a mixture sum to 1"""
     score: _builtins.float
     """policy score, lower = more helpful (0 if pending)"""
     state: Global___TaskState.ValueType
+    pending_anchors: _builtins.int
+    """PENDING only: complete anchors in a row (ending at the mixture's anchor)
+    declared after the task registered at which it has no rows.
+    """
+    stale: _builtins.bool
+    """PENDING only: pending longer than the server's bound (stale_pending_anchors
+    or stale_pending_seconds); its prior weight halves per anchor or period
+    beyond the bound.
+    """
     def __init__(
         self,
         *,
@@ -1040,10 +1076,12 @@ class TaskWeight(_message.Message):
         weight: _builtins.float = ...,
         score: _builtins.float = ...,
         state: Global___TaskState.ValueType = ...,
+        pending_anchors: _builtins.int = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["score", b"score", "state", b"state", "task", b"task", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_anchors", b"pending_anchors", "score", b"score", "stale", b"stale", "state", b"state", "task", b"task", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1065,6 +1103,10 @@ class Mixture(_message.Message):
     SCORE_ERROR_FIELD_NUMBER: _builtins.int
     CALIBRATION_FIELD_NUMBER: _builtins.int
     PINNED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    HELD_REASON_FIELD_NUMBER: _builtins.int
+    HELD_ESTIMATED_LOSS_FIELD_NUMBER: _builtins.int
+    STALE_TASKS_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     version: _builtins.int
     """strictly increasing per job, from 1"""
@@ -1079,6 +1121,14 @@ class Mixture(_message.Message):
     """bootstrap standard error of the scores: the temperature's unit"""
     pinned: _builtins.bool
     """the weights were pinned (PinMixture), not estimated"""
+    held: _builtins.bool
+    """The re-estimate at this version was held back by the server's sanity
+    check: the weights are those of the version before, `held_reason` says
+    why ("loss_change" | "non_finite" | "untrained") and
+    `held_estimated_loss` is the L̂ the held-back estimate predicted.
+    """
+    held_reason: _builtins.str
+    held_estimated_loss: _builtins.float
     @_builtins.property
     def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskWeight]: ...
     @_builtins.property
@@ -1089,6 +1139,10 @@ class Mixture(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def calibration(self) -> Global___Calibration: ...
+    @_builtins.property
+    def stale_tasks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """pending tasks flagged stale (TaskWeight.stale)"""
+
     def __init__(
         self,
         *,
@@ -1104,10 +1158,14 @@ class Mixture(_message.Message):
         score_error: _builtins.float = ...,
         calibration: Global___Calibration | None = ...,
         pinned: _builtins.bool = ...,
+        held: _builtins.bool = ...,
+        held_reason: _builtins.str = ...,
+        held_estimated_loss: _builtins.float = ...,
+        stale_tasks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "anchor_loss", b"anchor_loss", "calibration", b"calibration", "created_at", b"created_at", "estimated_loss", b"estimated_loss", "job", b"job", "pending_tasks", b"pending_tasks", "pinned", b"pinned", "policy", b"policy", "score_error", b"score_error", "version", b"version", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "anchor_loss", b"anchor_loss", "calibration", b"calibration", "created_at", b"created_at", "estimated_loss", b"estimated_loss", "held", b"held", "held_estimated_loss", b"held_estimated_loss", "held_reason", b"held_reason", "job", b"job", "pending_tasks", b"pending_tasks", "pinned", b"pinned", "policy", b"policy", "score_error", b"score_error", "stale_tasks", b"stale_tasks", "version", b"version", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1545,7 +1603,7 @@ class JobEvent(_message.Message):
     """who made it (x-gradmix-actor metadata, else the peer)"""
     action: _builtins.str
     """"update_task" | "retire_task" | "activate_task" | "pin" | "unpin" |
-    "archive_job" | "delete_job"
+    "archive_job" | "unarchive_job" | "delete_job"
     """
     task: _builtins.str
     """the task it concerns ("" for none)"""
@@ -1730,6 +1788,29 @@ class DeleteJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteJobRequest: _TypeAlias = DeleteJobRequest  # noqa: Y015
+
+@_typing.final
+class UnarchiveJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    reason: _builtins.str
+    """kept in the event log"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnarchiveJobRequest: _TypeAlias = UnarchiveJobRequest  # noqa: Y015
 
 @_typing.final
 class ListJobEventsRequest(_message.Message):

@@ -139,6 +139,11 @@ class SelectionServiceStub:
                 request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.DeleteJobRequest.SerializeToString,
                 response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.UnarchiveJob = channel.unary_unary(
+                '/gradmix.v1.SelectionService/UnarchiveJob',
+                request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.UnarchiveJobRequest.SerializeToString,
+                response_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+                _registered_method=True)
         self.ListJobEvents = channel.unary_unary(
                 '/gradmix.v1.SelectionService/ListJobEvents',
                 request_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.ListJobEventsRequest.SerializeToString,
@@ -307,6 +312,15 @@ class SelectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnarchiveJob(self, request, context):
+        """UnarchiveJob: serve an archived job again, from its store data as it was
+        left (FAILED_PRECONDITION if it is not archived). ListJobs lists archived
+        jobs with `include_archived`; ListJobEvents reads an archived job's log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListJobEvents(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -419,6 +433,11 @@ def add_SelectionServiceServicer_to_server(servicer, server):
             'DeleteJob': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteJob,
                     request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.DeleteJobRequest.FromString,
+                    response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.SerializeToString,
+            ),
+            'UnarchiveJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnarchiveJob,
+                    request_deserializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.UnarchiveJobRequest.FromString,
                     response_serializer=gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.SerializeToString,
             ),
             'ListJobEvents': grpc.unary_unary_rpc_method_handler(
@@ -993,6 +1012,33 @@ class SelectionService:
             target,
             '/gradmix.v1.SelectionService/DeleteJob',
             gradmix_dot_proto_dot_v1_dot_selection__pb2.DeleteJobRequest.SerializeToString,
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnarchiveJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradmix.v1.SelectionService/UnarchiveJob',
+            gradmix_dot_proto_dot_v1_dot_selection__pb2.UnarchiveJobRequest.SerializeToString,
             gradmix_dot_proto_dot_v1_dot_selection__pb2.JobEvent.FromString,
             options,
             channel_credentials,

@@ -97,6 +97,11 @@ class SelectionServiceStub:
     data is removed, or kept in place when `keep_data` (archived: the name
     stays taken).
     """
+    UnarchiveJob: _grpc.UnaryUnaryMultiCallable[_selection_pb2.UnarchiveJobRequest, _selection_pb2.JobEvent]
+    """UnarchiveJob: serve an archived job again, from its store data as it was
+    left (FAILED_PRECONDITION if it is not archived). ListJobs lists archived
+    jobs with `include_archived`; ListJobEvents reads an archived job's log.
+    """
     ListJobEvents: _grpc.UnaryUnaryMultiCallable[_selection_pb2.ListJobEventsRequest, _selection_pb2.ListJobEventsResponse]
 
 @_typing.type_check_only
@@ -162,6 +167,11 @@ class SelectionServiceAsyncStub(SelectionServiceStub):
     watch streams end NOT_FOUND, its metric series are removed); its store
     data is removed, or kept in place when `keep_data` (archived: the name
     stays taken).
+    """
+    UnarchiveJob: _aio.UnaryUnaryMultiCallable[_selection_pb2.UnarchiveJobRequest, _selection_pb2.JobEvent]  # type: ignore[assignment]
+    """UnarchiveJob: serve an archived job again, from its store data as it was
+    left (FAILED_PRECONDITION if it is not archived). ListJobs lists archived
+    jobs with `include_archived`; ListJobEvents reads an archived job's log.
     """
     ListJobEvents: _aio.UnaryUnaryMultiCallable[_selection_pb2.ListJobEventsRequest, _selection_pb2.ListJobEventsResponse]  # type: ignore[assignment]
 
@@ -351,6 +361,17 @@ class SelectionServiceServicer(metaclass=_abc_1.ABCMeta):
         watch streams end NOT_FOUND, its metric series are removed); its store
         data is removed, or kept in place when `keep_data` (archived: the name
         stays taken).
+        """
+
+    @_abc_1.abstractmethod
+    def UnarchiveJob(
+        self,
+        request: _selection_pb2.UnarchiveJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_selection_pb2.JobEvent, _abc.Awaitable[_selection_pb2.JobEvent]]:
+        """UnarchiveJob: serve an archived job again, from its store data as it was
+        left (FAILED_PRECONDITION if it is not archived). ListJobs lists archived
+        jobs with `include_archived`; ListJobEvents reads an archived job's log.
         """
 
     @_abc_1.abstractmethod

@@ -175,6 +175,17 @@ def _delete_job(stub: pb_grpc.SelectionServiceStub, md: Any) -> object:
             stub.DeleteJob(pb.DeleteJobRequest(name=SCRATCH), metadata=root)
 
 
+def _unarchive_job(stub: pb_grpc.SelectionServiceStub, md: Any) -> object:
+    """Unarchive a job archived for the purpose; it never stays."""
+    root = bearer("root")
+    stub.CreateJob(pb.CreateJobRequest(name=SCRATCH, spec=spec()), metadata=root)
+    stub.DeleteJob(pb.DeleteJobRequest(name=SCRATCH, keep_data=True), metadata=root)
+    try:
+        return stub.UnarchiveJob(pb.UnarchiveJobRequest(name=SCRATCH), metadata=md)
+    finally:
+        stub.DeleteJob(pb.DeleteJobRequest(name=SCRATCH), metadata=root)
+
+
 def _unpin(stub: pb_grpc.SelectionServiceStub, md: Any) -> object:
     """Unpin a mixture pinned for the purpose (unpinning needs a pin); it never stays."""
     root = bearer("root")
@@ -222,6 +233,7 @@ CALLS: dict[str, Call] = {
         job=JOB, weights={"helpful-0": 1.0}, reason="matrix"), metadata=md),
     "UnpinMixture": _unpin,
     "DeleteJob": _delete_job,
+    "UnarchiveJob": _unarchive_job,
     "ListJobEvents": lambda s, md: s.ListJobEvents(pb.ListJobEventsRequest(job=JOB),
                                                    metadata=md),
 }

@@ -40,7 +40,7 @@ CONNECTION = {"--server", "--tls", "--ca-cert", "--client-cert", "--client-key",
               "--token-file", "--timeout", "--json"}
 #: Every command with its positionals and its own flags (connection options aside).
 SURFACE = {
-    "jobs": ([], []),
+    "jobs": ([], ["--archived"]),
     "create-job": (
         ["job"],
         ["--dim", "--dtype", "--floor", "--manifest-hash", "--policy", "--policy-seed",
@@ -61,6 +61,7 @@ SURFACE = {
     "unpin": (["job"], ["--actor", "--reason"]),
     "delete-job": (["name"], ["--actor", "--keep-data", "--reason"]),
     "archive-job": (["name"], ["--actor", "--reason"]),
+    "unarchive-job": (["name"], ["--actor", "--reason"]),
     "events": (["job"], ["--after"]),
 }
 

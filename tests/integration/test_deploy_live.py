@@ -119,8 +119,10 @@ def populate(stub: pb_grpc.SelectionServiceStub) -> None:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    # A task pending 3 s is stale: the job-health test registers one and watches it turn.
     config = ServerConfig(store=str(tmp_path_factory.mktemp("store")), host="127.0.0.1",
-                          port=0, metrics_port=0, debounce_seconds=0.05, insecure=True)
+                          port=0, metrics_port=0, debounce_seconds=0.05, insecure=True,
+                          stale_pending_seconds=3.0)
     server, port = build_server(config, CollectorRegistry())
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -310,7 +312,8 @@ def test_label_values_the_queries_match_are_the_ones_exported(live: Live) -> Non
 
 def test_prometheus_sees_the_job_health_metrics_move(live: Live, prometheus: str) -> None:
     """Through a real scrape: counters read 0 (not "no data"), and declaring an anchor
-    and registering a task move the open-anchor and pending-task series."""
+    and registering a task move the open-anchor and pending-task series, and the task
+    turns stale (the live server's stale_pending_seconds is 3)."""
     def job_value(promql: str) -> float | None:
         try:
             series = query(prometheus, promql)
@@ -329,6 +332,9 @@ def test_prometheus_sees_the_job_health_metrics_move(live: Live, prometheus: str
     settles('gradmix_implausible_estimates_total{reason="loss_change"}', lambda v: v == 0,
             "the implausible-estimate counter at 0")
     settles("gradmix_estimation_failures_total", lambda v: v == 0, "the failure counter at 0")
+    settles('gradmix_implausible_estimates_total{reason="untrained"}', lambda v: v == 0,
+            "the untrained-anchor counter at 0")
+    settles("gradmix_stale_pending_tasks", lambda v: v == 0, "no stale pending task")
     with grpc.insecure_channel(live.grpc_address) as channel:
         stub = pb_grpc.SelectionServiceStub(channel)
         mixture = stub.GetMixture(pb.GetMixtureRequest(job=JOB), timeout=10)
@@ -343,5 +349,6 @@ def test_prometheus_sees_the_job_health_metrics_move(live: Live, prometheus: str
     settles('gradmix_tasks{state="pending"}', lambda v: v == 1, "the pending task")
     settles("gradmix_oldest_pending_task_age_seconds", lambda v: v > 0, "the task's wait")
     settles("gradmix_last_estimate_age_seconds", lambda v: v < 30, "a recent estimate")
+    settles("gradmix_stale_pending_tasks", lambda v: v == 1, "the task pending 3 s stale")
     rules = wait_for(lambda: rules_evaluated(prometheus), "the alert rules to be evaluated")
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []

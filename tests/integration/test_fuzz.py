@@ -62,6 +62,7 @@ REQUESTS = {
     "GetServerInfo": pb.GetServerInfoRequest, "UpdateTask": pb.UpdateTaskRequest,
     "PinMixture": pb.PinMixtureRequest, "UnpinMixture": pb.UnpinMixtureRequest,
     "DeleteJob": pb.DeleteJobRequest, "ListJobEvents": pb.ListJobEventsRequest,
+    "UnarchiveJob": pb.UnarchiveJobRequest,
 }
 
 
@@ -313,6 +314,9 @@ def test_fuzz_declare_anchor(server: Harness, data: st.DataObject) -> None:
                     learning_rate=lr, steps=steps, optimizer="adamw", parameters=10))),
             Code.INVALID_ARGUMENT),
             st.sampled_from([0.0, -1.0, float("nan"), float("inf")]), st.integers(0, 5)),
+        st.one_of(st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf])).map(
+            lambda u: Case("bad untrained loss", unary("DeclareAnchor", pb.DeclareAnchorRequest(
+                job=JOB, anchor="zz-u", step=1, untrained_loss=u)), Code.INVALID_ARGUMENT)),
     )
     fuzz_rpc(server, data, cases)
 
@@ -605,6 +609,17 @@ def test_fuzz_unpin_mixture(server: Harness, data: st.DataObject) -> None:
 def test_fuzz_delete_job(server: Harness, data: st.DataObject) -> None:
     cases = st.one_of(job_cases("DeleteJob", lambda n: pb.DeleteJobRequest(name=n)),
                       raw_bytes("DeleteJob"))
+    fuzz_rpc(server, data, cases)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_unarchive_job(server: Harness, data: st.DataObject) -> None:
+    cases = st.one_of(
+        job_cases("UnarchiveJob", lambda n: pb.UnarchiveJobRequest(name=n)),
+        st.just(Case("not archived", unary("UnarchiveJob", pb.UnarchiveJobRequest(name=JOB)),
+                     Code.FAILED_PRECONDITION)),
+        raw_bytes("UnarchiveJob"))
     fuzz_rpc(server, data, cases)
 
 

@@ -275,6 +275,48 @@ def test_an_archived_job_keeps_its_data_but_is_no_longer_served(tmp_path: Path) 
         server.stop(1.0)
 
 
+def test_an_archived_job_is_listed_on_request_and_can_be_served_again(tmp_path: Path) -> None:
+    h = start(tmp_path / "store")
+    client = SelectionClient(f"127.0.0.1:{h.server.port}", actor="carol")
+    try:
+        create_job(client)
+        create_job(client, "other")
+        sketch_job(client)
+        last = estimated(client)
+        client.archive_job("job", reason="paused")
+        assert [j.name for j in client.list_jobs()] == ["other"]
+        listed = {j.name: j for j in client.list_jobs(include_archived=True)}
+        assert set(listed) == {"job", "other"} and listed["other"].archived_at == 0.0
+        archived = listed["job"]
+        assert archived.archived_at > 0 and archived.mixture_version == last.version
+        assert (archived.task_count, archived.current_anchor) == (2, "a0")
+        # Its event log stays readable while it is archived.
+        assert [e.action for e in client.list_job_events("job")] == ["archive_job"]
+        assert h.registry.get_sample_value("gradmix_mixture_version",
+                                           {"gradmix_job": "job"}) is None
+        with pytest.raises(FailedPrecondition, match="not archived"):
+            client.unarchive_job("other")
+        with pytest.raises(NotFound):
+            client.unarchive_job("never")
+
+        event = client.unarchive_job("job", reason="resumed")
+        assert (event.action, event.actor, event.details) == ("unarchive_job", "carol",
+                                                              {"reason": "resumed"})
+        assert client.get_job("job").mixture_version >= last.version
+        assert client.get_mixture("job").weights == last.weights
+        assert {j.name: j.archived_at for j in client.list_jobs()} == {"job": 0.0, "other": 0.0}
+        wait_for(lambda: h.registry.get_sample_value("gradmix_mixture_version",
+                                                     {"gradmix_job": "job"}), "its series back")
+        # Served again: new rows re-estimate it.
+        client.register_task("job", "docs")
+        assert newer(client, last.version, lambda m: "docs" in m.weights).anchor == "a0"
+        assert [e.action for e in client.list_job_events("job")] == ["archive_job",
+                                                                    "unarchive_job"]
+    finally:
+        client.close()
+        h.close()
+
+
 def test_requests_from_before_the_lifecycle_api_mean_what_they_meant(served: Served) -> None:
     """Raw v1 messages without the new fields; stored records without them."""
     create_job(served.client)
@@ -324,5 +366,10 @@ def test_the_cli_makes_each_change(served: Served) -> None:
         ("retire_task", "dave"), ("activate_task", "dave"), ("update_task", "dave"),
         ("pin", "erin"), ("unpin", "dave")]
     assert run_cli(served, "archive-job", "job")["action"] == "archive_job"
+    assert run_cli(served, "jobs") == []
+    (archived,) = run_cli(served, "jobs", "--archived")
+    assert archived["name"] == "job" and archived["archived_at"] > 0
+    assert run_cli(served, "unarchive-job", "job")["action"] == "unarchive_job"
+    assert [j["name"] for j in run_cli(served, "jobs")] == ["job"]
     assert run_cli(served, "delete-job", "job")["action"] == "delete_job"
     assert run_cli(served, "jobs") == []

@@ -65,6 +65,7 @@ FAMILIES = {
     "gradmix_last_estimate_age_seconds": "gauge",
     "gradmix_implausible_estimates": "counter",
     "gradmix_estimate_held": "gauge",
+    "gradmix_stale_pending_tasks": "gauge",
     "gradmix_store_writable": "gauge",
     "gradmix_store_write_failures": "counter",
 }
@@ -105,9 +106,10 @@ def test_metrics_move_as_the_flow_runs(harness: Harness) -> None:
                             task="good"))
     # Counters exist at 0 from the start, so panels and alerts read 0, not "no data".
     for name in ("gradmix_estimation_failures_total", "gradmix_anchors_open",
-                 "gradmix_estimate_held", "gradmix_oldest_open_anchor_age_seconds"):
+                 "gradmix_estimate_held", "gradmix_oldest_open_anchor_age_seconds",
+                 "gradmix_stale_pending_tasks"):
         assert value(before, name, gradmix_job="job") == 0, name
-    for reason in ("loss_change", "non_finite"):
+    for reason in ("loss_change", "non_finite", "untrained"):
         assert value(before, "gradmix_implausible_estimates_total", gradmix_job="job",
                      reason=reason) == 0
     assert value(before, "gradmix_oldest_pending_task_age_seconds", gradmix_job="job") > 0
@@ -214,6 +216,13 @@ def test_the_sanity_check_names_what_is_implausible() -> None:
     assert implausible(2.76, 0.027, 0.0) == ""                # no bound
     assert implausible(2.76, math.nan, 0.0) == "non_finite"
     assert implausible(math.inf, 1.0, 10.0) == "non_finite"
+    # An anchor at ≥ 90% of the untrained level log V (V = 20: 3.0) has not learnt.
+    assert implausible(2.924, 2.5, 100.0, untrained_loss=math.log(20),
+                       untrained_fraction=0.9) == "untrained"
+    assert implausible(1.2, 1.0, 100.0, untrained_loss=math.log(20),
+                       untrained_fraction=0.9) == ""
+    assert implausible(2.924, 2.5, 100.0, untrained_loss=0.0, untrained_fraction=0.9) == ""
+    assert implausible(2.924, 2.5, 100.0, untrained_loss=3.0, untrained_fraction=0.0) == ""
 
 
 def test_an_implausible_estimate_is_held_back_flagged_and_counted(
@@ -241,6 +250,10 @@ def test_an_implausible_estimate_is_held_back_flagged_and_counted(
         kept = watcher.until(lambda m: m.anchor == "a0", "the anchor's version")
         assert kept.version == before.version + 1 and weights(kept) == weights(before)
         assert not kept.pending_tasks and kept.estimated_loss != kept.anchor_loss
+        # ... and says it is held back, why, and what the held-back estimate predicted.
+        assert (kept.held, kept.held_reason) == (True, "loss_change")
+        assert abs(math.log(kept.anchor_loss / kept.held_estimated_loss)) > math.log(1.001)
+        assert h.store.read_mixtures("job", before.version)[0].held
         assert h.stub.GetMixture(pb.GetMixtureRequest(job="job")) == kept
         assert value(scrape(h)[1], "gradmix_mixture_version", gradmix_job="job") == kept.version
         (message,) = {r.getMessage() for r in caplog.records if "implausible" in r.getMessage()}

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -183,6 +184,8 @@ def test_two_ranks_sketch_follow_mixtures_and_take_a_new_task(
         assert (anchor.horizon.optimizer, anchor.horizon.steps) == ("adamw", 30)
         assert anchor.horizon.learning_rate == pytest.approx(0.003)
         assert anchor.horizon.parameters > 0
+        # ... and the untrained level of its model: log V, V = 17 characters + 3 specials.
+        assert anchor.untrained_loss == pytest.approx(math.log(20))
     first = anchors[0].name
     for source in (None, "add", "mul"):
         assert store.committed_rows("arith", first, source) == 8  # de-duplicated, all writers
@@ -195,6 +198,10 @@ def test_two_ranks_sketch_follow_mixtures_and_take_a_new_task(
         mixtures = client.list_mixtures("arith")
     rev_active = [m.version for m in mixtures if m.states.get("rev") == "active"]
     assert rev_active, [m.states for m in mixtures]
+    # The step-0 anchor is of an untrained model (its target loss near log V): held back.
+    at_start = [m for m in mixtures if m.anchor == first]
+    assert at_start and at_start[0].held_reason == "untrained", [
+        (m.anchor, m.anchor_loss, m.held_reason) for m in mixtures]
     # Their λ came from the Adam horizon prior (times the calibration factor).
     calibrated = [m.calibration for m in mixtures
                   if m.calibration is not None and "active" in m.states.values()]

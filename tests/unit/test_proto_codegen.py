@@ -25,4 +25,4 @@ def test_generated_service_has_every_v1_call() -> None:
         "CompleteAnchor", "ListAnchors", "CommitSketch", "UploadSketch", "GetMixture",
         "WatchMixture", "ListMixtures", "EstimateSubsets", "SelectTasks", "GetServerInfo",
         "ReportTaskFailure", "UpdateTask", "PinMixture", "UnpinMixture", "DeleteJob",
-        "ListJobEvents"}
+        "UnarchiveJob", "ListJobEvents"}

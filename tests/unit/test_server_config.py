@@ -44,6 +44,9 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
     (["--log-level", "LOUD"], {}, "log_level"),
     (["--smoothing", "1.5"], {}, "smoothing"),
     ([], {"GRADMIX_TEMPERATURE": "-1"}, "temperature"),
+    (["--insecure", "--stale-pending-anchors", "-1"], {}, "stale_pending_anchors"),
+    (["--insecure"], {"GRADMIX_STALE_PENDING_SECONDS": "nan"}, "stale_pending_seconds"),
+    (["--insecure", "--untrained-loss-fraction", "1.5"], {}, "untrained_loss_fraction"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(argv: list[str], env: dict[str, str],
                                                        message: str) -> None:
@@ -56,3 +59,15 @@ def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
     toml.write_text("prot = 1\n")
     with pytest.raises(ConfigError, match="prot"):
         load_config(["--config", str(toml)], env={})
+
+
+def test_stale_and_untrained_settings_load_and_default() -> None:
+    config = load_config(["--insecure", "--stale-pending-anchors", "0"],
+                         env={"GRADMIX_STALE_PENDING_SECONDS": "60",
+                              "GRADMIX_UNTRAINED_LOSS_FRACTION": "0"})
+    assert (config.stale_pending_anchors, config.stale_pending_seconds,
+            config.untrained_loss_fraction) == (0, 60.0, 0.0)
+    default = load_config(["--insecure"], env={})
+    assert (default.stale_pending_anchors, default.stale_pending_seconds,
+            default.untrained_loss_fraction) == (2, 21600.0, 0.9)
+    assert default.stale_policy().halvings(3, 0.0) == 1
