@@ -11,12 +11,16 @@ a mixture has to do more than find a copy of the target (no suite holds one):
   is labelled apart. Cosine similarity with the target's gradient is high
   for all of them, since they share prompts and most tokens.
 - ``complementary``: the target has two kinds of examples, 3-digit worked
-  addition and reversing digit strings of 5–7 digits. One task teaches addition at
-  other digit counts, another reverses short strings: each covers half the
-  target, so only a mixture of both does well, and a mixture that goes all
-  in on the single best task loses. Distractors: copying strings (the
+  addition and reversing digit strings of 3–6 digits. One task is that
+  addition, another that reversal: each covers half the target and neither
+  is the target, so only a mixture of both does well, and a mixture that goes
+  all in on the single best task loses. Distractors: copying strings (the
   reversal's format, the wrong skill), addition with carries dropped, and
-  random labels.
+  random labels. (Its first version taught other digit counts and shorter
+  strings than the target's; the tiny model learnt neither half in 400 steps
+  from them, every mixture ended near ln 10 and a 50/50 mixture of the two
+  tasks scored 2.82 against uniform's 2.31, so the suite could not tell
+  mixtures apart.)
 - ``sizes-and-noise``: the target is 3-digit worked addition; the tasks are
   correct addition at other digit counts at several sizes (one of 48
   examples) and noise levels (a fraction of completion characters replaced
@@ -135,11 +139,6 @@ def copy(rng: random.Random) -> Example:
     return Example(prompt=f"{s}>", completion=s)
 
 
-def reverse_long(rng: random.Random) -> Example:
-    s = "".join(str(rng.randrange(10)) for _ in range(rng.randint(5, 7)))
-    return Example(prompt=f"{s}<", completion=s[::-1])
-
-
 def either(first: Maker, second: Maker) -> Maker:
     """Half the examples from `first`, half from `second`."""
 
@@ -173,10 +172,10 @@ SUITES: dict[str, Suite] = {
         Suite(
             name="complementary",
             description="half addition, half reversal; one task adds, one reverses",
-            target=either(addition(3), reverse_long),
+            target=either(addition(3), reverse),
             tasks=(
-                SuiteTask(name="add2-4", label="helpful", size=2000, make=addition((2, 4))),
-                SuiteTask(name="reverse-short", label="helpful", size=1000, make=reverse),
+                SuiteTask(name="add3", label="helpful", size=2000, make=addition(3)),
+                SuiteTask(name="reverse", label="helpful", size=1000, make=reverse),
                 SuiteTask(name="copy", label="neutral", size=2000, make=copy),
                 SuiteTask(name="add3-no-carry", label="harmful", size=1500,
                           make=wrong_addition(carries=False)),

@@ -5,7 +5,8 @@ starts the grpc.aio server (SelectionService, grpc.health.v1 Health, server
 reflection) on its own event loop in a background thread, starts /metrics on
 its own port, and returns at once with a `RunningServer` handle and the bound
 gRPC port. The gRPC port serves TLS from the configured certificate files
-(mutual TLS when a client CA is set) and checks every SelectionService call's
+(mutual TLS when a client CA is set; new connections get rotated files,
+`gradmix.server.certificates`) and checks every SelectionService call's
 bearer token (`gradmix.server.auth`); plaintext only when the config says
 `insecure`. `main()` is the `gradmix-server` entry point: it only loads the
 config, calls `build_server`, prints the start-up line and waits for SIGTERM
@@ -24,10 +25,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
-import grpc
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.auth import AuthInterceptor, TokenTable
+from gradmix.server.certificates import CertificateError, CertificateFiles
 from gradmix.server.config import ConfigError, ServerConfig, load_config
 from gradmix.server.convert import mixture_to_pb
 from gradmix.server.errors import ServerError
@@ -57,9 +58,12 @@ class _Core:
     """The parts that live on the server's event loop."""
 
     def __init__(self, config: ServerConfig, store: SketchStore, metrics: ServerMetrics,
-                 interceptors: Sequence[aio.ServerInterceptor]) -> None:
+                 interceptors: Sequence[aio.ServerInterceptor],
+                 certificates: CertificateFiles | None = None) -> None:
         self.config = config
         self.interceptors = list(interceptors)
+        #: The gRPC port's TLS files (None: plaintext).
+        self.certificates = certificates
         self.store = store
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(config.estimation_workers,
@@ -90,11 +94,10 @@ class _Core:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         address = f"{self.config.host}:{self.config.port}"
         try:
-            credentials = _server_credentials(self.config)
-            if credentials is None:
+            if self.certificates is None:
                 port = server.add_insecure_port(address)
             else:
-                port = server.add_secure_port(address, credentials)
+                port = server.add_secure_port(address, self.certificates.server_credentials())
         except RuntimeError as exc:
             raise ServerStartError(f"cannot bind gRPC to {address}: {exc}") from exc
         if port == 0:
@@ -173,22 +176,14 @@ class RunningServer:
         return self._stopped.wait(timeout)
 
 
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ServerStartError(f"cannot read {path}: {exc}") from exc
-
-
-def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials of the gRPC port (None: plaintext, `insecure`)."""
+def _certificates(config: ServerConfig) -> CertificateFiles | None:
+    """The TLS certificate files, followed for rotation (None: plaintext, `insecure`)."""
     if config.insecure:
         return None
-    client_ca = _read(config.tls_client_ca) if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(_read(config.tls_key), _read(config.tls_cert))],
-        root_certificates=client_ca, require_client_auth=client_ca is not None)
+    try:
+        return CertificateFiles(config.tls_key, config.tls_cert, config.tls_client_ca)
+    except CertificateError as exc:
+        raise ServerStartError(str(exc)) from exc
 
 
 def _interceptors(config: ServerConfig,
@@ -199,12 +194,15 @@ def _interceptors(config: ServerConfig,
     return [AuthInterceptor(TokenTable(config.auth_tokens_file, config.auth_tokens), registry)]
 
 
-def _metrics_endpoint(config: ServerConfig, registry: CollectorRegistry) -> MetricsEndpoint:
-    if not config.tls_metrics:
+def _metrics_endpoint(config: ServerConfig, registry: CollectorRegistry,
+                      certificates: CertificateFiles | None) -> MetricsEndpoint:
+    if not config.tls_metrics or certificates is None:
         return MetricsEndpoint(registry, config.host, config.metrics_port)
-    return MetricsEndpoint(registry, config.host, config.metrics_port,
-                           certfile=config.tls_cert, keyfile=config.tls_key,
-                           client_cafile=config.tls_client_ca or None)
+    endpoint = MetricsEndpoint(registry, config.host, config.metrics_port,
+                               certfile=config.tls_cert, keyfile=config.tls_key,
+                               client_cafile=config.tls_client_ca or None)
+    endpoint.watch_certificates(certificates)
+    return endpoint
 
 
 def describe_access(config: ServerConfig) -> str:
@@ -240,17 +238,18 @@ def build_server(config: ServerConfig,
     """
     registry = REGISTRY if registry is None else registry
     interceptors = _interceptors(config, registry)  # a bad token table fails before anything
+    certificates = _certificates(config)  # so do unreadable certificate files
     store = SketchStore.open(config.store)
     metrics = ServerMetrics(registry)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="gradmix-server",
                               daemon=True)
     thread.start()
-    core = _Core(config, store, metrics, interceptors)
+    core = _Core(config, store, metrics, interceptors, certificates)
     try:
         port = asyncio.run_coroutine_threadsafe(core.start(), loop).result()
         try:
-            endpoint = _metrics_endpoint(config, registry)
+            endpoint = _metrics_endpoint(config, registry, core.certificates)
         except OSError as exc:
             raise ServerStartError(
                 f"cannot serve /metrics on {config.host}:{config.metrics_port}: "

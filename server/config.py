@@ -252,6 +252,8 @@ def _field_types() -> dict[str, type]:
 def _coerce(name: str, value: Any, kind: type, origin: str) -> Any:
     """Convert `value` (a TOML value or a string) to the field's type."""
     try:
+        if kind is bool and isinstance(value, bool):
+            return value
         if kind is bool and isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")
         if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):

@@ -26,12 +26,23 @@ Two modes:
   fast mode for thousands of subsets over thousands of tasks, where the fast
   mode's O(m·n·d²) systems dominate; `bench/estimator.py` reports its rank
   agreement with the fast mode.
+
+Task rows are kept in memory unless the estimator is given a `TaskRows`
+reader (the server's, which reads them back from the store): then a task
+costs its statistics only, and the exact mode and the bootstrap
+(`gradmix.server.policies.resampled`) read its rows back when they run. One
+exact call, or the calls within `rows_cached`, keep what they read in a
+`RowCache` of at most `ROW_CACHE_BYTES` (`gradmix.server.task_statistics`;
+rows are read again past it) and drop it when they return. The target's
+rows are always kept: every estimate reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import scipy.linalg
@@ -43,7 +54,12 @@ from gradmix.server.errors import (
     PreconditionError,
     UnknownTaskError,
 )
-from gradmix.server.task_statistics import HessianBank, TaskStatistics, softplus
+from gradmix.server.task_statistics import (
+    HessianBank,
+    RowCache,
+    TaskStatistics,
+    softplus,
+)
 from gradmix.vocabulary import EstimateMode, choices
 from scipy.special import expit
 
@@ -56,6 +72,8 @@ MODES = (*choices(EstimateMode), LINEARIZED)
 #: Exact mode stops when ‖∇J(w)‖ ≤ this × max(1, ‖∇J(0)‖).
 EXACT_GRADIENT_TOLERANCE = 1e-11
 EXACT_MAX_ITERATIONS = 100
+#: Reads back the rows added for a task: (grads (rows, d), values (rows,)).
+TaskRows = Callable[[str], tuple[np.ndarray, np.ndarray]]
 #: Fast-mode solves kept for reuse, one per (λ, number of subsets): the
 #: server's policies, its estimated-loss check and queries each have their own.
 SOLVES_KEPT = 4
@@ -80,11 +98,14 @@ class SubsetEstimator:
         regularization: λ, the ridge weight on w (default for `estimate`).
     """
 
-    def __init__(self, dim: int, *, regularization: float = 1.0) -> None:
+    def __init__(self, dim: int, *, regularization: float = 1.0,
+                 rows: TaskRows | None = None) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim <= 0:
             raise InvalidArgumentError(f"dim must be a positive integer, got {dim!r}")
         self.dim = int(dim)
         self.regularization = _checked_regularization(regularization)
+        #: None: task rows are kept in memory; else how they are read back.
+        self.rows = rows
         self._tasks: dict[str, TaskStatistics] = {}
         self._bank = HessianBank(self.dim)
         self._target: TaskStatistics | None = None
@@ -92,6 +113,7 @@ class SubsetEstimator:
         self._changed: set[str] = set()  # tasks with rows the solver has not reread
         self._versions: list[int] = []  # per task (index = bank slot): adds so far
         self._solved: dict[tuple[float, int], _Solved] = {}  # (λ, m) → the last solve
+        self._cache: RowCache | None = None  # shared by the calls within `rows_cached`
 
     # ------------------------------------------------------------------ rows
     def add_target_rows(self, grads: np.ndarray, values: np.ndarray) -> None:
@@ -109,7 +131,8 @@ class SubsetEstimator:
             raise InvalidArgumentError(f"task must be a non-empty string, got {task!r}")
         stats = self._tasks.get(task)
         if stats is None:
-            stats = TaskStatistics(self.dim, name=task, bank=self._bank)
+            reader = None if self.rows is None else partial(self.rows, task)
+            stats = TaskStatistics(self.dim, name=task, bank=self._bank, reader=reader)
             stats.add(grads, values)
             self._tasks[task] = stats
             self._versions.append(0)
@@ -148,6 +171,22 @@ class SubsetEstimator:
     def anchor_loss(self) -> float:
         """L̂(∅): the mean target loss softplus(-f_v) at the anchor."""
         return self._require_target().loss()
+
+    @contextlib.contextmanager
+    def rows_cached(self) -> Iterator[None]:
+        """Within it, every exact estimate and bootstrap shares one `RowCache`, so a
+        query of many calls (one subset at a time, forward selection) reads each
+        task's rows back once, not once per call; dropped on leaving."""
+        outer = self._cache
+        self._cache = outer or RowCache()
+        try:
+            yield
+        finally:
+            self._cache = outer
+
+    def row_cache(self) -> RowCache:
+        """The `RowCache` of the enclosing `rows_cached`, else a fresh one."""
+        return self._cache or RowCache()
 
     # ------------------------------------------------------------ estimation
     def discard_solves(self) -> None:
@@ -204,9 +243,10 @@ class SubsetEstimator:
         if mode == "fast":
             losses[active] = target_losses(target, fast_w)
             return losses
+        cache = self.row_cache()
         with single_threaded_blas():
             for row, w0 in zip(active, fast_w, strict=True):
-                w = self._exact_solve(alpha[row], lam, w0.astype(np.float64))
+                w = self._exact_solve(alpha[row], lam, w0.astype(np.float64), cache)
                 losses[row] = target_losses(target, w[None, :])[0]
         return losses
 
@@ -326,12 +366,15 @@ class SubsetEstimator:
             del self._solved[next(iter(self._solved))]
         return w
 
-    def _exact_solve(self, alpha: np.ndarray, lam: float, w: np.ndarray) -> np.ndarray:
+    def _exact_solve(self, alpha: np.ndarray, lam: float, w: np.ndarray,
+                     cache: RowCache) -> np.ndarray:
         """Damped Newton on the rows of the subset (alpha > 0), from `w`."""
         stats = list(self._tasks.values())
         chosen = np.flatnonzero(alpha > 0)
-        grads = np.concatenate([stats[j].grads() for j in chosen])
-        values = np.concatenate([stats[j].values() for j in chosen])
+        parts = [cache.rows(stats[j]) for j in chosen]
+        grads = np.concatenate([g for g, _ in parts])
+        values = np.concatenate([f for _, f in parts])
+        del parts
         coef = np.concatenate([np.full(stats[j].rows, alpha[j] / stats[j].rows) for j in chosen])
 
         def objective(w: np.ndarray) -> float:

@@ -6,6 +6,11 @@ loop: it reads newly committed rows from the store into the current anchor's
 mixture, and, if the weights changed, persists the next version with
 `store.append_mixture` before returning it for publication.
 
+The estimator keeps the tasks' statistics, not their rows: the exact mode
+and the bootstrap read a task's rows back from the store (`_read_back`, up to
+the read cursor its statistics were built to), so a job's memory is
+O(tasks·d²) plus its target rows, however many rows are uploaded.
+
 The current anchor is the latest complete one (greatest step; on a tie, the
 later declared). When it changes the estimator is rebuilt from the new
 anchor's rows; tasks without rows there become pending again.
@@ -197,8 +202,26 @@ class JobState:
         rows = self._rows
         return rows.name if rows else ""
 
-    def new_estimator(self) -> SubsetEstimator:
-        return SubsetEstimator(self.info.spec.dim, regularization=self.policy.regularization)
+    def _anchor_rows(self, anchor: str) -> AnchorRows:
+        """An empty `AnchorRows` for `anchor` whose estimator reads task rows back
+        from the store instead of keeping them."""
+        rows = AnchorRows(anchor, SubsetEstimator(self.info.spec.dim,
+                                                  regularization=self.policy.regularization))
+        rows.estimator.rows = lambda task: self._read_back(rows, task)
+        return rows
+
+    def _read_back(self, rows: AnchorRows, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of `task` that `rows` ingested, read again from the store.
+
+        Called by the estimator (exact mode, bootstrap) under `lock`, so the
+        cursor is the one its statistics were built to.
+        """
+        cursor = rows.cursors.get(task)
+        if cursor is None:
+            empty = np.zeros((0, self.info.spec.dim), np.float32)
+            return empty, np.zeros(0)
+        read, _ = self.store.read_rows(self.name, rows.name, task, until=cursor)
+        return self._within_limits(rows.name, task, read.grads, read.values, quiet=True)
 
     def refresh(self, dirty: Collection[tuple[str, Source]], full: bool) -> Refreshed:
         """Ingest new rows and publish-worthy changes; runs on a worker thread.
@@ -215,7 +238,7 @@ class JobState:
             anchors = self.store.list_anchors(self.name)
             anchor = current_anchor(anchors)
             if anchor != self.anchor or retired != self._retired:
-                self._rows = AnchorRows(anchor, self.new_estimator()) if anchor else None
+                self._rows = self._anchor_rows(anchor) if anchor else None
                 self._retired = retired  # their rows leave the estimator with them
                 full = True
             if self._rows is not None:
@@ -360,14 +383,18 @@ class JobState:
             rows.cursors[source] = cursor
 
     def _within_limits(self, anchor: str, source: Source, grads: np.ndarray,
-                       values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                       values: np.ndarray, *, quiet: bool = False
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """The rows a writer committed to the store that pass `row_problems`; the rest
-        are left out of every estimate (and logged), so one bad row cannot break a job."""
+        are left out of every estimate (and logged unless `quiet`: read back, they
+        were logged when ingested), so one bad row cannot break a job."""
         if not len(values):
             return grads, values
         bad, problem = row_problems(grads, values, self.limits)
         if not bad.any():
             return grads, values
+        if quiet:
+            return grads[~bad], values[~bad]
         what = "the target" if source is None else f"task {source!r}"
         log.warning("job %r: left out %d committed row(s) of %s at anchor %r that %s",
                     self.name, int(bad.sum()), what, anchor, problem)
@@ -445,7 +472,7 @@ class JobState:
         if self._rows is not None and self._rows.name == name:
             estimator = self._rows.estimator
         else:
-            rows = AnchorRows(name, self.new_estimator())
+            rows = self._anchor_rows(name)
             self._ingest(rows, (), full=True)
             estimator = rows.estimator
         if not estimator.has_target:

@@ -13,14 +13,19 @@ the oldest pending task, the last estimate) are computed when scraped.
 
 from __future__ import annotations
 
+import logging
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from wsgiref.simple_server import WSGIServer
 
+from gradmix.server.certificates import RELOAD_CHECK_SECONDS, CertificateFiles
 from gradmix.server.sanity import REASONS
 from gradmix.vocabulary import TARGET
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
 
 #: The label the target's rows are counted under in `sketch_rows_committed`.
 TARGET_LABEL = TARGET
@@ -273,8 +278,36 @@ class MetricsEndpoint:
         self._server: WSGIServer = server
         self._thread: threading.Thread = thread
         self.port: int = server.server_port
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def watch_certificates(self, certificates: CertificateFiles) -> None:
+        """Reload `certificates` into the HTTPS context when they change: new
+        connections get the new certificate (checked every `RELOAD_CHECK_SECONDS`)."""
+        context = self._server.socket.context  # type: ignore[attr-defined]  # an SSLSocket
+
+        def watch() -> None:
+            seen = certificates.generation
+            while not self._closed.wait(RELOAD_CHECK_SECONDS):
+                certificates.refresh()
+                if certificates.generation == seen:
+                    continue
+                seen = certificates.generation
+                try:
+                    context.load_cert_chain(certificates.cert, certificates.key)
+                    if certificates.client_ca:
+                        context.load_verify_locations(cafile=certificates.client_ca)
+                except (ssl.SSLError, OSError) as exc:
+                    log.error("/metrics certificate not reloaded: %s", exc)
+
+        self._watcher = threading.Thread(target=watch, name="gradmix-metrics-certificates",
+                                         daemon=True)
+        self._watcher.start()
 
     def close(self) -> None:
+        self._closed.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5.0)

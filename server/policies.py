@@ -48,6 +48,7 @@ from gradmix.server.errors import InvalidArgumentError
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.mixture import scores_to_mixture, standard_error
 from gradmix.server.simplex import optimize_simplex
+from gradmix.server.task_statistics import RowCache
 
 #: Ridge penalty of the surrogate fit, relative to the mean diagonal of XᵀX
 #: (centred design): small enough not to bias a well-posed fit, large enough
@@ -297,7 +298,8 @@ def bootstrap_scores(estimator: SubsetEstimator, config: PolicyConfig) -> np.nda
         return np.zeros((0, n))
     rng = np.random.default_rng(config.seed)
     lighter = bootstrap_config(config)
-    return np.array([policy.scores(resampled(estimator, rng), lighter)
+    cache = estimator.row_cache()  # rows read back once for every replicate (within its bound)
+    return np.array([policy.scores(resampled(estimator, rng, cache), lighter)
                      for _ in range(config.bootstrap)])
 
 
@@ -326,13 +328,19 @@ def score_error(estimator: SubsetEstimator, config: PolicyConfig) -> float:
     return standard_error(bootstrap_scores(estimator, config))
 
 
-def resampled(estimator: SubsetEstimator, rng: np.random.Generator) -> SubsetEstimator:
-    """A copy of `estimator` whose every source's rows are drawn with replacement."""
+def resampled(estimator: SubsetEstimator, rng: np.random.Generator,
+              cache: RowCache | None = None) -> SubsetEstimator:
+    """A copy of `estimator` whose every source's rows are drawn with replacement.
+
+    Rows the estimator does not keep are read back (through `cache` if given).
+    """
     replica = SubsetEstimator(estimator.dim, regularization=estimator.regularization)
+    cache = cache or RowCache()
     for name in (None, *estimator.tasks):
         stats = estimator.statistics(name)
         rows = rng.integers(0, stats.rows, stats.rows)
-        grads, values = stats.grads()[rows], stats.values()[rows]
+        grads, values = cache.rows(stats)
+        grads, values = grads[rows], values[rows]
         if name is None:
             replica.add_target_rows(grads, values)
         else:

@@ -12,6 +12,7 @@ cancels or its deadline (the client's, or `query_timeout_seconds`) passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -149,8 +150,9 @@ def estimate_subsets(state: JobState, request: object, limits: Limits,
     if any(s.weights for s in request.subsets):
         # The estimator renormalises weights within a subset: 1.0 each is uniform.
         weights = [list(s.weights) or [1.0] * len(s.tasks) for s in request.subsets]
-    with state.lock:
+    with state.lock, contextlib.ExitStack() as cached:
         anchor, estimator = state.estimator_at(request.anchor)
+        cached.enter_context(estimator.rows_cached())  # rows read back once per call
         limits.check_query_cost(len(subsets), len(estimator.tasks), mode)
         _check_tasks(state, anchor, estimator, [t for s in subsets for t in s])
         losses: list[float] = []
@@ -177,8 +179,9 @@ def select_tasks(state: JobState, request: object, limits: Limits,
         raise InvalidArgumentError(f"unknown selection method enum value {method}")
     mode = estimate_mode(request.mode)
     policy = state.policy
-    with state.lock:
+    with state.lock, contextlib.ExitStack() as cached:
         anchor, estimator = state.estimator_at(request.anchor)
+        cached.enter_context(estimator.rows_cached())  # rows read back once per call
         if not estimator.tasks:
             raise PreconditionError(
                 f"no task of job {state.name!r} has sketch rows at anchor {anchor!r} yet")

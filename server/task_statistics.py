@@ -6,8 +6,10 @@ For rows (f_i, g_i) of one task (or of the target) at one anchor this keeps
          Σ_i σ(f_i)σ(-f_i) g_i g_iᵀ   (the loss Hessian at w = 0, summed),
 
 so adding rows costs O(rows·d²) and never revisits old rows. The rows
-themselves are kept as well: the estimator's exact mode and the target loss
-need them.
+themselves are needed only by the target loss, the estimator's exact mode and
+the bootstrap; by default they are kept as well, and with a `RowReader` they
+are not: `grads` and `values` read them back (from the store, on the server),
+so a task's memory is its statistics, O(d²), whatever its rows.
 
 The Hessian sums of all of an estimator's tasks live in one `HessianBank`:
 float64 pages of 64 tasks each holding only the lower triangle of each sum
@@ -20,6 +22,9 @@ The fast-mode solver reads the bank directly (`gradmix.server.batched_solve`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+
 import numpy as np
 from gradmix.server.batched_solve import LowerBlocks, single_threaded_blas
 from gradmix.server.errors import (
@@ -27,12 +32,19 @@ from gradmix.server.errors import (
     EmptyTaskError,
     InvalidArgumentError,
     NonFiniteError,
+    PreconditionError,
 )
 from scipy.linalg.blas import dsyrk as syrk
 from scipy.special import expit
 
 #: Slots per page of a `HessianBank`.
 PAGE = 64
+
+#: Reads back the rows added to one `TaskStatistics` (those added, in any order):
+#: (grads (rows, d), values (rows,)).
+RowReader = Callable[[], tuple[np.ndarray, np.ndarray]]
+#: The most bytes of read-back rows one exact call or one bootstrap keeps (`RowCache`).
+ROW_CACHE_BYTES = 256 << 20
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -90,20 +102,23 @@ class HessianBank:
 
 
 class TaskStatistics:
-    """Rows and running sums of one task's sketch (or the target's).
+    """Running sums of one task's sketch (or the target's), and its rows unless read back.
 
     Attributes:
         dim: Sketch dimension d.
         name: The task name (used in error messages); "target" for the target.
         rows: Number of rows added so far.
         slot: Row of the Hessian bank holding this task's sum (None: no rows yet).
+        reader: None: rows are kept in memory; else how `grads`/`values` read them back.
     """
 
-    def __init__(self, dim: int, *, name: str, bank: HessianBank | None = None) -> None:
+    def __init__(self, dim: int, *, name: str, bank: HessianBank | None = None,
+                 reader: RowReader | None = None) -> None:
         self.dim = dim
         self.name = name
         self.rows = 0
         self.slot: int | None = None
+        self.reader = reader
         self._bank = HessianBank(dim) if bank is None else bank
         self._gradient_sum = np.zeros(dim)
         self._loss_sum = 0.0
@@ -122,10 +137,19 @@ class TaskStatistics:
             self._gradient_sum -= q @ wide
             self._bank.accumulate(self.slot, wide * np.sqrt(p * q)[:, None])
         self._loss_sum += float(softplus(-f).sum())
-        self._chunks.append((g, f))
+        if self.reader is None:
+            self._chunks.append((g, f))
         self.rows += f.shape[0]
         self._stacked.clear()
         self._values = None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of rows this object holds (0 when they are read back)."""
+        arrays = [a for chunk in self._chunks for a in chunk] + list(self._stacked.values())
+        if self._values is not None:
+            arrays.append(self._values)
+        return sum(a.nbytes for a in arrays)
 
     def loss_gradient(self) -> np.ndarray:
         """b = mean_i -σ(-f_i) g_i, float64 (d,)."""
@@ -147,17 +171,76 @@ class TaskStatistics:
         return self._loss_sum / self.rows
 
     def grads(self, dtype: np.dtype | type = np.float64) -> np.ndarray:
-        """All rows' gradients stacked, (rows, d), in `dtype` (cached)."""
+        """All rows' gradients stacked, (rows, d), in `dtype` (cached while rows are kept;
+        read back on every call otherwise)."""
         key = np.dtype(dtype)
+        if self.reader is not None:
+            return self.read_back()[0].astype(key)
         if key not in self._stacked:
             self._stacked[key] = np.concatenate([g for g, _ in self._chunks]).astype(key)
         return self._stacked[key]
 
     def values(self) -> np.ndarray:
         """All rows' values stacked, float64 (rows,)."""
+        if self.reader is not None:
+            return self.read_back()[1]
         if self._values is None:
             self._values = np.concatenate([f for _, f in self._chunks])
         return self._values
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        """(grads float64, values) of every row, read back once when they are not kept."""
+        if self.reader is None:
+            return self.grads(), self.values()
+        grads, values = self.read_back()
+        return grads.astype(np.float64), values
+
+    def read_back(self) -> tuple[np.ndarray, np.ndarray]:
+        """(grads, values) from `reader`, checked to be as many rows as were added.
+
+        Raises:
+            PreconditionError: the reader gave another number of rows (the
+                source changed under this task's statistics).
+        """
+        assert self.reader is not None
+        grads, values = self.reader()
+        if len(values) != self.rows or grads.shape != (self.rows, self.dim):
+            raise PreconditionError(
+                f"{self.name}: {len(values)} rows read back, {self.rows} were added; "
+                "its rows changed since: retry once the job has re-estimated")
+        return grads, np.asarray(values, dtype=np.float64)
+
+
+class RowCache:
+    """Rows read back for one computation (an exact call, a bootstrap), by task.
+
+    Holds at most `limit` bytes (float64 grads and values), dropping the least
+    recently used; rows kept in memory by their statistics are taken from
+    there, uncounted. Dropped with the computation: nothing stays after it.
+    """
+
+    def __init__(self, limit: int = ROW_CACHE_BYTES) -> None:
+        self.limit = limit
+        self._held: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._bytes = 0
+
+    def rows(self, stats: TaskStatistics) -> tuple[np.ndarray, np.ndarray]:
+        """`stats.stacked()`, from the cache when it holds them."""
+        if stats.reader is None:
+            return stats.stacked()
+        held = self._held.get(stats.name)
+        if held is not None:
+            self._held.move_to_end(stats.name)
+            return held
+        held = stats.stacked()
+        size = held[0].nbytes + held[1].nbytes
+        while self._held and self._bytes + size > self.limit:
+            _, (g, f) = self._held.popitem(last=False)
+            self._bytes -= g.nbytes + f.nbytes
+        if size <= self.limit:
+            self._held[stats.name] = held
+            self._bytes += size
+        return held
 
 
 def validated_rows(

@@ -86,12 +86,17 @@ class SourceIndex:
 
 
 def read_new_rows(
-    docs: GroupDocs, arrays: ArrayCache, writers_path: str, cursor: ReadCursor, dim: int
+    docs: GroupDocs, arrays: ArrayCache, writers_path: str, cursor: ReadCursor, dim: int,
+    *, until: ReadCursor | None = None,
 ) -> tuple[Rows, ReadCursor]:
-    """Committed rows after ``cursor``, minus ids already returned along its lineage."""
+    """Committed rows after ``cursor``, minus ids already returned along its lineage;
+    with ``until``, no row past where that cursor stood on each writer."""
     offsets = dict(cursor.offsets)
+    stops = dict(until.offsets) if until is not None else None
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for writer, committed in writer_counts(docs, writers_path).items():
+        if stops is not None:
+            committed = min(committed, stops.get(writer, 0))
         start = offsets.get(writer, 0)
         if committed <= start:
             continue

@@ -303,9 +303,16 @@ class SketchStore:
             return int(index.ids.shape[0])
 
     def read_rows(
-        self, job: str, anchor: str, task: str | None, cursor: ReadCursor | None = None
+        self, job: str, anchor: str, task: str | None, cursor: ReadCursor | None = None,
+        *, until: ReadCursor | None = None,
     ) -> tuple[Rows, ReadCursor]:
-        """Committed rows after ``cursor`` (all when None), never repeating an example id."""
+        """Committed rows after ``cursor`` (all when None), never repeating an example id.
+
+        With ``until`` (a cursor this source returned earlier), only rows up to
+        where it stood: reading from None until a cursor gives back the rows
+        its lineage returned (the same example ids), e.g. to read again rows
+        a reader dropped from memory.
+        """
         spec = self.get_job(job).spec
         self._anchor(job, anchor)
         self._require_task(job, task)
@@ -315,8 +322,10 @@ class SketchStore:
         elif not isinstance(cursor, ReadCursor):
             raise StoreStateError(f"not a ReadCursor: {type(cursor).__name__}")
         cursor.check_source(source)
+        if until is not None:
+            until.check_source(source)
         path = layout.writers_dir(job, anchor, task)
-        return read_new_rows(self._docs, self._arrays, path, cursor, spec.dim)
+        return read_new_rows(self._docs, self._arrays, path, cursor, spec.dim, until=until)
 
     def sources(self, job: str, anchor: str) -> list[str]:
         """Tasks with at least one committed row at the anchor, in registration order."""

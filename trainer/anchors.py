@@ -51,11 +51,13 @@ from gradmix.client import (
 from gradmix.client.errors import AlreadyExists, GradmixError, InvalidArgument
 from gradmix.store import SketchStore, StoreError
 from gradmix.trainer.config import SketchingConfig, TrainConfig
-from gradmix.trainer.data import TaskPool
+from gradmix.trainer.data import TaskPool, is_data_file, is_url
 from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import ConfigError, DataError, TrainerError, describe, is_transient
 from gradmix.trainer.projectors import Projector
 from gradmix.trainer.runlog import RunLog
+from gradmix.trainer.setup import join_job
+from gradmix.trainer.sharded import lockstep_batches, sharded
 from gradmix.trainer.sketch import sketch_examples
 from gradmix.trainer.values import untrained_loss
 from gradmix.vocabulary import TARGET
@@ -174,7 +176,7 @@ class AnchorProtocol:
             return
         self.state = AnchorState(**plan["state"])
         for task, path in plan["paths"].items():
-            self.pool.add(task, Path(path))
+            self.pool.add(task, path)
         outcomes: dict[str, str] = {}
         sources = plan["sources"]
         for number, src in enumerate(sources, start=1):
@@ -228,6 +230,10 @@ class AnchorProtocol:
                     step=step,
                     horizon=asdict(horizon) if horizon is not None else None,
                 )
+        except ConfigError as error:  # the job is missing and this token may not create it
+            self.server_seconds += time.monotonic() - started
+            self.log.event("sketch_point_refused", str(error), level=logging.ERROR, step=step)
+            return {"refused": str(error)}
         except GradmixError as error:
             self.server_seconds += time.monotonic() - started
             if not is_transient(error):
@@ -325,12 +331,10 @@ class AnchorProtocol:
         task = None if source == TARGET_KEY else source
         began = time.monotonic()
         try:
-            # The draw follows the step, not the run: a rerun sketches the same examples.
-            ids = self.pool.sketch_draw(task, f"anchor-{self.state.step:08d}",
-                                        self.cfg.examples_per_task)
+            ids = self._draw(task)
             mine = ids[self.dist.rank :: self.dist.world_size]
-            if mine:
-                self._write_rows(task, anchor, mine)
+            if mine or sharded(self.module):
+                self._write_rows(task, anchor, mine, ids)
         except DataError as error:
             self.problems[source] = f"data cannot be loaded: {describe(error)}"
             self.log.event(
@@ -367,8 +371,34 @@ class AnchorProtocol:
         )
         return "done"
 
-    def _write_rows(self, task: str | None, anchor: str, ids: list[int]) -> None:
+    def _draw(self, task: str | None) -> list[int]:
+        """The source's seeded sketch draw. On a ZeRO-3 model (sketching is collective)
+        the ranks first agree that every one of them could load it.
+
+        Raises:
+            DataError: the data cannot be loaded here, or on another rank.
+        """
+        # The draw follows the step, not the run: a rerun sketches the same examples.
+        problem: DataError | None = None
+        try:
+            ids = self.pool.sketch_draw(task, f"anchor-{self.state.step:08d}",
+                                        self.cfg.examples_per_task)
+        except DataError as error:
+            problem = error
+        if sharded(self.module):
+            loaded = self.dist.all_gather(problem is None)
+            if problem is None and not all(loaded):
+                problem = DataError(f"cannot be loaded on rank {loaded.index(False)}")
+        if problem is not None:
+            raise problem
+        return ids
+
+    def _write_rows(self, task: str | None, anchor: str, ids: list[int],
+                    drawn: list[int]) -> None:
+        """Sketch and write this rank's rows `ids` of the source's draw `drawn`. On a
+        ZeRO-3 model every rank runs as many sketch batches as the busiest one."""
         examples = self.pool.examples(task)
+        lockstep = sharded(self.module)
         grads, values = sketch_examples(
             self.module,
             self.projector,
@@ -376,7 +406,12 @@ class AnchorProtocol:
             batch_size=self.cfg.batch_size,
             pad_id=self.pool.tokenizer.pad_id,
             value_kind=self.cfg.value_kind,
+            min_batches=lockstep_batches(len(drawn), self.dist.world_size, self.cfg.batch_size)
+            if lockstep else 0,
+            filler=examples[drawn[0]] if drawn else None,
         )
+        if not ids:
+            return
         writer = SketchWriter(
             self.client, self.config.job, anchor, task, f"rank-{self.dist.rank}", store=self.store
         )
@@ -436,6 +471,8 @@ class AnchorProtocol:
                 self._ensure_job()
             except AlreadyExists as error:
                 problem = f"job {self.config.job!r} exists with another spec: {describe(error)}"
+            except ConfigError as error:  # missing, and this token may not create it
+                problem = str(error)
             except GradmixError as error:
                 if not is_transient(error):
                     problem = f"the server refused job {self.config.job!r}: {describe(error)}"
@@ -465,8 +502,9 @@ class AnchorProtocol:
             value_kind=self.cfg.value_kind,
         )
         policy = PolicySettings(**self.config.policy) if self.config.policy else None
-        self.client.create_job(
-            self.config.job, sketch=sketch, policy=policy, target=self.config.data.target
+        how = join_job(
+            self.client, self.config.job, sketch=sketch, policy=policy,
+            target=self.config.data.target,
         )
         for task, path in self.config.data.tasks.items():
             try:
@@ -476,7 +514,7 @@ class AnchorProtocol:
         self.job_ready = True
         self.log.event(
             "job",
-            f"job {self.config.job} ready (manifest {manifest.hash()})",
+            f"job {self.config.job} ready ({how}; manifest {manifest.hash()})",
             manifest_hash=manifest.hash(),
             manifest=manifest.to_json(),
         )
@@ -537,7 +575,8 @@ def anchor_horizon(
 
 class TaskFiles:
     """Rank 0's directory of task data files: configured, a registration's metadata
-    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins).
+    `path`, or `<task_dir>/<task>.jsonl` (first existing file wins). Each may be a
+    local path or an fsspec URL (s3://bucket/task.jsonl, ...).
 
     Args:
         config: the job configuration.
@@ -561,6 +600,9 @@ class TaskFiles:
             self.config.data.tasks.get(task, ""),
             self._metadata.get(task, {}).get("path", ""),
         ]
-        if self.config.data.task_dir:
-            candidates.append(str(Path(self.config.data.task_dir) / f"{task}.jsonl"))
-        return next((c for c in candidates if c and Path(c).is_file()), None)
+        if task_dir := self.config.data.task_dir:
+            candidates.append(
+                f"{task_dir.rstrip('/')}/{task}.jsonl" if is_url(task_dir)
+                else str(Path(task_dir) / f"{task}.jsonl")
+            )
+        return next((c for c in candidates if c and is_data_file(c)), None)

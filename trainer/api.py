@@ -21,6 +21,10 @@ levels, each built from the one below:
 
 Every call of `Sketcher.setup_job` and `Sketcher.sketch_point` is a
 collective: every rank calls it at the same step.
+
+A model sharded by DeepSpeed ZeRO-3 (`engine.module`) is sketched as is with
+the structured projector: the sketch needs layer inputs and output gradients,
+not whole weights (`gradmix.trainer.sharded`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from gradmix.trainer.distributed import Dist
 from gradmix.trainer.errors import TrainerError
 from gradmix.trainer.projectors import Projector, build_projector
 from gradmix.trainer.runlog import RunLog
+from gradmix.trainer.sharded import sharded, sketching_problem
 from gradmix.trainer.sketch import sketch_examples
 from torch import nn
 
@@ -143,9 +148,16 @@ def sketch(
     batch_size: int = 8,
     pad_id: int = 0,
     value_kind: str | None = None,
+    min_batches: int = 0,
+    filler: TokenizedExample | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sketch examples into rows: (projected gradients (n, d) float32, values (n,)) on
     the CPU. The model is run in eval mode; its `.grad`s are never touched.
+
+    On a model sharded by DeepSpeed ZeRO-3 (pass `engine.module`; structured
+    projector only) every forward gathers parameters from all ranks, so every rank
+    must call this together and run the same number of batches: give the ranks'
+    largest batch count as `min_batches` (`gradmix.trainer.sharded.lockstep_batches`).
 
     Args:
         model: the model (its parameters must be those of `projector`'s manifest).
@@ -154,10 +166,20 @@ def sketch(
         batch_size: examples per forward/backward.
         pad_id: the padding token id.
         value_kind: the job's value kind (default: the sketch settings' default).
+        min_batches: run at least this many batches; the extra ones sketch `filler`
+            (default: the first example) and are dropped.
+        filler: the example extra batches run on (needed when `examples` is empty).
     """
     kind = value_kind or SketchingConfig().value_kind
     return sketch_examples(
-        model, projector, examples, batch_size=batch_size, pad_id=pad_id, value_kind=kind
+        model,
+        projector,
+        examples,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        value_kind=kind,
+        min_batches=min_batches,
+        filler=filler,
     )
 
 
@@ -171,6 +193,7 @@ class _TransformersTokenizer:
         pad = tok.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_id)
         self.vocab_size = len(tok)
+        self.transformers = tok
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -235,7 +258,8 @@ class Sketcher:
         job: the job's name on the server and in the store.
         server: host:port of the selection server.
         store: the sketch store (a path or fsspec URL; the server's store).
-        model: the model being trained (unwrapped: not the DDP/DeepSpeed wrapper).
+        model: the model being trained (unwrapped: not the DDP/DeepSpeed wrapper; under
+            ZeRO-3 `engine.module`, with the structured projector and no drift_bound).
         tokenizer: a gradmix `Tokenizer` or a transformers tokenizer.
         target: the target's JSONL file of {"prompt", "completion"}, or its examples.
         tasks: task name → JSONL file or examples (`TokenizedExample`s; from rows with
@@ -296,6 +320,8 @@ class Sketcher:
         )
         if self.config.policy:
             PolicySettings(**self.config.policy)  # a bad key or value fails here, not later
+        if sharded(model) and (problem := sketching_problem(self.config.sketching)):
+            raise TrainerError(problem)
         device = next(model.parameters()).device
         self.dist = dist or process_group(device)
         self.tokenizer = as_tokenizer(tokenizer)
@@ -307,7 +333,7 @@ class Sketcher:
             tokenizer=self.tokenizer,
             max_length=max_length,
             seed=seed,
-            paths={t: Path(s) for t, s in sources.items() if isinstance(s, str | Path)},
+            paths={t: s for t, s in sources.items() if isinstance(s, str | Path)},
         )
         memory = {t for t, s in given.items() if _in_memory(s)}
         self.client = SelectionClient(server)

@@ -115,7 +115,9 @@ class TokenizerConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataConfig:
-    """Where the target's and the tasks' examples are (JSONL of prompt/completion)."""
+    """Where the target's and the tasks' examples are: JSONL of prompt/completion or chat
+    records, or (with `datasets`) .json / .parquet files or `save_to_disk` directories;
+    local paths or fsspec URLs (`gradmix.trainer.data`)."""
 
     target: str
     """The target's JSONL file (the examples whose loss should go down)."""
@@ -308,7 +310,12 @@ class TrainConfig:
         _require(bool(self.client_cert) == bool(self.client_key),
                  "client_cert and client_key go together")
         stage = int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
-        _require(stage in (0, 1, 2), f"ZeRO stage {stage} unsupported (0–2: sketching vmaps)")
+        _require(stage in (0, 1, 2, 3), f"ZeRO stage {stage} unsupported (0–3)")
+        if stage == 3:  # parameters sharded
+            from gradmix.trainer.sharded import sketching_problem
+
+            problem = sketching_problem(self.sketching)
+            _require(not problem, problem)
         unknown = set(self.policy) - {f.name for f in dataclasses.fields(_policy_fields())}
         _require(not unknown, f"[policy]: unknown keys {sorted(unknown)}")
         try:
@@ -434,5 +441,8 @@ def _resolve(section: str, raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def _abs(p: str, base: Path) -> Path:
-    return Path(p) if Path(p).is_absolute() else base / p
+def _abs(p: str, base: Path) -> str:
+    """A local path made absolute against `base`; an fsspec URL as is."""
+    if "://" in p:
+        return p
+    return str(Path(p) if Path(p).is_absolute() else base / p)

@@ -1,10 +1,17 @@
-"""Task data: JSONL loading, tokenisation with a completion loss mask, batching.
+"""Task data: loading, tokenisation with a completion loss mask, batching.
 
-A task (or the target) is a local JSONL file of {"prompt": ..., "completion": ...}
-objects. Files are read when a task is first needed, so tasks that only appear
-later in a mixture cost nothing until then. Every draw of examples (training
-batches, sketch samples) is a pure function of (seed, task, step or anchor,
-rank), which is what makes a resumed run continue the same draws.
+A task (or the target) is a JSONL file of {"prompt": ..., "completion": ...}
+records, scored on the completion and eos, or of chat records
+({"messages": [...]}, rendered by the tokenizer's chat template and scored on
+the assistant turns); or the same records in a `datasets.save_to_disk`
+directory or .json / .parquet files (read through `datasets`, the `hf`
+extra). Each is a local path or any fsspec URL (s3://, gs://, file://,
+memory://, ...; credentials and endpoints from the environment, e.g. AWS_*
+variables or fsspec's FSSPEC_S3_ENDPOINT_URL). Files are read when a task
+is first needed, so tasks that only appear later in a mixture cost nothing
+until then. Every draw of examples (training batches, sketch samples) is a pure function
+of (seed, task, step or anchor, rank), which is what makes a resumed run
+continue the same draws.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class HFTokenizer:
         pad = self._tok.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_id)
         self.vocab_size = len(self._tok)
+        self.transformers = self._tok
+        """The transformers tokenizer itself (its chat template renders chat records)."""
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
@@ -130,15 +139,59 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
     return Batch(ids, mask)
 
 
+#: A data file: a local path, or an fsspec URL (has "://").
+Location = str | Path
+
+
+def is_url(location: Location) -> bool:
+    """Whether a data location is an fsspec URL rather than a local path."""
+    return "://" in str(location)
+
+
+def read_text(location: Location) -> str:
+    """The UTF-8 text of a local file or an fsspec URL.
+
+    Raises:
+        OSError: the file cannot be read (missing, no permission, endpoint away).
+        ValueError: an fsspec URL of an unknown protocol, or of one whose package
+            (e.g. s3fs) is not installed.
+    """
+    if not is_url(location):
+        return Path(location).read_text(encoding="utf-8")
+    import fsspec
+
+    try:
+        with fsspec.open(str(location), "rt", encoding="utf-8") as f:
+            return str(f.read())
+    except ImportError as exc:  # e.g. s3:// without s3fs
+        raise ValueError(f"{exc}") from exc
+
+
+def is_data_file(location: Location) -> bool:
+    """Whether a local path is a file or a (`save_to_disk`) directory; for an fsspec URL,
+    whether it is a file or whether that cannot be told (reading it then reports the
+    error)."""
+    if not is_url(location):
+        return Path(location).is_file() or Path(location).is_dir()
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(location))
+        return bool(fs.isfile(path))
+    except (OSError, ValueError, ImportError):
+        return True
+
+
 def read_jsonl(
-    path: Path,
+    path: Location,
     tokenizer: Tokenizer,
     max_length: int,
     *,
     max_truncated: float = 1.0,
     warn: bool = True,
 ) -> list[TokenizedExample]:
-    """Read and tokenise a JSONL file of {"prompt", "completion"} objects.
+    """Read and tokenise a JSONL file of {"prompt", "completion"} objects (a local path
+    or an fsspec URL).
 
     Examples longer than `max_length` tokens are cut, and characters the
     character tokenizer does not know become unk; both are counted and, with
@@ -149,8 +202,8 @@ def read_jsonl(
             line), or more than `max_truncated` of the examples cut.
     """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
+        lines = read_text(path).splitlines()
+    except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
     out = []
     truncated, unknown_in, unknown = 0, 0, set[str]()
@@ -160,11 +213,14 @@ def read_jsonl(
             continue
         try:
             obj = json.loads(line)
+            if isinstance(obj, dict) and "messages" in obj:
+                out.append(chat_record(obj["messages"], tokenizer, max_length))
+                continue
             prompt, completion = obj["prompt"], obj["completion"]
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 raise TypeError("prompt and completion must be strings")
             example = tokenize(prompt, completion, tokenizer, max_length)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, DataError) as exc:
             raise DataError(f"{path}:{number}: bad example: {exc}") from exc
         out.append(example)
         full = len(tokenizer.encode(prompt)) + len(tokenizer.encode(completion)) + 1
@@ -193,6 +249,68 @@ def read_jsonl(
     return out
 
 
+def chat_record(messages: object, tokenizer: Tokenizer, max_length: int) -> TokenizedExample:
+    """A {"messages": [...]} record rendered by the tokenizer's chat template and scored
+    on the assistant turns (`gradmix.trainer.hf_data.chat_example`), cut to `max_length`.
+
+    Raises:
+        DataError: a tokenizer without a transformers chat template, or a bad chat.
+    """
+    template = getattr(tokenizer, "transformers", None)
+    if template is None or not getattr(template, "chat_template", None):
+        raise DataError(
+            "chat records need a transformers tokenizer with a chat template "
+            "([tokenizer] path = a local tokenizer directory)"
+        )
+    if not isinstance(messages, list):
+        raise DataError("messages must be a list of {role, content} turns")
+    from gradmix.trainer.hf_data import chat_example
+    from gradmix.trainer.mixture_stream import IGNORE
+
+    row = chat_example(messages, template, max_length)
+    labels = row["labels"]
+    return TokenizedExample(tuple(row["input_ids"]), tuple(t != IGNORE for t in labels))
+
+
+def read_task(
+    location: Location,
+    tokenizer: Tokenizer,
+    max_length: int,
+    *,
+    max_truncated: float = 1.0,
+    warn: bool = True,
+) -> list[TokenizedExample]:
+    """A task's examples from a JSONL file (`read_jsonl`: prompt/completion or chat
+    records) or, through `datasets` (the `hf` extra), from a `save_to_disk` directory
+    or .json / .parquet files of such records; local or by fsspec URL.
+
+    Raises:
+        DataError: unreadable, malformed or empty data (or `datasets` missing).
+    """
+    if str(location).split("?")[0].endswith(".jsonl"):
+        return read_jsonl(location, tokenizer, max_length, max_truncated=max_truncated,
+                          warn=warn)
+    try:
+        from gradmix.trainer.hf_data import load_task
+    except ImportError as exc:
+        raise DataError(f"{location}: reading it needs `datasets` (gradmix[hf])") from exc
+    out = []
+    for number, record in enumerate(load_task(str(location)), start=1):
+        try:
+            if "messages" in record:
+                out.append(chat_record(record["messages"], tokenizer, max_length))
+            else:
+                prompt, completion = record["prompt"], record["completion"]
+                if not isinstance(prompt, str) or not isinstance(completion, str):
+                    raise TypeError("prompt and completion must be strings")
+                out.append(tokenize(prompt, completion, tokenizer, max_length))
+        except (KeyError, TypeError, DataError) as exc:
+            raise DataError(f"{location}: record {number}: bad example: {exc}") from exc
+    if not out:
+        raise DataError(f"{location}: no examples")
+    return out
+
+
 class TaskPool:
     """Lazily loaded examples of the target and the tasks, and seeded draws from them.
 
@@ -200,7 +318,8 @@ class TaskPool:
         tokenizer: tokenizer for every file.
         max_length: longest example in tokens.
         seed: the training seed every draw derives from.
-        paths: known data files by task name (the target under `None`).
+        paths: known data files (local paths or fsspec URLs) by task name (the target
+            under `None`).
         resolve: fallback giving the file of a task not in `paths` (or None).
     """
 
@@ -210,16 +329,17 @@ class TaskPool:
         *,
         max_length: int,
         seed: int,
-        paths: Mapping[str | None, Path],
-        resolve: Callable[[str], Path | None] | None = None,
+        paths: Mapping[str | None, Location],
+        resolve: Callable[[str], Location | None] | None = None,
     ) -> None:
         self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
-        self._paths: dict[str | None, Path] = dict(paths)
+        self._paths: dict[str | None, Location] = dict(paths)
         self._resolve = resolve
         self._loaded: dict[str | None, list[TokenizedExample]] = {}
 
-    def add(self, task: str, path: Path) -> None:
-        """Make a task's file known (e.g. from its registration metadata)."""
+    def add(self, task: str, path: Location) -> None:
+        """Make a task's file (local path or fsspec URL) known (e.g. from its registration
+        metadata)."""
         self._paths.setdefault(task, path)
 
     def examples(self, task: str | None) -> list[TokenizedExample]:
@@ -231,7 +351,7 @@ class TaskPool:
             if path is None:
                 raise DataError(f"no data file known for task {task!r}")
             limit = MAX_TARGET_TRUNCATED if task is None else 1.0
-            self._loaded[task] = read_jsonl(
+            self._loaded[task] = read_task(
                 path, self.tokenizer, self.max_length, max_truncated=limit
             )
         return self._loaded[task]

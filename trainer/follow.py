@@ -3,8 +3,9 @@
 Rank 0 runs a `ServerWatch` thread on the job's mixture stream. At every
 step boundary `MixtureSync.boundary(step)` broadcasts rank 0's newest
 version (if any) with torch.distributed and every rank schedules it on its
-`MixtureSampler` for that very step, so all ranks switch together; each
-switch is logged ("mixture version V took effect at step S") and kept in
+`MixtureSampler` for that very step (or, `at_step`, a later one: the Hugging
+Face callback's `MixtureStream` is read ahead), so all ranks switch together; each
+switch is logged ("mixture version V takes effect at step S") and kept in
 `history` for the checkpoint. When the server is unreachable the trainer
 keeps the mixture in force, the watch keeps reconnecting, and the log and
 progress line say so.
@@ -16,8 +17,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gradmix.client import Mixture, MixtureSampler, SelectionClient
 from gradmix.client.errors import GradmixError
@@ -130,15 +130,25 @@ class ServerWatch:
         self._thread.join(timeout=10.0)
 
 
+class Schedule(Protocol):
+    """What MixtureSync schedules mixtures on: a `MixtureSampler`, or anything that
+    switches at an optimizer step the same way."""
+
+    def update(self, mixture: Mixture | dict[str, float], at_step: int) -> None:
+        """Take effect from optimizer step `at_step` on."""
+        ...
+
+
 class MixtureSync:
     """Applies rank 0's newest mixture on every rank at the same step.
 
     Args:
         dist: the process group.
-        sampler: this rank's task sampler.
+        sampler: this rank's task sampler (a `MixtureSampler` or another `Schedule`).
         log: this rank's run log.
         watch: rank 0's server watch (None on other ranks).
-        pool: this rank's task data (learns the files of the mixture's tasks).
+        pool: this rank's task data (learns the files of the mixture's tasks); None
+            when the tasks' data is already in hand.
         locate: rank 0's lookup of a task's data file; tasks without one are left
             out of the applied weights (and logged).
     """
@@ -146,10 +156,10 @@ class MixtureSync:
     def __init__(
         self,
         dist: Dist,
-        sampler: MixtureSampler,
+        sampler: MixtureSampler | Schedule,
         log: RunLog,
         watch: ServerWatch | None,
-        pool: TaskPool,
+        pool: TaskPool | None,
         locate: Callable[[str], str | None],
     ) -> None:
         self.dist, self.sampler, self.log, self.watch = dist, sampler, log, watch
@@ -164,8 +174,9 @@ class MixtureSync:
         self.hold = False
         """Reproducible mode: new versions wait for `at_anchor` instead of `boundary`."""
 
-    def boundary(self, step: int) -> None:
-        """Collective: called by every rank before drawing step `step`'s task."""
+    def boundary(self, step: int, at_step: int | None = None) -> None:
+        """Collective: called by every rank before drawing step `step`'s task; a new
+        mixture takes effect at `at_step` (default: this step)."""
         payload: tuple[Mixture | None, dict[str, str], bool | None, str, str] | None = None
         if self.dist.is_main and self.watch is not None:
             latest = None if self.hold else self.watch.latest()
@@ -176,8 +187,7 @@ class MixtureSync:
         if payload is None:
             payload = (None, {}, self.reachable, "", "")
         mixture, paths, reachable, error, self.refused = self.dist.broadcast(payload)
-        for task, path in paths.items():
-            self.pool.add(task, Path(path))
+        self._learn(paths)
         if reachable is not None and reachable != self.reachable:
             was, self.reachable = self.reachable, reachable
             if reachable and was is False:
@@ -199,7 +209,7 @@ class MixtureSync:
                     error=error,
                 )
         if mixture is not None:
-            self.apply(mixture, step)
+            self.apply(mixture, step if at_step is None else at_step)
 
     def at_anchor(self, step: int, anchor: str, timeout: float) -> None:
         """Collective (reproducible mode): apply the server's mixture estimated at `anchor`,
@@ -221,10 +231,14 @@ class MixtureSync:
                 self._seen_version = max(self._seen_version, mixture.version)
                 payload = self._usable(mixture)
         mixture, paths = self.dist.broadcast(payload)
-        for task, path in paths.items():
-            self.pool.add(task, Path(path))
+        self._learn(paths)
         if mixture is not None:
             self.apply(mixture, step)
+
+    def _learn(self, paths: dict[str, str]) -> None:
+        if self.pool is not None:
+            for task, path in paths.items():
+                self.pool.add(task, path)
 
     def apply(self, mixture: Mixture | dict[str, float], step: int, version: int = 0) -> None:
         """Schedule a mixture at `step` on this rank and record it."""
@@ -237,7 +251,7 @@ class MixtureSync:
         self._seen_version = max(self._seen_version, version)
         entry = {"version": version, "step": step, "anchor": anchor, "weights": dict(weights)}
         self.history.append(entry)
-        self.log.event("mixture", f"mixture version {version} took effect at step {step}", **entry)
+        self.log.event("mixture", f"mixture version {version} takes effect at step {step}", **entry)
 
     def _usable(self, mixture: Mixture | None) -> tuple[Mixture | None, dict[str, str]]:
         """The mixture restricted to tasks with data, and their files (rank 0)."""

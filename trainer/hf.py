@@ -15,13 +15,13 @@ What the callback does, on every rank (the Trainer calls it on each):
   first mixture, else starts uniform over the stream's tasks;
 - at each optimizer step's start it runs a sketch point if one is due (the
   anchor protocol of `gradmix-train`, collective over the ranks), then
-  broadcasts rank 0's newest mixture; every rank schedules it at one global
-  draw, the first draw of step `global_step + lag`, so all ranks switch at
-  the same optimizer step. The lag covers the batches the Trainer and
-  accelerate fetch ahead of the step they train. After a sketch point that
-  completed an anchor, rank 0 waits up to `wait_for_mixture` seconds for
-  that anchor's mixture, so the switch step follows the anchor, not the
-  server's timing;
+  broadcasts rank 0's newest mixture with `gradmix-train`'s own
+  `MixtureSync`; every rank schedules it at one global draw, the first draw
+  of step `global_step + lag`, so all ranks switch at the same optimizer
+  step. The lag covers the batches the Trainer and accelerate fetch ahead of
+  the step they train. After a sketch point that completed an anchor, rank 0
+  waits up to `wait_for_mixture` seconds for that anchor's mixture, so the
+  switch step follows the anchor, not the server's timing;
 - its state (the stream's schedule, the mixture history, the anchor) is
   saved with each Trainer checkpoint (`trainer_state.json`, as a stateful
   callback) and restored when `trainer.train(resume_from_checkpoint=...)`
@@ -30,14 +30,17 @@ What the callback does, on every rank (the Trainer calls it on each):
   default): the callback restores itself.
 
 The stream is global and read by accelerate, which hands each rank its own
-batches; keep `dataloader_num_workers=0` (a worker process would not see the
-mixtures scheduled during the run).
+batches; keep `dataloader_num_workers=0`: a worker process iterates its own
+copy of the stream, which mixtures scheduled during the run never reach, and
+each worker batches its own draws (worker w makes batches w, w+W, ...), so a
+switch at one draw would not land on one optimizer step. Following live
+mixtures with workers needs the schedule shared with them and each worker
+held back until the schedule is final for the draws it makes (the step
+`lag` ahead); that is not built.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ from gradmix.trainer.anchors import AnchorState
 from gradmix.trainer.api import Sketcher, Source, process_group
 from gradmix.trainer.config import SketchingConfig
 from gradmix.trainer.errors import TrainerError
-from gradmix.trainer.follow import ServerWatch
+from gradmix.trainer.follow import MixtureSync, ServerWatch
 from gradmix.trainer.hf_data import as_examples
 from gradmix.trainer.mixture_stream import MixtureStream
 from transformers import TrainerCallback
@@ -105,12 +108,22 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         )
         self.sketching, self.max_length, self.policy = sketching, max_length, policy
         self.lag, self.wait_for_mixture, self.output_dir = lag, wait_for_mixture, output_dir
-        self.history: list[dict[str, Any]] = []
         self.sketcher: Sketcher | None = None
-        self.watch: ServerWatch | None = None
+        self.sync: MixtureSync | None = None
+        self._restored: list[dict[str, Any]] = []
         self._lr_scheduler: Any = None
-        self._seen_version = 0
         self._per_step = 1
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every mixture scheduled: version, the optimizer step it takes effect at,
+        anchor and weights."""
+        return self.sync.history if self.sync is not None else self._restored
+
+    @property
+    def watch(self) -> ServerWatch | None:
+        """Rank 0's watch of the job's mixtures (None elsewhere, and outside training)."""
+        return self.sync.watch if self.sync is not None else None
 
     # ------------------------------------------------------------ saved state
 
@@ -130,9 +143,9 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         # The Trainer replays skipped batches from the stream's start unless told not to.
         stream_state["draw"] = state.global_step * self._per_step if args.ignore_data_skip else 0
         self.stream.load_state_dict(stream_state)
-        self.history = list(saved["history"])
-        self._seen_version = max((h["version"] for h in self.history), default=0)
-        assert self.sketcher is not None
+        assert self.sketcher is not None and self.sync is not None
+        self.sync.history = list(saved["history"])
+        self.sync.applied_version = max((h["version"] for h in self.sync.history), default=0)
         self.sketcher.state = AnchorState(**saved["anchor"])
 
     # ------------------------------------------------------------ Trainer events
@@ -163,84 +176,49 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             seed=args.seed,
             policy=self.policy,
             dist=dist,
-            reachable=lambda: self.watch is None or self.watch.reachable,
+            reachable=lambda: self.sync is None or self.sync.reachable is not False,
+        )
+        self.sync = MixtureSync(
+            dist,
+            _StreamSchedule(self.stream, self._per_step),
+            self.sketcher.log,
+            None,
+            None,
+            lambda task: task if task in self.stream.tasks else None,
         )
         if state.global_step > 0:
             self._restore(args, state)
         self.sketcher.setup_job()
         if dist.is_main:
-            self.watch = ServerWatch(
-                self.sketcher.client, self.job, after_version=self._seen_version
+            self.sync.watch = ServerWatch(
+                self.sketcher.client, self.job, after_version=self.sync.applied_version
             ).start()
             if state.global_step == 0:
-                self.watch.wait_first(self.wait_for_mixture)
+                self.sync.watch.wait_first(self.wait_for_mixture)
         if state.global_step == 0:
-            self._follow(step=0, at_draw=0)
+            self.sync.boundary(0)
             if not self.stream.schedule:
-                self._apply({t: 1.0 for t in self.stream.tasks}, step=0, at_draw=0)
+                self.sync.apply({t: 1.0 for t in self.stream.tasks}, step=0)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        assert self.sketcher is not None
+        assert self.sketcher is not None and self.sync is not None
         step = state.global_step
         if self.sketcher.due(step):
             before = self.sketcher.state
             after = self.sketcher.sketch_point(step)
-            if after.complete and not (before.complete and before.name == after.name):
-                self._await_anchor_mixture(after.name)
-        self._follow(step, at_draw=(step + self.lag) * self._per_step)
+            fresh = after.complete and not (before.complete and before.name == after.name)
+            if fresh and self.sync.watch is not None:  # rank 0: the anchor's mixture, bounded
+                self.sync.watch.wait_at_anchor(after.name, self.wait_for_mixture)
+        self.sync.boundary(step, at_step=step + self.lag)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.watch is not None:
-            self.watch.close()
-            self.watch = None
+        if self.sync is not None and self.sync.watch is not None:
+            self.sync.watch.close()
+            self.sync.watch = None
         if self.sketcher is not None:
             self.sketcher.close()
 
-    # ------------------------------------------------------------ mixtures
-
-    def _follow(self, step: int, at_draw: int) -> None:
-        """Collective: schedule rank 0's newest unseen mixture on every rank."""
-        assert self.sketcher is not None
-        fresh: Mixture | None = None
-        if self.sketcher.dist.is_main and self.watch is not None:
-            latest = self.watch.latest()
-            if latest is not None and latest.version > self._seen_version:
-                fresh = latest
-        fresh = self.sketcher.dist.broadcast(fresh)
-        if fresh is None:
-            return
-        usable = {t: w for t, w in fresh.weights.items() if t in self.stream.tasks and w > 0}
-        dropped = sorted(t for t, w in fresh.weights.items() if w > 0 and t not in usable)
-        if dropped:
-            self.sketcher.log.event(
-                "mixture_tasks_without_data", version=fresh.version, tasks=dropped
-            )
-        self._seen_version = fresh.version
-        if usable:
-            self._apply(dataclasses.replace(fresh, weights=usable), step, at_draw)
-
-    def _apply(self, mixture: Mixture | dict[str, float], step: int, at_draw: int) -> None:
-        assert self.sketcher is not None
-        self.stream.update(mixture, at_draw=at_draw)
-        version = mixture.version if isinstance(mixture, Mixture) else 0
-        weights = dict(mixture.weights if isinstance(mixture, Mixture) else mixture)
-        first_step = at_draw // self._per_step
-        entry = {"version": version, "step": first_step, "draw": at_draw, "weights": weights}
-        self.history.append(entry)
-        self.sketcher.log.event(
-            "mixture", f"mixture version {version} takes effect at step {first_step}", **entry
-        )
-
-    def _await_anchor_mixture(self, anchor: str) -> None:
-        """Rank 0: wait (bounded) until the watch has a mixture of `anchor`."""
-        if self.watch is None:
-            return
-        deadline = time.monotonic() + self.wait_for_mixture
-        while time.monotonic() < deadline:
-            latest = self.watch.latest()
-            if latest is not None and latest.anchor == anchor:
-                return
-            time.sleep(0.05)
+    # ------------------------------------------------------------ helpers
 
     def _current_lr(self) -> float | None:
         try:
@@ -248,3 +226,14 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         except AttributeError:  # no scheduler: the configured rate
             return None
         return float(rates[0]) if rates else None
+
+
+class _StreamSchedule:
+    """The stream as `MixtureSync` schedules on it: a mixture for optimizer step S
+    takes effect at the stream's first draw of step S (S × examples per step)."""
+
+    def __init__(self, stream: MixtureStream, per_step: int) -> None:
+        self.stream, self.per_step = stream, per_step
+
+    def update(self, mixture: Mixture | dict[str, float], at_step: int) -> None:
+        self.stream.update(mixture, at_draw=at_step * self.per_step)

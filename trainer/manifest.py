@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gradmix.trainer.errors import SketchError
+from gradmix.trainer.sharded import full_shape
 from torch import nn
 
 #: How a manifest entry is projected.
@@ -40,7 +41,7 @@ class ParamEntry:
 
     Attributes:
         name: the parameter's name in `module.named_parameters()`.
-        shape: its shape.
+        shape: its shape (whole, also for a ZeRO-3 partitioned parameter).
         kind: "dense" (flattened gradient, blocked Rademacher), "kronecker"
             (weight of a linear layer) or "embedding" (weight of an embedding
             table), the last two projected with Kronecker factors.
@@ -168,7 +169,7 @@ def is_norm(module: nn.Module) -> bool:
         type(module).__name__.endswith("Norm")
         and next(module.children(), None) is None
         and bool(params)
-        and all(p.dim() == 1 for p in params)
+        and all(len(full_shape(p)) == 1 for p in params)
     )
 
 
@@ -246,14 +247,14 @@ def build_manifest(
     """
     selected = select_parameters(module, patterns)
     if projector == "dense":
-        entries = [ParamEntry(name=n, shape=tuple(p.shape)) for n, p in selected]
+        entries = [ParamEntry(name=n, shape=full_shape(p)) for n, p in selected]
         return Manifest(projector=projector, entries=tuple(entries), options=tuple(options))
     if projector != "structured":
         raise SketchError(f"unknown projector {projector!r} (expected 'dense' or 'structured')")
     uses = _parameter_uses(module)
     structured, excluded = [], []
     for name, p in selected:
-        shape, held = tuple(p.shape), uses[id(p)]
+        shape, held = full_shape(p), uses[id(p)]
         entry = (
             _single_use_entry(name, shape, held[0])
             if len(held) == 1

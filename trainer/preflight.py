@@ -11,13 +11,12 @@ caller prints it and exits 2).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from gradmix.client.errors import GradmixError
 from gradmix.store import StoreError
 from gradmix.store.backend import url_identity
 from gradmix.trainer.config import TrainConfig
-from gradmix.trainer.data import MAX_TARGET_TRUNCATED, Tokenizer, read_jsonl
+from gradmix.trainer.data import MAX_TARGET_TRUNCATED, Tokenizer, read_task
 from gradmix.trainer.errors import ConfigError, DataError
 from gradmix.trainer.setup import build_client
 
@@ -38,7 +37,7 @@ def preflight(config: TrainConfig, tokenizer: Tokenizer) -> TrainConfig:
     for key, path in files.items():
         limit = MAX_TARGET_TRUNCATED if key == "[data].target" else 1.0
         try:  # the trainer reads them again, and warns about them, when it loads them
-            read_jsonl(Path(path), tokenizer, config.data.max_length, max_truncated=limit,
+            read_task(path, tokenizer, config.data.max_length, max_truncated=limit,
                        warn=False)
         except DataError as error:
             raise ConfigError(f"{key}: {_one_line(error)}") from error

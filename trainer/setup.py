@@ -9,15 +9,19 @@ local directory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from gradmix.client import SelectionClient
+from gradmix.client.errors import AlreadyExists, NotFound, PermissionDenied
+from gradmix.client.types import Job, PolicySettings, SketchSpec
 from gradmix.trainer.config import ModelConfig, TokenizerConfig, TrainConfig
-from gradmix.trainer.data import CharTokenizer, HFTokenizer, TaskPool, Tokenizer
+from gradmix.trainer.data import CharTokenizer, HFTokenizer, Location, TaskPool, Tokenizer
 from gradmix.trainer.errors import ConfigError
 from gradmix.trainer.lora import apply_lora
 from torch import nn
@@ -95,8 +99,8 @@ def build_engine(config: TrainConfig, model: nn.Module) -> Any:
 
 def build_pool(config: TrainConfig, tokenizer: Tokenizer) -> TaskPool:
     """Task data for the configured target and tasks (more are added as they appear)."""
-    paths: dict[str | None, Path] = {None: Path(config.data.target)}
-    paths.update({t: Path(p) for t, p in config.data.tasks.items()})
+    paths: dict[str | None, Location] = {None: config.data.target}
+    paths.update(config.data.tasks)
     return TaskPool(
         tokenizer, max_length=config.data.max_length, seed=config.training.seed, paths=paths
     )
@@ -133,3 +137,72 @@ def build_client(config: TrainConfig, env: Mapping[str, str] | None = None,
         private_key=read("client_key"),
         token=token,
     )
+
+
+def join_job(client: SelectionClient, name: str, *, sketch: SketchSpec,
+             policy: PolicySettings | None, target: str) -> str:
+    """Join the job `name` if it exists with this spec, else create it: "joined" or "created".
+
+    Joining needs a `reader` token (GetJob); only creating needs `admin`, so a
+    trainer can run with a `writer` token on a job an admin created. As with
+    CreateJob, zero policy fields and an empty target match any stored value.
+
+    Raises:
+        AlreadyExists: the job exists with another spec (sketches must never mix).
+        ConfigError: the job does not exist and the token may not create it.
+        GradmixError: any other refusal or outage (the caller tells transient ones apart).
+    """
+    try:
+        job = client.get_job(name)
+    except NotFound:
+        job = None
+    if job is not None:
+        _check_joinable(job, sketch, policy, target)
+        return "joined"
+    try:
+        client.create_job(name, sketch=sketch, policy=policy, target=target)
+    except PermissionDenied as exc:
+        raise ConfigError(
+            f"job {name!r} does not exist and this token may not create it: an admin must "
+            f"create it first: {create_job_command(name, sketch, policy, target)}"
+        ) from exc
+    return "created"
+
+
+def create_job_command(name: str, sketch: SketchSpec, policy: PolicySettings | None,
+                       target: str) -> str:
+    """The `gradmix create-job` command line that creates `name` with this spec."""
+    words = ["gradmix", "create-job", name]
+    for field in dataclasses.fields(sketch):
+        words += [f"--{field.name.replace('_', '-')}", str(getattr(sketch, field.name))]
+    if target:
+        words += ["--target", target]
+    if policy is not None:
+        for field in dataclasses.fields(policy):
+            value = getattr(policy, field.name)
+            if value not in (0, 0.0, None, ""):
+                flag = "policy-seed" if field.name == "seed" else field.name.replace("_", "-")
+                words += [f"--{flag}", str(value)]
+    return shlex.join(words)
+
+
+def _check_joinable(job: Job, sketch: SketchSpec, policy: PolicySettings | None,
+                    target: str) -> None:
+    """Raise AlreadyExists unless `job` has this sketch spec, these non-zero policy
+    fields and this target (if given), the checks CreateJob makes."""
+    differences = [f"spec.sketch.{key}: stored {stored!r}, requested {wanted!r}"
+                   for key, stored, wanted in _fields(job.spec.sketch, sketch) if stored != wanted]
+    if policy is not None:
+        differences += [f"spec.policy.{key}: stored {stored!r}, requested {wanted!r}"
+                        for key, stored, wanted in _fields(job.spec.policy, policy)
+                        if wanted not in (0, 0.0, None) and stored != wanted]
+    if target and target != job.spec.target:
+        differences.append(f"spec.target: stored {job.spec.target!r}, requested {target!r}")
+    if differences:
+        raise AlreadyExists(f"job {job.name!r} already exists with a different "
+                            + "; ".join(differences))
+
+
+def _fields(stored: Any, wanted: Any) -> list[tuple[str, Any, Any]]:
+    return [(f.name, getattr(stored, f.name), getattr(wanted, f.name))
+            for f in dataclasses.fields(wanted)]

@@ -5,8 +5,8 @@ Two paths, one per projector:
 - `DenseProjector`: exact per-sample gradients over the manifest's parameters
   with torch.func (functional_call + vmap(grad_and_value)), then the blocked
   Rademacher projection. Works on any nn.Module, e.g. a DeepSpeed
-  `engine.module` under ZeRO 0–2 (ZeRO-3 partitions parameters and cannot be
-  vmapped).
+  `engine.module` under ZeRO 0–2; refused under ZeRO-3, whose partitioned
+  parameters it would have to gather whole (`gradmix.trainer.sharded`).
 - `StructuredProjector`: one batched forward and a backward of Σ_i f(x_i) to
   the outputs of the modules that use the manifest's parameters only (no
   weight gradients are formed), with forward hooks capturing each module's
@@ -19,7 +19,9 @@ Two paths, one per projector:
   a tied output layer's (h, δ) goes into its embedding weight's projection.
   Normalization layers are differentiated per example with torch.func on the
   module alone (their D-sized gradients are then projected densely), exact
-  for any normalization formula.
+  for any normalization formula. Nothing here needs a weight whole outside
+  its module's forward and backward, so this path runs unchanged on a model
+  sharded by DeepSpeed ZeRO-3 (`gradmix.trainer.sharded` says how).
 
 Both sketch the value of the job's value kind (`gradmix.trainer.values`,
 default "log_odds"). Sketching runs the module in eval mode (no dropout) and
@@ -37,6 +39,7 @@ from gradmix.trainer.data import Batch, TokenizedExample, collate
 from gradmix.trainer.errors import SketchError
 from gradmix.trainer.manifest import ParamEntry, is_linear
 from gradmix.trainer.projectors import Projector, StructuredProjector
+from gradmix.trainer.sharded import gathered, sharded
 from gradmix.trainer.values import values_of
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
@@ -71,6 +74,11 @@ def sketch_batch(
     """
     device = next(module.parameters()).device
     batch = batch.to(device)
+    if not isinstance(projector, StructuredProjector) and sharded(module):
+        raise SketchError(
+            f"the {projector.kind} projector cannot sketch a model sharded by ZeRO-3 (it "
+            "would gather every parameter on every rank): use projector = \"structured\""
+        )
     with eval_mode(module):
         if isinstance(projector, StructuredProjector):
             return _sketch_factored(module, projector, batch, value_kind)
@@ -85,8 +93,15 @@ def sketch_examples(
     batch_size: int = 8,
     pad_id: int = 0,
     value_kind: str = "log_odds",
+    min_batches: int = 0,
+    filler: TokenizedExample | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sketch examples in batches of `batch_size` (values of `value_kind`).
+
+    Args:
+        min_batches: run at least this many batches, the extra ones on `filler`
+            (default: the first example) with their results dropped: under ZeRO-3
+            every rank must run as many forwards and backwards as the busiest.
 
     Returns:
         (grads (n, d) float32, values (n,) float32), on the CPU.
@@ -99,6 +114,13 @@ def sketch_examples(
         g, v = sketch_batch(module, projector, batch, value_kind=value_kind)
         grads.append(g.cpu())
         values.append(v.detach().float().cpu())
+    extra = min_batches - len(grads)
+    if extra > 0:
+        filler = filler or (examples[0] if examples else None)
+        if filler is None:
+            raise SketchError("min_batches needs an example to run: pass filler")
+        for _ in range(extra):
+            sketch_batch(module, projector, collate([filler], pad_id), value_kind=value_kind)
     if not grads:
         return torch.zeros(0, projector.dim), torch.zeros(0)
     return torch.cat(grads), torch.cat(values)
@@ -252,15 +274,33 @@ def _norm_grads(owner: nn.Module, attr: str, x: torch.Tensor, delta: torch.Tenso
 
     For example i it is ∇_p Σ_t ⟨norm_p(x_it), δ_it⟩, taken with torch.func on
     the module alone from its captured inputs x (n, T, D) and output gradients δ.
+    The module's own parameters are gathered whole under ZeRO-3 (D-sized), and
+    it is called through `forward`, so no module hook (DeepSpeed's) sees the
+    swapped-in tensors.
     """
-    params = {attr: getattr(owner, attr).detach()}
+    bare = _Unhooked(owner)
+    own = dict(owner.named_parameters(recurse=False))
+    with gathered(own.values()):
+        fixed = {f"layer.{k}": p.detach() for k, p in own.items() if k != attr}
 
-    def contribution(
-        p: dict[str, torch.Tensor], x_i: torch.Tensor, delta_i: torch.Tensor
-    ) -> torch.Tensor:
-        return (functional_call(owner, p, (x_i,)).float() * delta_i.float()).sum()
+        def contribution(
+            p: torch.Tensor, x_i: torch.Tensor, delta_i: torch.Tensor
+        ) -> torch.Tensor:
+            y = functional_call(bare, {**fixed, f"layer.{attr}": p}, (x_i,))
+            return (y.float() * delta_i.float()).sum()
 
-    return vmap(grad(contribution), in_dims=(None, 0, 0))(params, x, delta)[attr]
+        return vmap(grad(contribution), in_dims=(None, 0, 0))(own[attr].detach(), x, delta)
+
+
+class _Unhooked(nn.Module):
+    """Calls a module's `forward` directly, past the hooks on the module itself."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.layer.forward(x)
 
 
 def _capture(store: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, n: int) -> Any:

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from gradmix.trainer.setup import (
     build_pool,
     build_tokenizer,
 )
+from gradmix.trainer.sharded import sharded
 from gradmix.trainer.sketch import eval_mode
 from gradmix.trainer.summary import build_summary
 from gradmix.trainer.values import completion_loss
@@ -120,8 +120,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
     steps, eval_every = config.training.steps, config.training.eval_every
     progress = Progress(steps, start, enabled=dist.is_main)
     target_loss = float("nan")
-    if dist.is_main and eval_every and start == 0:
-        target_loss = _evaluate(engine.module, pool, config, log, steps_done=0)
+    if eval_every and start == 0:
+        target_loss = _evaluate(dist, engine.module, pool, config, log, steps_done=0)
     done, stopped_by, reported = start, "", set[str]()
     with progress:
         for step in range(start, config.training.steps):
@@ -147,8 +147,8 @@ def _train(config: TrainConfig, dist: Dist) -> TrainResult:
             log.event("step", step=step, task=task, loss=loss.item(), version=version)
             mean_loss = dist.all_mean(loss.item())
             done = step + 1
-            if dist.is_main and eval_every and (done % eval_every == 0 or done == steps):
-                target_loss = _evaluate(engine.module, pool, config, log, steps_done=done)
+            if eval_every and (done % eval_every == 0 or done == steps):
+                target_loss = _evaluate(dist, engine.module, pool, config, log, steps_done=done)
             progress.update(_status(sync), _details(mean_loss, target_loss, version, anchors))
             if config.training.checkpoint_every and done % config.training.checkpoint_every == 0:
                 _save(config, dist, engine, done, sampler, sync, anchors, log)
@@ -223,7 +223,7 @@ def _readable_file(files: TaskFiles, pool: TaskPool) -> Callable[[str], str | No
         path = files.path(task)
         if path is None:
             return None
-        pool.add(task, Path(path))
+        pool.add(task, path)
         try:
             pool.examples(task)
         except DataError:
@@ -294,10 +294,19 @@ def _save(
 
 
 def _evaluate(
-    module: torch.nn.Module, pool: TaskPool, config: TrainConfig, log: RunLog, *, steps_done: int
+    dist: Dist,
+    module: torch.nn.Module,
+    pool: TaskPool,
+    config: TrainConfig,
+    log: RunLog,
+    *,
+    steps_done: int,
 ) -> float:
     """Rank 0: the target loss after `steps_done` optimizer steps, written to the run log
-    as an `eval` event (step = steps done, so 0 is the initial model)."""
+    as an `eval` event (step = steps done, so 0 is the initial model). Other ranks: NaN,
+    except on a model sharded by ZeRO-3, whose forward every rank runs (not logged)."""
+    if not dist.is_main:
+        return _target_loss(module, pool, config) if sharded(module) else float("nan")
     loss = _target_loss(module, pool, config)
     count = min(config.training.eval_examples, len(pool.examples(None)))
     log.event("eval", step=steps_done, target_loss=loss, examples=count)
@@ -306,7 +315,7 @@ def _evaluate(
 
 @torch.no_grad()
 def _target_loss(module: torch.nn.Module, pool: TaskPool, config: TrainConfig) -> float:
-    """Completion loss on a fixed sample of the target (rank 0 only, no collectives)."""
+    """Completion loss on a fixed sample of the target (collective only under ZeRO-3)."""
     examples = pool.examples(None)[: config.training.eval_examples]
     batch = collate(examples, pool.tokenizer.pad_id).to(next(module.parameters()).device)
     with eval_mode(module):

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from gradmix.trainer.errors import SketchError
+from gradmix.trainer.sharded import full_shape
 from gradmix.vocabulary import ValueKind, choices
 
 #: Probability clamp of DESIGN.md §4.
@@ -157,6 +158,6 @@ def untrained_loss(model: torch.nn.Module) -> float:
         getter = getattr(model, "get_output_embeddings", None)
         layer = getter() if callable(getter) else None
         weight = getattr(layer, "weight", None)
-        vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.ndim == 2 \
-            else None
+        shape: tuple[int, ...] = full_shape(weight) if isinstance(weight, torch.Tensor) else ()
+        vocab = int(shape[0]) if len(shape) == 2 else None  # ZeRO-3: the whole shape
     return uniform_loss(vocab) if vocab is not None and vocab >= 2 else 0.0

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import ssl
 import subprocess
 import sys
@@ -30,7 +31,12 @@ import grpc
 import pytest
 from gradmix.client import SelectionClient
 from gradmix.client import cli as gradmix_cli
-from gradmix.client.errors import PermissionDenied, Unauthenticated, Unavailable
+from gradmix.client.errors import (
+    GradmixError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.app import RunningServer, ServerStartError, build_server, describe_access
@@ -390,6 +396,76 @@ def test_metrics_can_be_served_over_tls(tmp_path: Path, certs: Any) -> None:
         s.server.stop(grace=0)
 
 
+def test_rotated_certificate_files_serve_new_connections_without_a_restart(
+        tmp_path: Path, certs: Any) -> None:
+    """Files replaced as Kubernetes does (both at once): new gRPC and /metrics
+    connections get the new certificate, an open connection keeps going; a
+    half-written rotation (a key that is not the certificate's) keeps the last one."""
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("server.pem", "server-key.pem"):
+        (served / name).write_bytes((certs.ca.parent / name).read_bytes())
+    rotated = make_certs(tmp_path / "pki-2")  # another CA: a client of the old one fails
+    served_certs = dataclasses.replace(certs, server_cert=served / "server.pem",
+                                       server_key=served / "server-key.pem")
+    s = start_secured(tmp_path / "server", served_certs, metrics_tls=True)
+
+    def serving(ca: Path) -> bool:
+        """Whether a new connection that trusts `ca` alone gets an answer."""
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{s.port}", creds) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=5)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                return False
+            return True
+
+    def metrics_serving(ca: Path) -> bool:
+        context = ssl.create_default_context(cafile=str(ca))
+        url = f"https://127.0.0.1:{s.server.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=5) as response:
+                return response.status == 200
+        except urllib.error.URLError as exc:
+            assert "CERTIFICATE_VERIFY_FAILED" in str(exc), exc
+            return False
+
+    def replace(pem: bytes, key: bytes | None) -> None:
+        """Write the files aside, then move them in (a reader sees old or new files)."""
+        for name, data in (("server.pem", pem), ("server-key.pem", key)):
+            if data is not None:
+                (served / f".{name}").write_bytes(data)
+                os.replace(served / f".{name}", served / name)
+
+    try:
+        old = grpc.secure_channel(f"127.0.0.1:{s.port}", grpc.ssl_channel_credentials(
+            root_certificates=certs.ca.read_bytes()))
+        health = health_pb2_grpc.HealthStub(old)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert serving(certs.ca) and not serving(rotated.ca)
+        assert metrics_serving(certs.ca) and not metrics_serving(rotated.ca)
+
+        replace(rotated.server_cert.read_bytes(), rotated.server_key.read_bytes())
+        wait_for(lambda: serving(rotated.ca), bool, "the rotated certificate on gRPC")
+        wait_for(lambda: metrics_serving(rotated.ca), bool, "the rotated certificate on /metrics")
+        assert not serving(certs.ca) and not metrics_serving(certs.ca)
+        health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # the open connection
+        old.close()
+
+        # Half a rotation: the first CA's certificate beside the second's key.
+        replace(certs.server_cert.read_bytes(), None)
+        deadline = time.monotonic() + 3  # past the reload check period: it was looked at
+        while time.monotonic() < deadline:
+            assert serving(rotated.ca) and not serving(certs.ca)
+            time.sleep(0.2)
+        replace(certs.server_cert.read_bytes(), certs.server_key.read_bytes())  # completed
+        wait_for(lambda: serving(certs.ca), bool, "the certificate rotated back")
+    finally:
+        s.server.stop(grace=0)
+
+
 def test_probes_get_a_plaintext_port_with_health_alone(tmp_path: Path, certs: Any) -> None:
     s = start_secured(tmp_path, certs, health_port=0)
     try:
@@ -504,15 +580,67 @@ def test_the_trainer_connects_with_tls_and_its_token_file(secured: Secured,
         load_train_config(path, env={})
 
 
+def test_a_trainer_joins_with_a_writer_token_the_job_an_admin_created(
+        secured: Secured, tmp_path: Path) -> None:
+    """The trainer's job setup (`join_job`) needs `admin` only to create a job: with a
+    writer token it joins a job of the same spec, and for a missing job it names the
+    `gradmix create-job` command an admin runs (which then lets it join)."""
+    from gradmix.client.errors import AlreadyExists
+    from gradmix.client.types import PolicySettings, SketchSpec
+    from gradmix.trainer.errors import ConfigError as TrainConfigError
+    from gradmix.trainer.setup import join_job
+
+    def client(who: str) -> SelectionClient:
+        return SelectionClient(f"127.0.0.1:{secured.port}", tls=True,
+                               root_certificates=secured.certs.ca.read_bytes(),
+                               token=TOKENS[who][0])
+
+    sketch = SketchSpec(dim=DIM, seed=3, manifest_hash="manifest-1")
+    policy = PolicySettings(temperature=2.0)
+    spec = {"sketch": sketch, "policy": policy, "target": "val.jsonl"}
+    admin_token = tmp_path / "admin-token"
+    admin_token.write_text(TOKENS["admin"][0] + "\n")
+    cli = ["--server", f"127.0.0.1:{secured.port}", "--tls", "--ca-cert",
+           str(secured.certs.ca), "--token-file", str(admin_token)]
+    try:
+        with client("writer") as writer:
+            with pytest.raises(TrainConfigError, match="an admin must create it first: "
+                               f"gradmix create-job {SCRATCH} ") as refused:
+                join_job(writer, SCRATCH, **spec)  # type: ignore[arg-type]
+            assert "\n" not in str(refused.value)
+            command = shlex.split(str(refused.value).split("create it first: ", 1)[1])
+            assert gradmix_cli.main([*cli, *command[1:]]) == 0  # the admin runs it
+            assert join_job(writer, SCRATCH, **spec) == "joined"  # type: ignore[arg-type]
+            assert join_job(writer, SCRATCH, sketch=sketch, policy=None, target="") == "joined"
+            for other, field in (({"sketch": dataclasses.replace(sketch, manifest_hash="m-2")},
+                                  "spec.sketch.manifest_hash"),
+                                 ({"policy": PolicySettings(temperature=3.0)},
+                                  "spec.policy.temperature"),
+                                 ({"target": "other.jsonl"}, "spec.target")):
+                with pytest.raises(AlreadyExists, match=field):
+                    join_job(writer, SCRATCH, **{**spec, **other})  # type: ignore[arg-type]
+        with client("root") as root:
+            root.delete_job(SCRATCH)
+        with client("admin") as admin:  # an admin's trainer creates the job itself
+            assert join_job(admin, SCRATCH, **spec) == "created"  # type: ignore[arg-type]
+            assert admin.get_job(SCRATCH).spec.sketch == sketch
+    finally:
+        with client("root") as root, contextlib.suppress(GradmixError):
+            root.delete_job(SCRATCH)
+
+
 @pytest.mark.slow
 def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) -> None:
     """A real gradmix-train run (CPU DeepSpeed, one rank) in upload mode against a TLS
-    server: its sketch rows reach the server's store, its own `store` is never opened."""
+    server with a writer token: refused (exit 2, one line naming the `gradmix
+    create-job` command) while the job is missing; once an admin ran that command,
+    its sketch rows reach the server's store, its own `store` is never opened."""
     from test_trainer_run import write_config, write_data
 
     job = "upjob"
     s = start_secured(tmp_path / "server", certs,
-                      tokens={"trainer": ("trainer-token", "admin", job)})
+                      tokens={"trainer": ("trainer-token", "writer", job),
+                              "ops": ("ops-token", "admin", job)})
     try:
         data = write_data(tmp_path / "data")
         untouched = tmp_path / "trainer-has-no-store"
@@ -525,9 +653,20 @@ def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) ->
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                "GRADMIX_TOKEN": "trainer-token",
                "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
-        run = subprocess.run([sys.executable, "-m", "gradmix.trainer.main", "--config",
-                              str(config), "--upload"], cwd=data, env=env,
-                             capture_output=True, text=True, timeout=300)
+        train = [sys.executable, "-m", "gradmix.trainer.main", "--config", str(config),
+                 "--upload"]
+        refused = subprocess.run(train, cwd=data, env=env, capture_output=True, text=True,
+                                 timeout=300)
+        assert refused.returncode == 2, refused.stderr[-4000:]
+        (line,) = [x for x in refused.stderr.splitlines() if x.startswith("gradmix-train:")]
+        assert "an admin must create it first: gradmix create-job upjob" in line
+        (tmp_path / "ops-token").write_text("ops-token\n")
+        command = shlex.split(line.split("create it first: ", 1)[1])
+        assert gradmix_cli.main(["--server", f"127.0.0.1:{s.port}", "--tls", "--ca-cert",
+                                 str(certs.ca), "--token-file", str(tmp_path / "ops-token"),
+                                 *command[1:]]) == 0
+        run = subprocess.run(train, cwd=data, env=env, capture_output=True, text=True,
+                             timeout=300)
         assert run.returncode == 0, run.stderr[-4000:]
         assert not untouched.exists()
         store = SketchStore.open(str(s.store_dir))

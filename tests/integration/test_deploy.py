@@ -248,6 +248,35 @@ def test_service_monitor_scrapes_the_metrics_port_without_honor_labels(
     assert service["metadata"]["name"] == "gradmix-server"
 
 
+def test_scrapes_are_https_against_the_servers_own_certificate_when_metrics_tls_is_on(
+        rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    prod = rendered["overlays/prod"]
+    config = server_config(prod, tmp_path)
+    assert config.tls_metrics  # prod serves /metrics over HTTPS ...
+    (endpoint,) = one(prod, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"  # ... and its ServiceMonitor scrapes it so
+    tls = endpoint["tlsConfig"]
+    assert tls.get("insecureSkipVerify", False) is False
+    # The CA is ca.crt of the very Secret whose certificate the server serves.
+    volumes = {v["name"]: v for v in one(prod, "StatefulSet")["spec"]["template"]["spec"]
+               ["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in server_container(prod)["volumeMounts"]}
+    tls_volume = next(name for name, path in mounts.items()
+                      if Path(config.tls_cert).parent == Path(path))
+    assert tls["ca"]["secret"] == {"name": volumes[tls_volume]["secret"]["secretName"],
+                                   "key": "ca.crt"}
+    # The name checked is the Service's, which the certificate is made for (deploy/README.md).
+    assert tls["serverName"] == one(prod, "Service")["metadata"]["name"]
+    assert "gradmix-server" in (DEPLOY / "README.md").read_text().split(
+        "python scripts/make_certs.py certs")[1].split("\n")[0]
+    # The plain Prometheus scrape job is HTTPS too, checking a CA file under that name.
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"]
+    assert job["scheme"] == "https"
+    assert job["tls_config"]["ca_file"] and job["tls_config"]["server_name"] == tls["serverName"]
+    assert not job["tls_config"].get("insecure_skip_verify", False)
+
+
 def test_prometheus_rule_carries_the_rule_file_groups(
         rendered: dict[str, list[dict[str, Any]]]) -> None:
     rule = one(rendered["overlays/prod"], "PrometheusRule")

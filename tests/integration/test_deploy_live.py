@@ -14,11 +14,13 @@ has run. Then:
   gradmix_mixture_weight series under the gradmix job's name (label
   `gradmix_job`, no honor_labels), evaluates every alert rule without error,
   and sees the job-health series read 0 and move when an anchor is declared
-  and a task registered.
+  and a task registered; and a second server with /metrics over HTTPS is
+  scraped by the shipped scrape job's TLS settings, given the CA.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import socket
@@ -230,13 +232,22 @@ def test_image_healthcheck_reports_serving_and_unreachable(live: Live) -> None:
     assert down.stdout.startswith(f"{closed}: ")
 
 
-def prometheus_config(tmp_path: Path, metrics_port: int) -> Path:
-    """The shipped scrape config, pointed at the live server, scraping every second."""
+def prometheus_config(tmp_path: Path, metrics_port: int, ca: Path | None = None) -> Path:
+    """The shipped scrape config, pointed at a server, scraping every second.
+
+    It scrapes HTTPS (for `[tls] metrics = true`): with `ca`, that CA file
+    replaces the shipped path; without, the TLS settings are dropped for the
+    plaintext live server, as its comment says to.
+    """
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES)]
     (job,) = config["scrape_configs"]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    if ca is None:
+        del job["scheme"], job["tls_config"]
+    else:
+        job["tls_config"]["ca_file"] = str(ca)
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -257,12 +268,17 @@ def rules_evaluated(api: str) -> list[dict[str, Any]] | None:
 
 @pytest.fixture
 def prometheus(live: Live, tmp_path: Path) -> Iterator[str]:
+    yield from run_prometheus(prometheus_config(tmp_path, live.metrics_port), tmp_path)
+
+
+def run_prometheus(config: Path, tmp_path: Path) -> Iterator[str]:
+    """A real Prometheus on loopback with `config`; yields its API's URL."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus is not installed (scripts/install_system_deps.sh installs it)")
     address = f"127.0.0.1:{free_port()}"
     process = subprocess.Popen(
-        [binary, f"--config.file={prometheus_config(tmp_path, live.metrics_port)}",
+        [binary, f"--config.file={config}",
          f"--web.listen-address={address}", f"--storage.tsdb.path={tmp_path / 'data'}"],
         stdout=subprocess.DEVNULL, stderr=(tmp_path / "prometheus.log").open("w"))
     try:
@@ -294,6 +310,47 @@ def test_prometheus_scrapes_the_mixture_weights(live: Live, prometheus: str) -> 
     rules = wait_for(lambda: rules_evaluated(prometheus), "the alert rules to be evaluated")
     assert {r["name"] for r in rules} >= {"GradmixServerDown", "GradmixMixtureStale"}
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+
+
+def test_prometheus_scrapes_https_metrics_with_the_shipped_tls_settings(tmp_path: Path) -> None:
+    """A server with `tls_metrics` (as the prod overlay runs it), its certificate made
+    for the name the shipped config checks: the shipped scrape job, given the CA,
+    scrapes it (up = 1) and gets its series."""
+    spec = importlib.util.spec_from_file_location("make_certs", ROOT / "scripts" /
+                                                  "make_certs.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_certs", module)
+    spec.loader.exec_module(module)
+    (job,) = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"]
+    certs = module.make_certs(tmp_path / "pki", hosts=[job["tls_config"]["server_name"]])
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    config = ServerConfig(store=str(tmp_path / "store"), host="127.0.0.1", port=0,
+                          metrics_port=0, tls_cert=str(certs.server_cert),
+                          tls_key=str(certs.server_key), tls_metrics=True,
+                          auth_tokens_file=str(tokens))
+    server, _ = build_server(config, CollectorRegistry())
+    try:
+        api = run_prometheus(prometheus_config(tmp_path, server.metrics_port, certs.ca),
+                             tmp_path)
+        url = next(api)
+
+        def up() -> list[dict[str, Any]] | None:
+            try:
+                series = query(url, 'up{job="gradmix-server"}')
+            except OSError:
+                return None  # not listening yet
+            return series if series and series[0]["value"][1] == "1" else None
+
+        try:
+            wait_for(up, "Prometheus to scrape /metrics over HTTPS")
+            assert query(url, "gradmix_store_writable")[0]["value"][1] == "1"
+        finally:
+            api.close()  # stops Prometheus
+    finally:
+        server.stop(grace=1.0)
 
 
 def test_label_values_the_queries_match_are_the_ones_exported(live: Live) -> None:

@@ -139,6 +139,64 @@ def test_sketcher_sketches_rows_given_in_memory(served: Served, tmp_path: Path) 
     assert [t.metadata for t in served.client.list_tasks("rows")] == [{"path": "in-process:chat"}]
 
 
+def test_task_files_of_every_format_are_read_and_sketched(
+    served: Served, tmp_path: Path
+) -> None:
+    """The anchor code `gradmix-train` runs (`TaskPool`, through a `Sketcher` given file
+    paths) reads a parquet file, a `save_to_disk` directory and JSON lines of chat
+    records, each into the examples `hf_data` makes of the same records."""
+    from gradmix.trainer.data import read_task
+
+    tok = char_tokenizer()
+    plain = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(8)]
+    chats = [
+        {"messages": [{"role": "user", "content": f"{i}*2?"},
+                      {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(8)
+    ]
+    (tmp_path / "target.jsonl").write_text("\n".join(json.dumps(r) for r in plain) + "\n")
+    datasets.Dataset.from_list(plain).to_parquet(str(tmp_path / "plain.parquet"))
+    datasets.Dataset.from_list(chats).save_to_disk(str(tmp_path / "chat-disk"))
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chats) + "\n")
+    files = {"plain": "plain.parquet", "disk": "chat-disk", "chat": "chat.jsonl"}
+    adapted = api.as_tokenizer(tok)
+    for name, records in (("plain", plain), ("disk", chats), ("chat", chats)):
+        expected = list(as_examples(task_rows(records, tok, 24)))
+        assert read_task(tmp_path / files[name], adapted, 24) == expected, name
+    with pytest.raises(DataError, match="chat template"):
+        read_task(tmp_path / "chat.jsonl", api.as_tokenizer(_no_template(tok)), 24)
+
+    model = tiny_gpt2()
+    model.resize_token_embeddings(len(tok))
+    sketcher = api.Sketcher(
+        job="files",
+        server=served.address,
+        store=str(served.store),
+        model=model,
+        tokenizer=tok,
+        target=tmp_path / "target.jsonl",
+        tasks={name: tmp_path / f for name, f in files.items()},
+        output_dir=tmp_path / "out",
+        sketching=SKETCHING,
+        steps=10,
+        learning_rate=1e-3,
+        max_length=24,
+    )
+    sketcher.setup_job()
+    state = sketcher.sketch_point(0)
+    sketcher.close()
+    assert state.complete and sorted(state.sketched) == ["chat", "disk", "plain", "target"]
+
+
+def _no_template(tok: Any) -> Any:
+    """The same tokenizer without a chat template."""
+    import copy
+
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    return bare
+
+
 def test_stream_draws_rows_from_hf_datasets() -> None:
     """A `MixtureStream` over `datasets.Dataset`s of rows: the dynamic counterpart of
     `interleave_datasets(probabilities=...)`."""

@@ -52,12 +52,11 @@ def _run(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]
     )
 
 
-def _one_line_exit_2(done: subprocess.CompletedProcess[str], seconds: float) -> str:
+def _one_line_exit_2(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith("gradmix-train: ")
-    assert seconds < 60, "checked before the model and engine are built"
     return lines[0]
 
 
@@ -68,8 +67,7 @@ def test_a_store_other_than_the_servers_stops_naming_both(
     data = write_data(tmp_path / "data")
     elsewhere = tmp_path / "job-dir" / "gradmix-store"
     config = write_config(data, job="where", port=port, store=elsewhere)
-    started = time.monotonic()
-    line = _one_line_exit_2(_run(config), time.monotonic() - started)
+    line = _one_line_exit_2(_run(config))
     assert str(elsewhere) in line and str(store.resolve()) in line, line
     assert not elsewhere.exists(), "the check must not create the wrong store"
 
@@ -78,8 +76,7 @@ def test_a_policy_name_typo_stops_at_once(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
     config = write_config(data, job="typo", port=1, store=tmp_path / "store")
     config.write_text(config.read_text() + '\n[policy]\npolicy = "ensembel"\n')
-    started = time.monotonic()
-    line = _one_line_exit_2(_run(config), time.monotonic() - started)
+    line = _one_line_exit_2(_run(config))
     assert "[policy]" in line and "'ensembel'" in line and "ensemble" in line, line
 
 
@@ -93,8 +90,7 @@ def test_a_server_that_is_not_running_stops_at_once(tmp_path: Path) -> None:
     data = write_data(tmp_path / "data")
     port = _free_port()
     config = write_config(data, job="nobody", port=port, store=tmp_path / "store")
-    started = time.monotonic()
-    line = _one_line_exit_2(_run(config), time.monotonic() - started)
+    line = _one_line_exit_2(_run(config))
     assert f"127.0.0.1:{port}" in line and "UNAVAILABLE" in line, line
 
 
@@ -106,8 +102,7 @@ def test_a_task_file_with_a_bad_line_stops_naming_the_line(
     with (data / "mul.jsonl").open("a") as f:
         f.write('{"prompt": "1*1=", "completion": 1}\n')
     config = write_config(data, job="bad", port=port, store=store)
-    started = time.monotonic()
-    line = _one_line_exit_2(_run(config), time.monotonic() - started)
+    line = _one_line_exit_2(_run(config))
     lines = len((data / "mul.jsonl").read_text().splitlines())
     assert f"[data].tasks.mul: {data / 'mul.jsonl'}:{lines}: bad example" in line, line
 
@@ -122,8 +117,7 @@ def test_the_job_existing_with_another_spec_stops_before_training(
         client.create_job("taken", sketch=SketchSpec(dim=8))
     data = write_data(tmp_path / "data")
     config = write_config(data, job="taken", port=port, store=store)
-    started = time.monotonic()
-    line = _one_line_exit_2(_run(config), time.monotonic() - started)
+    line = _one_line_exit_2(_run(config))
     assert "'taken' exists with another spec" in line and "ALREADY_EXISTS" in line, line
     assert not (data / "out" / "checkpoints").exists()
 

@@ -330,3 +330,52 @@ def test_subsets_without_a_changed_task_reuse_their_solution():
         alpha = {n: 1.0 for n, inside in zip(estimator.tasks, subsets[row], strict=True) if inside}
         expected = one_newton_step_loss(target, tasks, alpha, 1.0)
         assert after[row] == pytest.approx(expected, rel=1e-6)
+
+
+def test_rows_read_back_give_the_same_exact_estimates_and_bootstrap_as_rows_kept():
+    from gradmix.server.policies import PolicyConfig, bootstrap_scores
+
+    kept, target, tasks = build(5, n_tasks=4)
+    reads: list[str] = []
+
+    def read(task: str):
+        reads.append(task)
+        g, f = tasks[task]
+        return g.astype(np.float32), f
+
+    lean = SubsetEstimator(8, regularization=0.5, rows=read)
+    # float32 rows, as the store gives them back, in both estimators
+    kept = SubsetEstimator(8, regularization=0.5)
+    for estimator in (kept, lean):
+        estimator.add_target_rows(*target)
+        for name, (g, f) in tasks.items():
+            estimator.add_task_rows(name, g.astype(np.float32), f)
+    assert all(lean.statistics(t).held_bytes == 0 for t in lean.tasks)
+    assert all(kept.statistics(t).held_bytes > 0 for t in kept.tasks)
+    assert lean.statistics(None).held_bytes > 0  # the target's rows stay: every estimate reads them
+    assert not reads
+
+    subsets = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [1, 0, 1, 0]], dtype=bool)
+    np.testing.assert_array_equal(lean.estimate(subsets, mode="exact"),
+                                  kept.estimate(subsets, mode="exact"))
+    assert sorted(set(reads)) == sorted(tasks) and len(reads) == 4  # once per task per call
+    config = PolicyConfig(policy="ensemble", regularization=0.5, subset_count=16, bootstrap=3)
+    reads.clear()
+    np.testing.assert_array_equal(bootstrap_scores(lean, config), bootstrap_scores(kept, config))
+    assert len(reads) == 4  # once for all the replicates
+    reads.clear()
+    with lean.rows_cached():  # a query of many calls: one read per task in all
+        for row in subsets:
+            lean.estimate(row[None, :], mode="exact")
+    assert sorted(reads) == sorted(tasks)
+    assert all(lean.statistics(t).held_bytes == 0 for t in lean.tasks)
+
+
+def test_rows_read_back_that_are_not_the_rows_added_are_refused():
+    rng = np.random.default_rng(0)
+    g, f = random_rows(rng, 10, 4, 1.0)
+    estimator = SubsetEstimator(4, rows=lambda task: (g[:7], f[:7]))
+    estimator.add_target_rows(g, f)
+    estimator.add_task_rows("t", g, f)
+    with pytest.raises(PreconditionError, match="7 rows read back, 10 were added"):
+        estimator.estimate(np.ones((1, 1), dtype=bool), mode="exact")

@@ -61,6 +61,18 @@ def test_unknown_toml_keys_are_refused(tmp_path: Path) -> None:
         load_config(["--config", str(toml)], env={})
 
 
+def test_toml_booleans_set_boolean_settings(tmp_path: Path) -> None:
+    toml = tmp_path / "server.toml"
+    toml.write_text('insecure = true\n')
+    assert load_config(["--config", str(toml)], env={}).insecure is True
+    toml.write_text('[tls]\ncert = "c.pem"\nkey = "k.pem"\nmetrics = true\n[auth]\ntokens = "x"\n')
+    config = load_config(["--config", str(toml)], env={})
+    assert config.tls_metrics is True and not config.insecure
+    toml.write_text('[tls]\ncert = "c.pem"\nkey = "k.pem"\nmetrics = 1\n')
+    with pytest.raises(ConfigError, match="tls_metrics must be bool"):
+        load_config(["--config", str(toml)], env={})
+
+
 def test_stale_and_untrained_settings_load_and_default() -> None:
     config = load_config(["--insecure", "--stale-pending-anchors", "0"],
                          env={"GRADMIX_STALE_PENDING_SECONDS": "60",

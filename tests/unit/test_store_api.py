@@ -540,3 +540,27 @@ def test_calibration_round_trips_and_older_records_still_load(tmp_path: Path) ->
     assert (loaded.score_error, loaded.calibration) == (0.0, None)
     with pytest.raises(InvalidSpecError):
         CalibrationRecord(regularization=0.0, prior=1.0)
+
+
+def test_reading_until_a_cursor_gives_back_exactly_its_lineages_rows(url: str) -> None:
+    store = prepared(url)
+    first = store.writer("job", "a0", "alpha", "w1")
+    second = store.writer("job", "a0", "alpha", "w2")
+    first.append(grads_for(np.arange(4)), values_for(np.arange(4)), np.arange(4))
+    read, cursor = store.read_rows("job", "a0", "alpha")
+    ids = np.arange(3, 9)  # id 3 again (a retried upload): returned once
+    second.append(grads_for(ids), values_for(ids), ids)
+    more, cursor = store.read_rows("job", "a0", "alpha", cursor)
+    returned = np.concatenate([read.example_ids, more.example_ids])
+    later = np.arange(20, 25)  # committed after the cursor: not part of its lineage
+    first.append(grads_for(later), values_for(later), later)
+    second.append(grads_for(later + 10), values_for(later + 10), later + 10)
+
+    again, _ = store.read_rows("job", "a0", "alpha", until=cursor)
+
+    assert sorted(again.example_ids.tolist()) == sorted(returned.tolist()) == list(range(9))
+    np.testing.assert_array_equal(again.values, values_for(again.example_ids))
+    everything, _ = store.read_rows("job", "a0", "alpha")
+    assert len(everything) == 19
+    with pytest.raises(StoreStateError):
+        store.read_rows("job", "a0", "beta", until=cursor)

@@ -68,7 +68,7 @@ def test_environment_then_flags_override_the_file(tmp_path: Path) -> None:
     [
         (("[training]", "[training]\nstepz = 3"), "unknown key \\[training\\].stepz"),
         (("steps = 20", 'steps = "20"'), "\\[training\\].steps must be int"),
-        (("stage = 2", "stage = 3"), "ZeRO stage 3"),
+        (("stage = 2", "stage = 4"), "ZeRO stage 4 unsupported"),
         (('job = "arith"', 'job = "../x"'), "bad job name"),
         (("dim = 64", "dim = 0"), "dim must be > 0"),
         (('model_type = "gpt2", ', ""), "model_type"),
@@ -83,6 +83,20 @@ def test_bad_configs_are_config_errors_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, GOOD.replace(*change, 1)), env={})
+
+
+def test_zero_stage_3_takes_the_structured_projector_without_drift_bound(
+    tmp_path: Path,
+) -> None:
+    stage3 = GOOD.replace("stage = 2", "stage = 3")
+    config = load_config(_write(tmp_path, stage3), env={})
+    assert config.deepspeed["zero_optimization"]["stage"] == 3
+    dense = stage3.replace("[sketching]", "[sketching]\nprojector = 'dense'")
+    with pytest.raises(ConfigError, match=r"ZeRO stage 3 needs .*structured"):
+        load_config(_write(tmp_path, dense), env={})
+    drift = stage3.replace("[sketching]", "[sketching]\ndrift_bound = 0.1")
+    with pytest.raises(ConfigError, match="drift_bound needs every parameter"):
+        load_config(_write(tmp_path, drift), env={})
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
