@@ -44,6 +44,7 @@ from gradmix.vocabulary import (
     DEFAULT_PROJECTOR,
     DEFAULT_VALUE_KIND,
 )
+from rich.console import RenderableType
 
 EXIT_ERROR = 1
 
@@ -283,12 +284,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _emit(args: argparse.Namespace, value: Any, table: Callable[[Any], str], out: TextIO) -> None:
+def _emit(
+    args: argparse.Namespace, value: Any, view: Callable[[Any], RenderableType], out: TextIO
+) -> None:
+    """`value` as one JSON line with --json, else as its view (`render`)."""
     if args.json:
         out.write(json.dumps(_jsonable(value), sort_keys=True) + "\n")
+        out.flush()
     else:
-        out.write(table(value) + "\n")
-    out.flush()
+        render.show(view(value), out)
 
 
 def _parse_meta(items: Sequence[str]) -> dict[str, str]:
@@ -306,38 +310,43 @@ WATCH_GIVE_UP = 2.0
 
 
 def _watch_mixture(client: SelectionClient, args: argparse.Namespace, out: TextIO) -> None:
-    """Print the latest version, then each new one, until Ctrl-C. While the server is
-    away the table is marked disconnected (one line on stderr for --json or a pipe)."""
+    """Show the latest version, then each new one, until Ctrl-C. On a terminal the table
+    is redrawn in place (a live view) and marked DISCONNECTED while the server is away;
+    with --json or into a pipe each version is printed once, and a line on stderr says
+    when the server goes and when it is back."""
     last = client.get_mixture(args.job)
-    clear = out.isatty() and not args.json
+    live = render.LiveView(out) if out.isatty() and not args.json else None
 
     def show(mixture: Mixture, since: float | None = None) -> None:
-        if clear:
-            out.write("\x1b[2J\x1b[H")
-            _emit(args, mixture, lambda m: render.mixture_table(m, since), out)
+        if live is not None:
+            live.update(render.mixture_table(mixture, since))
         elif since is None:
             _emit(args, mixture, render.mixture_table, out)
         else:
             print(f"gradmix: disconnected from {args.server}; reconnecting", file=sys.stderr)
 
-    show(last)
-    while True:
-        try:
-            with client.watch(
-                args.job, after_version=last.version, give_up_after=WATCH_GIVE_UP
-            ) as stream:
-                for mixture in stream:
-                    last = mixture
-                    show(mixture)
-            return
-        except (Unavailable, DeadlineExceeded):
-            show(last, time.time() - WATCH_GIVE_UP)
-            while not _answers(client, args.job):
-                time.sleep(1.0)
-            if clear:
-                show(last)
-            else:
-                print(f"gradmix: reconnected to {args.server}", file=sys.stderr)
+    try:
+        show(last)
+        while True:
+            try:
+                with client.watch(
+                    args.job, after_version=last.version, give_up_after=WATCH_GIVE_UP
+                ) as stream:
+                    for mixture in stream:
+                        last = mixture
+                        show(mixture)
+                return
+            except (Unavailable, DeadlineExceeded):
+                show(last, time.time() - WATCH_GIVE_UP)
+                while not _answers(client, args.job):
+                    time.sleep(1.0)
+                if live is not None:
+                    show(last)
+                else:
+                    print(f"gradmix: reconnected to {args.server}", file=sys.stderr)
+    finally:
+        if live is not None:
+            live.close()
 
 
 def _answers(client: SelectionClient, job: str) -> bool:

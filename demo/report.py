@@ -3,8 +3,9 @@
 `LiveTable` redraws a table of tasks (label, state, weight, score) each time a
 mixture version arrives, with a progress line under it; tasks that enter
 mid-run are flagged with the version they entered at. On a terminal it redraws
-in place; into a pipe or a file it prints each version once, and a progress
-line at most every few seconds, so logs stay readable.
+in place (a live view of `gradmix.client.render`, the renderer the `gradmix` CLI
+uses); into a pipe or a file it prints each version once, and a progress line at
+most every few seconds, so logs stay readable.
 
 `summarize` compares the final mixture with a uniform one and the two runs'
 final target losses. `plot_runs` draws per-task weights over steps and the
@@ -20,6 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TextIO
+
+from gradmix.client import render
+from rich.console import Group, RenderableType
+from rich.text import Text
 
 
 class MixtureView(Protocol):
@@ -65,7 +70,7 @@ class RunHistory:
 
 
 _BAR_WIDTH = 20
-_HEADER = f"{'task':<20} {'label':<8} {'state':<8} {'weight':>7}  {'':<{_BAR_WIDTH}} {'score':>9}"
+_LABEL_STYLES = {"helpful": "green", "neutral": "dim", "harmful": "red"}
 
 
 def _bar(weight: float) -> str:
@@ -112,7 +117,7 @@ class LiveTable:
         self._entered: dict[str, int] = {}
         self._initial: set[str] | None = None
         self._progress = ""
-        self._drawn_lines = 0
+        self._live = render.LiveView(self._stream, tty=self._interactive)
         self._last_progress_print = 0.0
 
     @property
@@ -142,7 +147,7 @@ class LiveTable:
     def render(self) -> str:
         """The table and progress line as plain text."""
         with self._lock:
-            return "\n".join([*self._table_lines(), self._progress]).strip("\n")
+            return render.text(Group(*self._table(), Text(self._progress))).strip("\n")
 
     def close(self) -> None:
         """Leave the last drawing on screen and move below it."""
@@ -150,48 +155,49 @@ class LiveTable:
             if not self._interactive and self._progress:
                 self._stream.write(self._progress + "\n")
                 self._stream.flush()
-            self._drawn_lines = 0
+            self._live.close()
 
-    def _table_lines(self) -> list[str]:
+    def _table(self) -> list[RenderableType]:
+        """The mixture's header line and its table (nothing with `show_table` off)."""
         if not self._show_table:
             return []
         mixture = self._mixture
         if mixture is None:
-            return ["(waiting for the first mixture)"]
-        lines = [
+            return [Text("(waiting for the first mixture)")]
+        head = Text(
             f"mixture v{mixture.version}  anchor={mixture.anchor or '-'}  "
-            f"policy={mixture.policy}  (uniform = {1 / max(1, len(mixture.weights)):.3f})",
-            _HEADER,
-        ]
+            f"policy={mixture.policy}  (uniform = {1 / max(1, len(mixture.weights)):.3f})"
+        )
+        rows = []
         for task, weight in sorted(mixture.weights.items(), key=lambda kv: -kv[1]):
             score = mixture.scores.get(task)
-            score_text = f"{score:+9.4f}" if score is not None else f"{'-':>9}"
+            label = self._labels.get(task, "-")
             late = ""
             if self._initial is not None and task not in self._initial:
-                late = f"  new in v{self._entered[task]}"
-            lines.append(
-                f"{task[:20]:<20} {self._labels.get(task, '-'):<8} "
-                f"{mixture.states.get(task, '-'):<8} {weight:7.3f}  {_bar(weight)} "
-                f"{score_text}{late}"
-            )
-        return lines
+                late = f"new in v{self._entered[task]}"
+            rows.append((
+                task, Text(label, style=_LABEL_STYLES.get(label, "")),
+                render.state(mixture.states.get(task, "-")), f"{weight:.3f}",
+                Text(_bar(weight), style=_LABEL_STYLES.get(label, "")),
+                f"{score:+.4f}" if score is not None else "-", late,
+            ))
+        grid = render.table(("task", "label", "state", "weight", "", "score", ""), rows,
+                            right=("weight", "score"))
+        return [head, grid]
 
     def _draw(self, *, table_changed: bool) -> None:
         if self._interactive:
-            out = f"\x1b[{self._drawn_lines}F\x1b[J" if self._drawn_lines else ""
-            lines = [*self._table_lines(), self._progress]
-            self._stream.write(out + "\n".join(lines) + "\n")
-            self._drawn_lines = len(lines)
-        elif table_changed:
-            if not self._show_table:
-                return
-            self._stream.write("\n".join(self._table_lines()) + "\n")
-        else:
-            now = time.monotonic()
-            if now - self._last_progress_print < self._progress_every:
-                return
-            self._last_progress_print = now
-            self._stream.write(self._progress + "\n")
+            self._live.update(Group(*self._table(), Text(self._progress)))
+            return
+        if table_changed:
+            if self._show_table:
+                render.show(Group(*self._table()), self._stream)
+            return
+        now = time.monotonic()
+        if now - self._last_progress_print < self._progress_every:
+            return
+        self._last_progress_print = now
+        self._stream.write(self._progress + "\n")
         self._stream.flush()
 
 
@@ -234,10 +240,11 @@ def summarize(
     def describe(items: Sequence[tuple[str, float]]) -> str:
         if not items:
             return "  (none)"
-        return "\n".join(
-            f"  {task:<20} {weight:.3f} ({weight / uniform:.2f}x uniform)  [{known.get(task, '-')}]"
-            for task, weight in items
-        )
+        rows = [(task, f"{weight:.3f}", f"{weight / uniform:.2f}x", known.get(task, "-"))
+                for task, weight in items]
+        grid = render.table(("task", "weight", "vs uniform", "label"), rows,
+                            right=("weight", "vs uniform"))
+        return "\n".join("  " + line for line in render.text(grid).splitlines())
 
     up = [(t, w) for t, w in ranked if w > uniform * 1.05]
     down = [(t, w) for t, w in ranked if w < uniform / 1.05]

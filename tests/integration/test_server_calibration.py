@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from gradmix.client import Horizon, SelectionClient
-from gradmix.client.render import mixture_table
+from gradmix.client.render import mixture_table, text
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server import calibration as cal
 from gradmix.server.estimator import SubsetEstimator
@@ -137,7 +137,7 @@ def test_lambda_follows_the_realised_loss_change_and_survives_a_restart(
         assert typed.calibration.factor == pytest.approx(c.factor)
         assert typed.calibration.prior_source == "sgd"
         assert typed.score_error == pytest.approx(second.score_error)
-        assert f"factor {c.factor:.4g}" in mixture_table(typed).splitlines()[-1]
+        assert f"factor {c.factor:.4g}" in text(mixture_table(typed)).splitlines()[-1]
         settled = h.stub.GetMixture(pb.GetMixtureRequest(job="job"))
     finally:
         h.close()
