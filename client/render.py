@@ -37,7 +37,7 @@ from rich.text import Text
 UNFOLDED = 10_000
 
 #: Colour of each task state on a terminal.
-STATE_STYLES = {
+STATE_STYLES: dict[str, str] = {
     TaskState.ACTIVE: "green",
     TaskState.PENDING: "yellow",
     TaskState.RETIRED: "dim",

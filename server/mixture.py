@@ -36,7 +36,7 @@ is below ε (ratios between unfloored tasks are kept). ε must be < 1/n.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from gradmix.server.errors import InvalidArgumentError, NonFiniteError
@@ -141,7 +141,8 @@ def smooth_mixture(
     return {t: w / total for t, w in mixed.items()}
 
 
-def cap_weights(weights: Mapping[str, float], capped: set[str], cap: float) -> dict[str, float]:
+def cap_weights(weights: Mapping[str, float], capped: Collection[str],
+                cap: float) -> dict[str, float]:
     """Limits the tasks in `capped` to at most `cap`, giving the excess to the others
     in proportion to their weights (ratios between uncapped tasks are kept)."""
     result = dict(weights)
