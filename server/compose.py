@@ -135,7 +135,7 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
 def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
                     scores: Mapping[str, float], error: float, thin: Collection[str],
                     active: int) -> dict[str, float]:
-    """The mixture from `scores` whose estimated target loss is lowest.
+    """The sharpest mixture from `scores` whose estimated gain is near the best.
 
     Candidates are `scores_to_mixture` at the job's temperature and at
     `SOFTER` times softer steps up to the uniform mixture; each is scored by
@@ -149,12 +149,16 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     suite).
     """
     floor = policy.floor_for(len(scores))
-    candidates = [cap_weights(scores_to_mixture(scores, temperature=policy.temperature * factor,
-                                                floor=floor, error=error), thin, 1.0 / active)
-                  for factor in SOFTER]
+
+    def at(factor: float) -> dict[str, float]:
+        mixture = scores_to_mixture(scores, temperature=policy.temperature * factor,
+                                    floor=floor, error=error)
+        return cap_weights(mixture, thin, 1.0 / active)
+
+    if len(scores) < 2 or not POLICIES[policy.policy].estimates_subsets:
+        return at(1.0)
+    candidates = [at(factor) for factor in SOFTER]
     candidates.append(dict.fromkeys(scores, 1.0 / len(scores)))
-    if len(scores) < 2 or not policy_reads_sketches(policy):
-        return candidates[0]
     columns = estimator.tasks
     scales = task_scales(estimator)
     alpha = np.array([[mixture.get(t, 0.0) for t in columns] for mixture in candidates])
@@ -182,13 +186,6 @@ def kept_composition(previous: Mapping[str, float], new: Composition,
     estimated = _estimated_loss(estimator, active, {t: weights[t] / mass for t in active},
                                 regularization) if mass > 0 else new.anchor_loss
     return dataclasses.replace(new, weights=weights, estimated_loss=estimated)
-
-
-def policy_reads_sketches(policy: PolicyConfig) -> bool:
-    """Whether the policy's scores come from subset estimates (ensemble,
-    surrogate, simplex). ``gradient_similarity`` is a baseline and keeps its
-    own plain temperature; ``uniform`` reads nothing."""
-    return POLICIES[policy.policy].estimates_subsets
 
 
 def _estimated_loss(estimator: SubsetEstimator, active: Sequence[str],
