@@ -24,6 +24,7 @@ from gradmix.client.types import (
     Selection,
     ServerInfo,
     SketchSpec,
+    SketchSpecError,
     Task,
 )
 from gradmix.client.watch import MixtureWatch
@@ -46,6 +47,7 @@ __all__ = [
     "SelectionClient",
     "ServerInfo",
     "SketchSpec",
+    "SketchSpecError",
     "SketchWriter",
     "Task",
     "errors",

@@ -35,6 +35,7 @@ from gradmix.client.types import (
     Mixture,
     PolicySettings,
     SketchSpec,
+    SketchSpecError,
 )
 from gradmix.vocabulary import (
     DEFAULT_DTYPE,
@@ -177,9 +178,12 @@ def _create_job_command(sub: argparse.ArgumentParser) -> None:
 
 
 def _create_job(client: SelectionClient, args: argparse.Namespace) -> Any:
-    sketch = SketchSpec(dim=args.dim, seed=args.seed, projector=args.projector,
-                        manifest_hash=args.manifest_hash, dtype=args.dtype,
-                        value_kind=args.value_kind)
+    try:
+        sketch = SketchSpec(dim=args.dim, seed=args.seed, projector=args.projector,
+                            manifest_hash=args.manifest_hash, dtype=args.dtype,
+                            value_kind=args.value_kind)
+    except SketchSpecError as exc:  # reported like the server's refusal would be
+        raise InvalidArgument(str(exc)) from None
     names = ("regularization", "temperature", "floor", "subset_count", "subset_fraction",
              "prior_weight", "smoothing")
     fields = {n: getattr(args, n) for n in names if getattr(args, n) is not None}

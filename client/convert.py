@@ -31,13 +31,11 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.vocabulary import (
     WIRE_UNSPECIFIED,
     Policy,
-    Projector,
     ProtoEnum,
-    SketchDtype,
-    ValueKind,
     W,
 )
 from gradmix.vocabulary.policy_settings import ZERO_MEANS_DEFAULT
+from gradmix.vocabulary.sketch_spec import UNSPECIFIED
 
 
 def _enum_name(enum: ProtoEnum[W], prefix: str, value: int, unspecified: str) -> str:
@@ -106,12 +104,10 @@ def job_spec_from_pb(msg: pb.JobSpec) -> JobSpec:
     sketch = SketchSpec(
         dim=max(s.dim, 1),
         seed=s.seed,
-        value_kind=_enum_name(
-            pb.ValueKind, "VALUE_KIND_", s.value_kind, WIRE_UNSPECIFIED[ValueKind]
-        ),
-        projector=s.projector or WIRE_UNSPECIFIED[Projector],
+        value_kind=_enum_name(pb.ValueKind, "VALUE_KIND_", s.value_kind, UNSPECIFIED["value_kind"]),
+        projector=s.projector or UNSPECIFIED["projector"],
         manifest_hash=s.manifest_hash,
-        dtype=_enum_name(pb.SketchDtype, "SKETCH_DTYPE_", s.dtype, WIRE_UNSPECIFIED[SketchDtype]),
+        dtype=_enum_name(pb.SketchDtype, "SKETCH_DTYPE_", s.dtype, UNSPECIFIED["dtype"]),
     )
     policy = PolicySettings(
         policy=policy_name(p.policy),

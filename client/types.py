@@ -13,10 +13,7 @@ from dataclasses import dataclass, field
 
 from gradmix.client.errors import InvalidArgument
 from gradmix.vocabulary import (
-    DEFAULT_DTYPE,
     DEFAULT_POLICY,
-    DEFAULT_PROJECTOR,
-    DEFAULT_VALUE_KIND,
     AnchorState,
     EstimateMode,
     Policy,
@@ -34,6 +31,10 @@ from gradmix.vocabulary.policy_settings import (
     check_field,
 )
 
+# The sketch spec is the vocabulary's one definition, re-exported for the client's users.
+from gradmix.vocabulary.sketch_spec import SketchSpec as SketchSpec
+from gradmix.vocabulary.sketch_spec import SketchSpecError as SketchSpecError
+
 POLICIES = choices(Policy)
 PROJECTORS = choices(Projector)
 DTYPES = choices(SketchDtype)
@@ -42,40 +43,6 @@ MODES = choices(EstimateMode)
 METHODS = choices(SelectionMethod)
 TASK_STATES = choices(TaskState)
 ANCHOR_STATES = choices(AnchorState)
-
-
-def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InvalidArgument(f"{what} must be one of {', '.join(choices)}; got {value!r}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SketchSpec:
-    """How sketches are made; fixed for the job's life."""
-
-    dim: int
-    """Projection dimension d (> 0)."""
-    seed: int = 0
-    """Projection seed (>= 0)."""
-    projector: str = DEFAULT_PROJECTOR
-    """"dense" or "structured" (the default, as in `gradmix-train`)."""
-    manifest_hash: str = ""
-    """Hash of the sketched parameter manifest."""
-    dtype: str = DEFAULT_DTYPE
-    """Storage dtype of the projected gradients: "float16" or "float32"."""
-    value_kind: str = DEFAULT_VALUE_KIND
-    """What the per-example value f(x) is (DESIGN.md §4): "log_odds", the mean of the
-    completion tokens' logit(p_t), or "geometric_log_odds", logit of their geometric-mean
-    probability, for which softplus(−f) is the mean token cross-entropy."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.dim < 2**32:
-            raise InvalidArgument(f"sketch dim must be in [1, 2**32); got {self.dim}")
-        if not 0 <= self.seed < 2**64:
-            raise InvalidArgument(f"sketch seed must be in [0, 2**64); got {self.seed}")
-        _check_choice("projector", self.projector, PROJECTORS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("value_kind", self.value_kind, VALUE_KINDS)
 
 
 @dataclass(frozen=True, kw_only=True)

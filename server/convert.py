@@ -21,14 +21,12 @@ from gradmix.store import (
     Horizon,
     JobEvent,
     MixtureRecord,
-    SketchSpec,
 )
 from gradmix.vocabulary import (
     WIRE_UNSPECIFIED,
     AnchorState,
     EstimateMode,
     Policy,
-    Projector,
     SketchDtype,
     TaskState,
     ValueKind,
@@ -36,6 +34,7 @@ from gradmix.vocabulary import (
     to_wire,
 )
 from gradmix.vocabulary.policy_settings import ZERO_MEANS_DEFAULT, PolicyConfig
+from gradmix.vocabulary.sketch_spec import UNSPECIFIED, SketchSpec, SketchSpecError
 
 PENDING = TaskState.PENDING
 ACTIVE = TaskState.ACTIVE
@@ -74,8 +73,8 @@ def sketch_to_spec(sketch: pb.SketchSpec) -> SketchSpec:
     """The store's SketchSpec for the wire's; zero fields take their defaults.
 
     Raises:
-        InvalidArgumentError: an enum value this server does not know.
-        InvalidSpecError: from SketchSpec, e.g. dim 0.
+        InvalidArgumentError: an enum value this server does not know, or a
+            field SketchSpec refuses (e.g. dim 0).
     """
     try:
         value_kind = from_wire(ValueKind, sketch.value_kind, pb.ValueKind)
@@ -85,9 +84,12 @@ def sketch_to_spec(sketch: pb.SketchSpec) -> SketchSpec:
         dtype = from_wire(SketchDtype, sketch.dtype, pb.SketchDtype)
     except ValueError as exc:
         raise InvalidArgumentError(f"unknown dtype enum value {sketch.dtype}") from exc
-    return SketchSpec(dim=sketch.dim, seed=sketch.seed, value_kind=value_kind,
-                   projector=sketch.projector or WIRE_UNSPECIFIED[Projector],
-                   manifest_hash=sketch.manifest_hash, dtype=dtype)
+    try:
+        return SketchSpec(dim=sketch.dim, seed=sketch.seed, value_kind=value_kind,
+                          projector=sketch.projector or UNSPECIFIED["projector"],
+                          manifest_hash=sketch.manifest_hash, dtype=dtype)
+    except SketchSpecError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
 
 
 def spec_to_sketch(spec: SketchSpec) -> pb.SketchSpec:

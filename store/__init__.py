@@ -28,11 +28,11 @@ from gradmix.store.records import (
     MixtureRecord,
     ReadCursor,
     Rows,
-    SketchSpec,
     TaskInfo,
 )
 from gradmix.store.sketch_store import SketchStore
 from gradmix.store.writer import RowWriter
+from gradmix.vocabulary.sketch_spec import SketchSpec, SketchSpecError
 
 __all__ = [
     "AnchorInfo",
@@ -51,6 +51,7 @@ __all__ = [
     "RowWriter",
     "Rows",
     "SketchSpec",
+    "SketchSpecError",
     "SketchStore",
     "SpecMismatchError",
     "StoreError",

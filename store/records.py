@@ -1,4 +1,10 @@
-"""Value types the store hands in and out: specs, infos, rows, cursors, mixture records."""
+"""Value types the store hands in and out: infos, rows, cursors, mixture records.
+
+A job's `SketchSpec` is the vocabulary's (`gradmix.vocabulary.sketch_spec`),
+re-exported by `gradmix.store`; the store keeps it as `SketchSpec.to_document` writes it and
+reads it back with `SketchSpec.from_document`, so a spec stored before a field
+existed means that field's wire-unspecified value.
+"""
 
 from __future__ import annotations
 
@@ -8,75 +14,14 @@ from typing import Any
 
 import numpy as np
 from gradmix.store.errors import InvalidSpecError, StoreStateError
-from gradmix.vocabulary import (
-    WIRE_UNSPECIFIED,
-    AnchorState,
-    Projector,
-    SketchDtype,
-    TaskState,
-    ValueKind,
-    choices,
-)
+from gradmix.vocabulary import TaskState, choices
+from gradmix.vocabulary.sketch_spec import SketchSpec
 
-PROJECTORS = choices(Projector)
-VALUE_KINDS = choices(ValueKind)
-DTYPES = choices(SketchDtype)
-ANCHOR_STATES = choices(AnchorState)
 TASK_STATES = choices(TaskState)
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SketchSpec:
-    """The sketch spec of a job: everything that must match for rows to be pooled.
-
-    Attributes:
-        dim: projection dimension d (> 0).
-        seed: projection seed (>= 0).
-        value_kind: what the per-row value is, one of ``VALUE_KINDS`` (DESIGN.md §4;
-            default the mean log-odds value).
-        projector: ``"dense"`` or ``"structured"``.
-        manifest_hash: hash of the sketched parameter manifest.
-        dtype: storage dtype of the gradient rows, ``"float16"`` or ``"float32"``.
-    """
-
-    dim: int
-    seed: int
-    # Defaults are what a spec document written before the field existed means.
-    value_kind: str = WIRE_UNSPECIFIED[ValueKind]
-    projector: str = WIRE_UNSPECIFIED[Projector]
-    manifest_hash: str = ""
-    dtype: str = WIRE_UNSPECIFIED[SketchDtype]
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.dim) or self.dim <= 0:
-            raise InvalidSpecError(f"dim must be a positive integer, got {self.dim!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise InvalidSpecError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.value_kind not in VALUE_KINDS:
-            raise InvalidSpecError(
-                f"value_kind must be one of {VALUE_KINDS}, got {self.value_kind!r}"
-            )
-        if self.projector not in PROJECTORS:
-            raise InvalidSpecError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
-        if not isinstance(self.manifest_hash, str):
-            raise InvalidSpecError(f"manifest_hash must be a string, got {self.manifest_hash!r}")
-        if self.dtype not in DTYPES:
-            raise InvalidSpecError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        object.__setattr__(self, "dim", int(self.dim))
-        object.__setattr__(self, "seed", int(self.seed))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The spec as a JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> SketchSpec:
-        """Rebuild a spec stored with :meth:`to_dict`."""
-        return cls(**doc)
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,10 @@ from gradmix.store.records import (
     MixtureRecord,
     ReadCursor,
     Rows,
-    SketchSpec,
     TaskInfo,
 )
 from gradmix.store.writer import RowWriter
+from gradmix.vocabulary.sketch_spec import SketchSpec
 
 _LIVE_WRITERS: weakref.WeakValueDictionary[tuple[str, str], RowWriter] = (
     weakref.WeakValueDictionary()
@@ -112,9 +112,9 @@ class SketchStore:
         if not isinstance(spec, SketchSpec):
             raise InvalidSpecError(f"spec must be a SketchSpec, got {type(spec).__name__}")
         wanted = _json_settings(settings)
-        doc = {"spec": spec.to_dict(), "settings": wanted or {}, "created_at": time.time()}
+        doc = {"spec": spec.to_document(), "settings": wanted or {}, "created_at": time.time()}
         info = _job_info(job, self._docs.create(layout.job_dir(job), doc))
-        for name, stored in info.spec.to_dict().items():
+        for name, stored in info.spec.to_document().items():
             if stored != getattr(spec, name):
                 raise SpecMismatchError(name, stored, getattr(spec, name), what=f"job {job}")
         if wanted is not None and wanted != info.settings:
@@ -509,7 +509,7 @@ def _first_difference(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> s
 
 
 def _job_info(job: str, attrs: dict[str, Any]) -> JobInfo:
-    spec = SketchSpec.from_dict(attrs["spec"])
+    spec = SketchSpec.from_document(attrs["spec"])
     return JobInfo(job, spec, dict(attrs.get("settings", {})), float(attrs["created_at"]))
 
 

@@ -35,7 +35,8 @@ from gradmix.store.columns import RowColumn
 from gradmix.store.documents import GroupDocs
 from gradmix.store.errors import InvalidRowsError
 from gradmix.store.reader import ArrayCache, SourceIndex, committed_count, contains
-from gradmix.store.records import AppendResult, SketchSpec
+from gradmix.store.records import AppendResult
+from gradmix.vocabulary.sketch_spec import SketchSpec
 
 CHUNK_BYTES = 128 * 1024
 """Target size of one gradient chunk: 64 rows at d=1024 float16 (a typical append)."""

@@ -12,6 +12,10 @@ members `POLICY_<NAME>`); `to_wire` and `from_wire` convert by that rule, and
 `WIRE_UNSPECIFIED` says what a field left at 0 (UNSPECIFIED) means, which is
 what the first clients sent and must keep meaning.
 
+The two records every package shares have one definition each beside this
+module: a job's policy settings (`gradmix.vocabulary.policy_settings`) and its
+sketch spec (`gradmix.vocabulary.sketch_spec`), with their validation.
+
 Defaults for new jobs are the `DEFAULT_*` constants; they are not always what
 an unspecified wire field means (new jobs sketch `structured` gradients of the
 `geometric_log_odds` value; a request from an older client that names neither

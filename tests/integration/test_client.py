@@ -18,7 +18,7 @@ from client_support import (
     sketch_job,
     wait_for,
 )
-from gradmix.client import PolicySettings, SelectionClient, SketchSpec, errors
+from gradmix.client import PolicySettings, SelectionClient, SketchSpec, SketchSpecError, errors
 from gradmix.client.types import Mixture
 from gradmix.trainer.config import SketchingConfig
 
@@ -69,7 +69,7 @@ def test_job_errors_carry_status_codes(served: Served) -> None:
     with pytest.raises(errors.InvalidArgument) as bad:
         c.create_job("../escape", sketch=SketchSpec(dim=DIM))
     assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(errors.InvalidArgument):  # refused before any RPC
+    with pytest.raises(SketchSpecError, match="invalid sketch dim: 0"):  # refused before any RPC
         SketchSpec(dim=0)
 
 
@@ -95,7 +95,7 @@ def test_value_kind_round_trips_and_a_job_never_mixes_kinds(served: Served) -> N
     assert default.spec.sketch.projector == SketchingConfig().projector
     with pytest.raises(errors.AlreadyExists, match="value_kind"):
         c.create_job("plain", sketch=geometric)
-    with pytest.raises(errors.InvalidArgument):  # refused before any RPC
+    with pytest.raises(SketchSpecError, match="value_kind"):  # refused before any RPC
         SketchSpec(dim=DIM, value_kind="mean_probability")
 
 

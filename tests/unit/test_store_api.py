@@ -6,6 +6,7 @@ Real Zarr stores: a directory under tmp_path, and fsspec ``memory://``.
 from __future__ import annotations
 
 import gc
+import json
 import pickle
 import threading
 import time
@@ -25,6 +26,7 @@ from gradmix.store import (
     MixtureRecord,
     RecordNotFoundError,
     SketchSpec,
+    SketchSpecError,
     SketchStore,
     SpecMismatchError,
     StoreError,
@@ -320,7 +322,8 @@ def test_no_task_takes_the_targets_name(tmp_path: Path) -> None:
         ({"seed": 4}, "seed"),
         ({"manifest_hash": "abc"}, "manifest_hash"),
         ({"dtype": "float32"}, "dtype"),
-        ({"projector": "structured"}, "projector"),
+        ({"projector": "dense"}, "projector"),
+        ({"value_kind": "log_odds"}, "value_kind"),
     ],
 )
 def test_reopening_a_job_with_another_spec_names_the_field(
@@ -334,7 +337,8 @@ def test_reopening_a_job_with_another_spec_names_the_field(
         SketchStore.open(str(root)).create_job("job", SketchSpec(**spec))  # type: ignore[arg-type]
     assert err.value.field == field
     assert err.value.stored == {"dim": DIM, "seed": 3, "manifest_hash": "", "dtype": "float16",
-                                "projector": "dense"}[field]
+                                "projector": "structured",
+                                "value_kind": "geometric_log_odds"}[field]
     assert err.value.requested == change[field]
     assert snapshot(root) == before
 
@@ -371,7 +375,7 @@ def test_invalid_specs_are_refused() -> None:
         {"dim": 4, "seed": 0, "value_kind": "mean_probability"},
         {"dim": True, "seed": 0},
     ):
-        with pytest.raises(InvalidSpecError):
+        with pytest.raises(SketchSpecError):
             SketchSpec(**bad)  # type: ignore[arg-type]
 
 
@@ -564,3 +568,23 @@ def test_reading_until_a_cursor_gives_back_exactly_its_lineages_rows(url: str) -
     assert len(everything) == 19
     with pytest.raises(StoreStateError):
         store.read_rows("job", "a0", "beta", until=cursor)
+
+
+def test_a_job_stored_before_the_spec_had_its_enums_keeps_their_first_meaning(
+    tmp_path: Path,
+) -> None:
+    """A spec document without projector, dtype or value_kind means dense, float16,
+    log_odds (what the first clients sent), not today's defaults."""
+    root = tmp_path / "s"
+    store = SketchStore.open(str(root))
+    store.create_job("old", SketchSpec(dim=DIM, seed=1))
+    doc_path = root / "jobs" / "old" / "zarr.json"
+    doc = json.loads(doc_path.read_text())
+    doc["attributes"]["spec"] = {"dim": DIM, "seed": 1, "manifest_hash": ""}
+    doc_path.write_text(json.dumps(doc))
+    spec = SketchStore.open(str(root)).get_job("old").spec
+    assert (spec.projector, spec.dtype, spec.value_kind) == ("dense", "float16", "log_odds")
+    # Reopening it with a spec built today (structured) names the difference.
+    with pytest.raises(SpecMismatchError) as err:
+        SketchStore.open(str(root)).create_job("old", SketchSpec(dim=DIM, seed=1))
+    assert (err.value.field, err.value.stored) == ("projector", "dense")
