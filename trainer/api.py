@@ -280,6 +280,10 @@ class Sketcher:
         dist: the process group (default: `process_group` on the model's device).
         reachable: whether the server is reachable now (the mixture watch's view);
             a sketch point when it is not is skipped instead of stalling training.
+        state: the run state the current anchor is kept in (a resumed run's, loaded
+            before; default a fresh one).
+        client: the server's client (default one to `server`), closed by `close`.
+        log: this rank's run log (default one in `output_dir`), closed by `close`.
     """
 
     def __init__(
@@ -303,6 +307,9 @@ class Sketcher:
         policy: Mapping[str, Any] | None = None,
         dist: Dist | None = None,
         reachable: Callable[[], bool | None] | None = None,
+        state: TrainState | None = None,
+        client: SelectionClient | None = None,
+        log: RunLog | None = None,
     ) -> None:
         given = dict(tasks or {})
         self.config = TrainConfig(
@@ -339,8 +346,8 @@ class Sketcher:
             paths={t: s for t, s in sources.items() if isinstance(s, str | Path)},
         )
         memory = {t for t, s in given.items() if _in_memory(s)}
-        self.client = SelectionClient(server)
-        self.log = RunLog(output_dir, self.dist.rank)
+        self.client = client or SelectionClient(server)
+        self.log = log or RunLog(output_dir, self.dist.rank)
         self.job = JobSetup(self.config, self.projector, self.client, self.log)
         self.protocol = AnchorProtocol(
             self.job,
@@ -349,7 +356,7 @@ class Sketcher:
             self.pool,
             SketchStore.open(str(store)),
             _Files(self.config, self.client, memory),
-            TrainState(),
+            state or TrainState(),
             reachable=reachable or (lambda: True),
             learning_rate=current_lr,
         )

@@ -45,13 +45,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradmix.client import Mixture
+from gradmix.client import Mixture, SelectionClient
 from gradmix.trainer.api import Sketcher, Source, process_group
 from gradmix.trainer.config import SketchingConfig
 from gradmix.trainer.errors import TrainerError
 from gradmix.trainer.hf_data import as_examples
 from gradmix.trainer.mixture_stream import MixtureStream
 from gradmix.trainer.mixture_sync import MixtureSync, ServerWatch
+from gradmix.trainer.runlog import RunLog
 from gradmix.trainer.train_state import AnchorState, TrainState
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -108,17 +109,18 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         )
         self.sketching, self.max_length, self.policy = sketching, max_length, policy
         self.lag, self.wait_for_mixture, self.output_dir = lag, wait_for_mixture, output_dir
+        self.run: TrainState | None = None
+        """This rank's run state (None outside training): the stream's schedule, the
+        mixture history and the anchor."""
         self.sketcher: Sketcher | None = None
         self.sync: MixtureSync | None = None
-        self._restored: list[dict[str, Any]] = []
         self._lr_scheduler: Any = None
-        self._per_step = 1
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """Every mixture scheduled: version, the optimizer step it takes effect at,
         anchor and weights."""
-        return self.sync.state.history if self.sync is not None else self._restored
+        return self.run.history if self.run is not None else []
 
     @property
     def watch(self) -> ServerWatch | None:
@@ -129,25 +131,32 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
 
     def state(self) -> dict[str, Any]:
         """What a Trainer checkpoint keeps (in trainer_state.json's stateful callbacks)."""
-        anchor = self.sketcher.state.to_dict() if self.sketcher else AnchorState().to_dict()
+        anchor = (self.run.anchor if self.run is not None else AnchorState()).to_dict()
         saved = {"stream": self.stream.state_dict(), "history": self.history, "anchor": anchor}
         return {"args": {}, "attributes": {"gradmix": saved}}
 
-    def _restore(self, args: Any, state: Any) -> None:
-        """Continue a resumed run from the state its checkpoint kept."""
+    def _resumed(self, args: Any, state: Any, per_step: int) -> TrainState:
+        """The run state a resumed run continues from (the stream is restored too).
+
+        Raises:
+            TrainerError: the checkpoint holds no gradmix state.
+        """
         stored = (state.stateful_callbacks or {}).get(type(self).__name__)
         if stored is None:
             raise TrainerError("the checkpoint has no gradmix state to resume the stream from")
         saved = (stored[0] if isinstance(stored, list) else stored)["attributes"]["gradmix"]
         stream_state = dict(saved["stream"])
         # The Trainer replays skipped batches from the stream's start unless told not to.
-        stream_state["draw"] = state.global_step * self._per_step if args.ignore_data_skip else 0
+        stream_state["draw"] = state.global_step * per_step if args.ignore_data_skip else 0
         self.stream.load_state_dict(stream_state)
-        assert self.sketcher is not None and self.sync is not None
         history = list(saved["history"])
-        self.sync.state.history = history
-        self.sync.state.applied_version = max((h["version"] for h in history), default=0)
-        self.sketcher.state = AnchorState(**saved["anchor"])
+        return TrainState(
+            sampler=_StreamSchedule(self.stream, per_step),
+            step=state.global_step,
+            history=history,
+            applied_version=max((h["version"] for h in history), default=0),
+            anchor=AnchorState(**saved["anchor"]),
+        )
 
     # ------------------------------------------------------------ Trainer events
 
@@ -157,10 +166,20 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
         model = kwargs["model"]
         self._lr_scheduler = kwargs.get("lr_scheduler")
         dist = process_group(next(model.parameters()).device)
-        self._per_step = (
+        per_step = (
             args.per_device_train_batch_size * args.gradient_accumulation_steps * dist.world_size
         )
-        self.sketcher = Sketcher(
+        # The run state first (a resumed run's, whole), then each collaborator complete.
+        run = (self._resumed(args, state, per_step) if state.global_step > 0
+               else TrainState(sampler=_StreamSchedule(self.stream, per_step)))
+        output_dir = self.output_dir or args.output_dir
+        client = SelectionClient(self.server)
+        log = RunLog(output_dir, dist.rank)
+        watch = (ServerWatch(client, self.job, after_version=run.applied_version)
+                 if dist.is_main else None)
+        sync = MixtureSync(dist, run, log, watch, None,
+                           lambda task: task if task in self.stream.tasks else None)
+        sketcher = Sketcher(
             job=self.job,
             server=self.server,
             store=self.store,
@@ -168,7 +187,7 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             tokenizer=self.tokenizer,
             target=self.target,
             tasks=self.tasks,
-            output_dir=self.output_dir or args.output_dir,
+            output_dir=output_dir,
             sketching=self.sketching,
             steps=max(state.max_steps, 1),
             learning_rate=args.learning_rate,
@@ -177,29 +196,21 @@ class GradmixCallback(TrainerCallback, ExportableState):  # type: ignore[misc]
             seed=args.seed,
             policy=self.policy,
             dist=dist,
-            reachable=lambda: self.sync is None or self.sync.reachable is not False,
+            reachable=lambda: sync.reachable is not False,
+            state=run,
+            client=client,
+            log=log,
         )
-        self.sync = MixtureSync(
-            dist,
-            TrainState(sampler=_StreamSchedule(self.stream, self._per_step)),
-            self.sketcher.log,
-            None,
-            None,
-            lambda task: task if task in self.stream.tasks else None,
-        )
-        if state.global_step > 0:
-            self._restore(args, state)
-        self.sketcher.setup_job()
-        if dist.is_main:
-            self.sync.watch = ServerWatch(
-                self.sketcher.client, self.job, after_version=self.sync.applied_version
-            ).start()
+        self.run, self.sync, self.sketcher = run, sync, sketcher
+        sketcher.setup_job()
+        if watch is not None:  # rank 0, once the job exists
+            watch.start()
             if state.global_step == 0:
-                self.sync.watch.wait_first(self.wait_for_mixture)
+                watch.wait_first(self.wait_for_mixture)
         if state.global_step == 0:
-            self.sync.boundary(0)
+            sync.boundary(0)
             if not self.stream.schedule:
-                self.sync.apply({t: 1.0 for t in self.stream.tasks}, step=0)
+                sync.apply({t: 1.0 for t in self.stream.tasks}, step=0)
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.sketcher is not None and self.sync is not None
