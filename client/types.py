@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from gradmix.client.errors import InvalidArgument
 from gradmix.vocabulary import (
     DEFAULT_POLICY,
-    AnchorState,
     EstimateMode,
     Policy,
     Projector,
@@ -42,7 +41,6 @@ VALUE_KINDS = choices(ValueKind)
 MODES = choices(EstimateMode)
 METHODS = choices(SelectionMethod)
 TASK_STATES = choices(TaskState)
-ANCHOR_STATES = choices(AnchorState)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -69,11 +69,6 @@ class MixtureWatch(Iterator[Mixture]):
         """Whether `close()` was called."""
         return self._closed.is_set()
 
-    @property
-    def last_version(self) -> int:
-        """The last version delivered (or `after_version` before the first)."""
-        return self._last
-
     def __iter__(self) -> MixtureWatch:
         return self
 

@@ -89,8 +89,9 @@ class ServerConfig:
     max_estimated_loss_ratio: float = 100.0
     """Largest factor between the loss a re-estimate predicts and the anchor's own loss
     (either way): beyond it the estimate is held back as implausible and the previous
-    mixture stays in force (0: no bound). 100: the demo's good anchors predict drops of
-    28-48x (and its run does fall that far), an anchor on an untrained model 100-140x."""
+    mixture stays in force (0: no bound). 100 lies between the drops good anchors of the
+    demo predict and those of an anchor on an untrained model (README, "Sanity check",
+    has both, measured)."""
     untrained_loss_fraction: float = 0.9
     """An anchor whose target loss is at least this fraction of the untrained level its
     trainer declared (log of the vocabulary size) is taken on an untrained model: its

@@ -9,9 +9,9 @@ async codec pipeline on every call. Reads of committed rows go straight to
 the chunks the same way (any Zarr reader can read the arrays too).
 
 Chunks are uncompressed on purpose: projected gradients are dense and
-Gaussian-like, and on float16 sketch rows zstd level 1 saved about 8% and
-lz4 or blosc-lz4 with shuffle nothing (measured on d=1024 rows), while
-uncompressed chunks are what allow the in-place writes below.
+Gaussian-like, so general-purpose codecs (zstd, lz4, blosc with shuffle) save
+little on them, while uncompressed chunks are what allow the in-place writes
+below.
 
 How a chunk is written is the backend's business
 (``StoreBackend.write_pieces``), and both ways leave every committed row of a

@@ -32,7 +32,6 @@ from __future__ import annotations
 GRADS = "grads"
 VALUES = "values"
 EXAMPLE_IDS = "example_ids"
-ARRAYS = (GRADS, VALUES, EXAMPLE_IDS)
 COMMITS = "commits"
 
 
@@ -81,10 +80,6 @@ def source_dir(job: str, anchor: str, task: str | None) -> str:
 
 def writers_dir(job: str, anchor: str, task: str | None) -> str:
     return f"{source_dir(job, anchor, task)}/writers"
-
-
-def writer_dir(job: str, anchor: str, task: str | None, writer: str) -> str:
-    return f"{writers_dir(job, anchor, task)}/{writer}"
 
 
 def mixtures_dir(job: str) -> str:

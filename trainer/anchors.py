@@ -289,7 +289,7 @@ class AnchorProtocol:
         now = self._snapshot()
         num = sum(float((now[n] - ref).pow(2).sum()) for n, ref in self._reference.items())
         den = sum(float(ref.pow(2).sum()) for ref in self._reference.values())
-        return (num / max(den, 1e-30)) ** 0.5
+        return math.sqrt(num / max(den, 1e-30))
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         if not self.cfg.drift_bound:

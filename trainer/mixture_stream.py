@@ -103,14 +103,6 @@ class MixtureStream(IterableDataset):  # type: ignore[type-arg]
         self.schedule = [*keep, entry]
         self._revision += 1
 
-    def weights_at(self, draw: int) -> dict[str, float]:
-        """The weights in force at global draw `draw` (empty before the first)."""
-        current: dict[str, float] = {}
-        for entry in self.schedule:
-            if entry["at_draw"] <= draw:
-                current = dict(entry["weights"])
-        return current
-
     def state_dict(self) -> dict[str, Any]:
         """The schedule and the next global draw (JSON-serialisable)."""
         return {

@@ -94,10 +94,10 @@ def default_factor_dim(dim: int) -> int:
     """Default k of the structured projector: 4⌈√d⌉, at least 64 (so k² ≥ 16·d).
 
     The Kronecker stage's relative error is about √(1/k_o + 1/k_i): at
-    2⌈√d⌉ (34 for d = 256) one projection draw scaled every inner product
-    by a factor with a standard deviation of ≈ 0.22 (dense: 0.08), which
-    cost the estimate a third of its skill on bench/fidelity.py; 4⌈√d⌉
-    halves the variance, and a side of at most k units is projected exactly.
+    2⌈√d⌉ (34 for d = 256) that is ≈ 0.24, against 1/√d for the dense
+    projector, and `python bench/fidelity.py` (structured vs dense) showed
+    the cost in the estimate's skill; 4⌈√d⌉ halves the variance, and a side
+    of at most k units is projected exactly.
     """
     return max(64, 4 * math.isqrt(dim - 1) + 4)
 

@@ -59,7 +59,7 @@ def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> nn.Module:
                     key, tokenizer.eos_id if key != "pad_token_id" else tokenizer.pad_id
                 )
             hf_config = AutoConfig.for_model(model_type, **fields)
-            model = AutoModelForCausalLM.from_config(
+            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
                 hf_config, attn_implementation=cfg.attn_implementation
             )
     except (OSError, ValueError, KeyError) as exc:

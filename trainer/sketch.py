@@ -287,9 +287,12 @@ def _norm_grads(owner: nn.Module, attr: str, x: torch.Tensor, delta: torch.Tenso
             p: torch.Tensor, x_i: torch.Tensor, delta_i: torch.Tensor
         ) -> torch.Tensor:
             y = functional_call(bare, {**fixed, f"layer.{attr}": p}, (x_i,))
-            return (y.float() * delta_i.float()).sum()
+            total: torch.Tensor = (y.float() * delta_i.float()).sum()
+            return total
 
-        return vmap(grad(contribution), in_dims=(None, 0, 0))(own[attr].detach(), x, delta)
+        grads: torch.Tensor = vmap(grad(contribution), in_dims=(None, 0, 0))(
+            own[attr].detach(), x, delta)
+        return grads
 
 
 class _Unhooked(nn.Module):
