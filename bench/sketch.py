@@ -8,8 +8,8 @@ Measures, in one run and on the same model and examples:
     the structured projector (forward hooks; Kronecker factors + CountSketch
     for the linear weights, the tied wte/lm_head weight and wpe; dense
     projections of the biases and LayerNorm parameters).
-Last line: `sketch: dense_ratio=<...> structured_ratio=<...>` (sketch time per
-example / train time per example).
+Last line: `sketch: dense_ratio=<...> structured_ratio=<...> train_ms_per_example=<...>`
+(sketch time per example / train time per example, and that baseline).
 
 With `--lora R` the model carries rank-R LoRA adapters (peft, on every
 attention and MLP projection) and only they train and are sketched, the
@@ -18,6 +18,24 @@ AdamW step over the adapters, and both projectors sketch the adapters' A/B
 factors (the structured one from their inputs and output gradients).
 
     python bench/sketch.py [--dim 256] [--batch 16] [--device cpu] [--lora 8]
+
+With `--demo-run` it measures instead the share of a `make demo` training run's
+wall time that its sketch points take, with the demo's own job (its model,
+tokenizer, tasks and `[sketching]` section, written by `gradmix.demo.run.
+write_job`, so the default `examples_per_task` and the demo's anchor schedule):
+  - train: seconds per optimizer step (the demo's batch, AdamW, clipping);
+  - sketch: seconds to sketch each source's `examples_per_task` examples with
+    the job's projector, at its sketch batch size;
+  - the schedule: which sources the run sketches at which sketch point (the
+    re-anchor rule of `SketchingConfig`, the late tasks at the first sketch
+    point after the demo registers them).
+Share = sketch / (sketch + steps × train). Last line:
+`sketch_share: share=<...> train_step_ms=<...> sketch_ms_per_example=<...>
+train_ms_per_example=<...> ratio=<...> ...` (ratio: sketch time per example /
+train time per example). What it leaves out, in both terms: evaluations,
+DeepSpeed's own overhead, the store writes and server calls of a sketch point.
+
+    python bench/sketch.py --demo-run [--threads 1]
 """
 
 from __future__ import annotations
@@ -113,6 +131,109 @@ def time_sketch(
     return (time.perf_counter() - start) / len(exs)
 
 
+def demo_schedule(steps: int, first_anchor: int, interval: int, reanchor_every: int,
+                  initial: int, late: int, late_at: int) -> tuple[int, int]:
+    """(anchors, sources sketched) of a demo run: at each sketch point a new anchor
+    sketches the target and every registered task; otherwise only the tasks
+    registered since (the late ones, after `late_at`) are sketched."""
+    anchors = sources = 0
+    anchor_step, late_done = -1, False
+    for step in range(first_anchor, steps, max(interval, 1)):
+        registered = initial + (late if step > late_at else 0)
+        if anchor_step < 0 or (reanchor_every and step - anchor_step >= reanchor_every):
+            anchor_step, anchors = step, anchors + 1
+            sources += 1 + registered
+            late_done = step > late_at
+        elif step > late_at and not late_done:
+            sources, late_done = sources + late, True
+    return anchors, sources
+
+
+def demo_run(threads: int) -> None:
+    """Measure the sketching share of a `make demo` run (see the module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    from gradmix.demo.job import parse_args
+    from gradmix.demo.run import write_job
+    from gradmix.demo.tasks import (
+        TARGET,
+        TASKS,
+        DemoTask,
+        generate,
+        initial_tasks,
+        late_tasks,
+        write_tasks,
+    )
+    from gradmix.trainer.data import tokenize
+    from gradmix.trainer.setup import build_model, build_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    demo = parse_args([])
+    run = demo.run
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_tasks(Path(tmp) / "data", count=4, target_count=4)
+        config = write_job(Path(tmp) / "job.toml", job="bench", settings=run, files=files,
+                           initial=initial_tasks(), server="127.0.0.1:1", store=tmp, policy={})
+    sk = config.sketching
+    torch.manual_seed(config.training.seed)
+    tokenizer = build_tokenizer(config.tokenizer)
+    model = build_model(config.model, tokenizer)
+    length = config.data.max_length
+
+    def examples(task: DemoTask, count: int) -> list[TokenizedExample]:
+        rows = generate(task, count, run.seed)
+        return [tokenize(r.prompt, r.completion, tokenizer, length) for r in rows]
+
+    sources = {"target": examples(TARGET, sk.examples_per_task)}
+    sources.update({name: examples(TASKS[name], sk.examples_per_task) for name in TASKS})
+    anchors, sketched = demo_schedule(run.steps, sk.first_anchor, sk.interval, sk.reanchor_every,
+                                      len(initial_tasks()), len(late_tasks()), demo.late_at)
+    print(f"demo run: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{torch.get_num_threads()} threads; {run.steps} steps of {run.batch_size}; "
+          f"{anchors} anchors, {sketched} sources x {sk.examples_per_task} examples sketched "
+          f"({sk.projector}, d={sk.dim}, sketch batch {sk.batch_size})")
+
+    batch = run.batch_size
+    pool = [e for rows in sources.values() for e in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=run.lr)
+    model.train()
+    train_steps, elapsed = 20, 0.0
+    for step in range(train_steps + 2):
+        b = collate(pool[(step * batch) % len(pool):][:batch], pad_id=tokenizer.pad_id)
+        start = time.perf_counter()
+        loss = completion_loss(model(input_ids=b.input_ids).logits, b.input_ids, b.loss_mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= 2:  # two warm-up steps
+            elapsed += time.perf_counter() - start
+    train_step = elapsed / train_steps
+    print(f"train: {train_step * 1e3:.1f} ms/step")
+
+    proj = build_projector(model, kind=sk.projector, dim=sk.dim, seed=sk.seed,
+                           factor_dim=sk.factor_dim or None)
+    kwargs = {"batch_size": sk.batch_size, "pad_id": tokenizer.pad_id, "value_kind": sk.value_kind}
+    sketch_examples(model, proj, sources["target"][: sk.batch_size], **kwargs)  # warm-up
+    start = time.perf_counter()
+    for rows in sources.values():
+        sketch_examples(model, proj, rows, **kwargs)
+    per_source = (time.perf_counter() - start) / len(sources)
+    print(f"sketch: {per_source:.3f} s per source of {sk.examples_per_task} examples")
+
+    sketch_total, train_total = sketched * per_source, run.steps * train_step
+    per_example = per_source / sk.examples_per_task
+    print(f"run: {train_total:.0f} s training, {sketch_total:.0f} s sketching")
+    print(f"sketch_share: share={sketch_total / (sketch_total + train_total):.3f} "
+          f"train_step_ms={train_step * 1e3:.1f} sketch_ms_per_example={per_example * 1e3:.2f} "
+          f"train_ms_per_example={train_step / batch * 1e3:.2f} "
+          f"ratio={per_example / (train_step / batch):.2f} "
+          f"sketched_examples={sketched * sk.examples_per_task} "
+          f"trained_examples={run.steps * batch}")
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -129,7 +250,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    parser.add_argument("--demo-run", action="store_true",
+                        help="the sketching share of a `make demo` run instead")
     args = parser.parse_args()
+    if args.demo_run:
+        demo_run(args.threads)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     base = make_model(args.device)
@@ -159,7 +285,8 @@ def main() -> None:
         args.device,
     )
     print(f"structured: {structured * 1e3:.2f} ms/example")
-    print(f"sketch: dense_ratio={dense / train:.2f} structured_ratio={structured / train:.2f}")
+    print(f"sketch: dense_ratio={dense / train:.2f} structured_ratio={structured / train:.2f} "
+          f"train_ms_per_example={train * 1e3:.2f}")
 
 
 if __name__ == "__main__":
