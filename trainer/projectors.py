@@ -223,7 +223,7 @@ class StructuredProjector(Projector):
         f = self._layer_factors(self._entries[name], out.device)
         ra = f.apply_in(inputs.float())  # (n, T, k_i)
         rd = f.apply_out(output_grads.float())  # (n, T, k_o)
-        z = torch.einsum("nto,nti->noi", rd, ra)
+        z = torch.bmm(rd.transpose(1, 2), ra)  # Σ_t rd_t ra_tᵀ: (n, k_o, k_i)
         f.fold(out, z.reshape(z.shape[0], -1))
 
     def project_embedding(
@@ -241,7 +241,7 @@ class StructuredProjector(Projector):
         f = self._layer_factors(self._entries[name], out.device)
         rv = f.gather_out(ids)  # (n, T, k_V)
         rd = f.apply_in(output_grads.float())  # (n, T, k_D)
-        z = torch.einsum("nto,nti->noi", rv, rd)
+        z = torch.bmm(rv.transpose(1, 2), rd)  # (n, k_V, k_D)
         f.fold(out, z.reshape(z.shape[0], -1))
 
     def project_bias(self, name: str, output_grads: torch.Tensor, out: torch.Tensor) -> None:
@@ -375,7 +375,8 @@ def build_projector(
         dim: projection dimension d.
         seed: projection seed.
         patterns: fnmatch patterns over parameter names (default: all trainable).
-        factor_dim: structured only: k of the Kronecker factors (default 2⌈√d⌉, ≥ 32).
+        factor_dim: structured only: k of the Kronecker factors (default
+            `default_factor_dim(dim)`: 4⌈√d⌉, at least 64).
     """
     options: tuple[tuple[str, int], ...] = ()
     if kind == "structured":

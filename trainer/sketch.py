@@ -17,9 +17,11 @@ Two paths, one per projector:
   stays per row. The projector turns each linear layer's (a, δ) and each
   embedding's (ids, δ) into the sketch without forming per-sample gradients;
   a tied output layer's (h, δ) goes into its embedding weight's projection.
-  Normalization layers are differentiated per example with torch.func on the
-  module alone (their D-sized gradients are then projected densely), exact
-  for any normalization formula. Nothing here needs a weight whole outside
+  A `torch.nn.LayerNorm`'s per-example gradients have a closed form
+  (weight Σ_t δ_t ⊙ x̂_t, bias Σ_t δ_t); any other normalization layer is
+  differentiated per example with torch.func on the module alone, exact for
+  any normalization formula (their D-sized gradients are then projected
+  densely). Nothing here needs a weight whole outside
   its module's forward and backward, so this path runs unchanged on a model
   sharded by DeepSpeed ZeRO-3 (`gradmix.trainer.sharded` says how).
 
@@ -272,12 +274,16 @@ def _embedding_grads(owner: nn.Module, ids: torch.Tensor, delta: torch.Tensor) -
 def _norm_grads(owner: nn.Module, attr: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Per-example gradients (n, *shape) of parameter `attr` of a normalization layer.
 
-    For example i it is ∇_p Σ_t ⟨norm_p(x_it), δ_it⟩, taken with torch.func on
-    the module alone from its captured inputs x (n, T, D) and output gradients δ.
-    The module's own parameters are gathered whole under ZeRO-3 (D-sized), and
-    it is called through `forward`, so no module hook (DeepSpeed's) sees the
-    swapped-in tensors.
+    For example i it is ∇_p Σ_t ⟨norm_p(x_it), δ_it⟩. A `torch.nn.LayerNorm` over
+    the last dimension has it in closed form (`_layer_norm_grads`); any other
+    normalization is differentiated with torch.func on the module alone, from
+    its captured inputs x (n, T, D) and output gradients δ. There the module's
+    own parameters are gathered whole under ZeRO-3 (D-sized), and it is called
+    through `forward`, so no module hook (DeepSpeed's) sees the swapped-in
+    tensors.
     """
+    if type(owner) is nn.LayerNorm and len(owner.normalized_shape) == 1:
+        return _layer_norm_grads(owner, attr, x, delta)
     bare = _Unhooked(owner)
     own = dict(owner.named_parameters(recurse=False))
     with gathered(own.values()):
@@ -293,6 +299,18 @@ def _norm_grads(owner: nn.Module, attr: str, x: torch.Tensor, delta: torch.Tenso
         grads: torch.Tensor = vmap(grad(contribution), in_dims=(None, 0, 0))(
             own[attr].detach(), x, delta)
         return grads
+
+
+def _layer_norm_grads(
+    owner: nn.LayerNorm, attr: str, x: torch.Tensor, delta: torch.Tensor
+) -> torch.Tensor:
+    """Per-example gradients of a LayerNorm's `weight` (Σ_t δ_t ⊙ x̂_t, x̂ the
+    normalized input) or `bias` (Σ_t δ_t), in float32; the layer's own weights are
+    not needed, so nothing is gathered under ZeRO-3."""
+    if attr == "bias":
+        return delta.float().sum(1)
+    normalized = torch.nn.functional.layer_norm(x.float(), owner.normalized_shape, eps=owner.eps)
+    return (normalized * delta.float()).sum(1)
 
 
 class _Unhooked(nn.Module):
