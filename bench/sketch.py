@@ -26,6 +26,8 @@ write_job`, so the default `examples_per_task` and the demo's anchor schedule):
   - train: seconds per optimizer step (the demo's batch, AdamW, clipping);
   - sketch: seconds to sketch each source's `examples_per_task` examples with
     the job's projector, at its sketch batch size;
+  (rounds of ten steps and one sketch of every source, interleaved, so that
+  both see the same load; the medians over the rounds);
   - the schedule: which sources the run sketches at which sketch point (the
     re-anchor rule of `SketchingConfig`, the late tasks at the first sketch
     point after the demo registers them).
@@ -35,12 +37,14 @@ train_ms_per_example=<...> ratio=<...> ...` (ratio: sketch time per example /
 train time per example). What it leaves out, in both terms: evaluations,
 DeepSpeed's own overhead, the store writes and server calls of a sketch point.
 
-    python bench/sketch.py --demo-run [--threads 1]
+    python bench/sketch.py --demo-run [--threads 1] [--sketch-batch 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import statistics
 import time
 
 import torch
@@ -149,7 +153,7 @@ def demo_schedule(steps: int, first_anchor: int, interval: int, reanchor_every: 
     return anchors, sources
 
 
-def demo_run(threads: int) -> None:
+def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3) -> None:
     """Measure the sketching share of a `make demo` run (see the module docstring)."""
     import tempfile
     from pathlib import Path
@@ -177,6 +181,8 @@ def demo_run(threads: int) -> None:
         config = write_job(Path(tmp) / "job.toml", job="bench", settings=run, files=files,
                            initial=initial_tasks(), server="127.0.0.1:1", store=tmp, policy={})
     sk = config.sketching
+    if sketch_batch:  # what another [sketching].batch_size would give (same sketches)
+        sk = dataclasses.replace(sk, batch_size=sketch_batch)
     torch.manual_seed(config.training.seed)
     tokenizer = build_tokenizer(config.tokenizer)
     model = build_model(config.model, tokenizer)
@@ -198,38 +204,47 @@ def demo_run(threads: int) -> None:
     batch = run.batch_size
     pool = [e for rows in sources.values() for e in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr)
-    model.train()
-    train_steps, elapsed = 20, 0.0
-    for step in range(train_steps + 2):
-        b = collate(pool[(step * batch) % len(pool):][:batch], pad_id=tokenizer.pad_id)
+    proj = build_projector(model, kind=sk.projector, dim=sk.dim, seed=sk.seed,
+                           factor_dim=sk.factor_dim or None)
+    kwargs = {"batch_size": sk.batch_size, "pad_id": tokenizer.pad_id, "value_kind": sk.value_kind}
+    drawn = 0
+
+    def train_step() -> float:
+        nonlocal drawn
+        b = collate(pool[(drawn * batch) % len(pool):][:batch], pad_id=tokenizer.pad_id)
+        drawn += 1
+        model.train()
         start = time.perf_counter()
         loss = completion_loss(model(input_ids=b.input_ids).logits, b.input_ids, b.loss_mask)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= 2:  # two warm-up steps
-            elapsed += time.perf_counter() - start
-    train_step = elapsed / train_steps
-    print(f"train: {train_step * 1e3:.1f} ms/step")
+        return time.perf_counter() - start
 
-    proj = build_projector(model, kind=sk.projector, dim=sk.dim, seed=sk.seed,
-                           factor_dim=sk.factor_dim or None)
-    kwargs = {"batch_size": sk.batch_size, "pad_id": tokenizer.pad_id, "value_kind": sk.value_kind}
-    sketch_examples(model, proj, sources["target"][: sk.batch_size], **kwargs)  # warm-up
-    start = time.perf_counter()
-    for rows in sources.values():
-        sketch_examples(model, proj, rows, **kwargs)
-    per_source = (time.perf_counter() - start) / len(sources)
-    print(f"sketch: {per_source:.3f} s per source of {sk.examples_per_task} examples")
+    def sketch_sources() -> float:
+        start = time.perf_counter()
+        for rows in sources.values():
+            sketch_examples(model, proj, rows, **kwargs)
+        return (time.perf_counter() - start) / len(sources)
 
-    sketch_total, train_total = sketched * per_source, run.steps * train_step
+    train_step(), train_step()  # warm-up, then rounds of both, interleaved (the load moves)
+    sketch_examples(model, proj, sources["target"][: sk.batch_size], **kwargs)
+    steps_per_round, train_times, sketch_times = 10, [], []
+    for _ in range(rounds):
+        train_times.append(sum(train_step() for _ in range(steps_per_round)) / steps_per_round)
+        sketch_times.append(sketch_sources())
+    step_s, per_source = statistics.median(train_times), statistics.median(sketch_times)
+    print(f"train: {step_s * 1e3:.1f} ms/step; sketch: {per_source:.3f} s per source of "
+          f"{sk.examples_per_task} examples (medians of {rounds} interleaved rounds)")
+
+    sketch_total, train_total = sketched * per_source, run.steps * step_s
     per_example = per_source / sk.examples_per_task
     print(f"run: {train_total:.0f} s training, {sketch_total:.0f} s sketching")
     print(f"sketch_share: share={sketch_total / (sketch_total + train_total):.3f} "
-          f"train_step_ms={train_step * 1e3:.1f} sketch_ms_per_example={per_example * 1e3:.2f} "
-          f"train_ms_per_example={train_step / batch * 1e3:.2f} "
-          f"ratio={per_example / (train_step / batch):.2f} "
+          f"train_step_ms={step_s * 1e3:.1f} sketch_ms_per_example={per_example * 1e3:.2f} "
+          f"train_ms_per_example={step_s / batch * 1e3:.2f} "
+          f"ratio={per_example / (step_s / batch):.2f} "
           f"sketched_examples={sketched * sk.examples_per_task} "
           f"trained_examples={run.steps * batch}")
 
@@ -252,9 +267,11 @@ def main() -> None:
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument("--demo-run", action="store_true",
                         help="the sketching share of a `make demo` run instead")
+    parser.add_argument("--sketch-batch", type=int, default=0,
+                        help="--demo-run: sketch batch size (0: the demo job's)")
     args = parser.parse_args()
     if args.demo_run:
-        demo_run(args.threads)
+        demo_run(args.threads, args.sketch_batch)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
