@@ -31,8 +31,10 @@ write_job`, so the default `examples_per_task` and the demo's anchor schedule):
   - the schedule: which sources the run sketches at which sketch point (the
     re-anchor rule of `SketchingConfig`, the late tasks at the first sketch
     point after the demo registers them).
-Share = sketch / (sketch + steps × train). Last line:
-`sketch_share: share=<...> train_step_ms=<...> sketch_ms_per_example=<...>
+Share = sketch / (sketch + steps × train); floor_share is the same with the
+sketch replaced by a bare forward and backward to the input embeddings (no
+hooks, projection or weight gradient: what no projector can go below). Last
+line: `sketch_share: share=<...> floor_share=<...> train_step_ms=<...> sketch_ms_per_example=<...>
 train_ms_per_example=<...> ratio=<...> ...` (ratio: sketch time per example /
 train time per example). What it leaves out, in both terms: evaluations,
 DeepSpeed's own overhead, the store writes and server calls of a sketch point.
@@ -51,7 +53,7 @@ import torch
 from gradmix.trainer.data import TokenizedExample, collate
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.sketch import sketch_examples
-from gradmix.trainer.values import completion_loss
+from gradmix.trainer.values import completion_loss, values_of
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
@@ -228,20 +230,41 @@ def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3) -> None:
             sketch_examples(model, proj, rows, **kwargs)
         return (time.perf_counter() - start) / len(sources)
 
-    train_step(), train_step()  # warm-up, then rounds of both, interleaved (the load moves)
+    def bare_sources() -> float:
+        """A sketch's floor: the forward and the backward to the input embeddings
+        alone (no hooks, no projection, no weight gradient)."""
+        embed = model.get_input_embeddings()
+        start = time.perf_counter()
+        model.eval()
+        for rows in sources.values():
+            for at in range(0, len(rows), sk.batch_size):
+                b = collate(rows[at:at + sk.batch_size], pad_id=tokenizer.pad_id)
+                with torch.enable_grad():
+                    x = embed(b.input_ids).detach().requires_grad_()
+                    logits = model(inputs_embeds=x, attention_mask=torch.ones_like(b.input_ids))
+                    f = values_of(sk.value_kind, logits.logits, b.input_ids, b.loss_mask)
+                    torch.autograd.grad(f.sum(), x)
+        return (time.perf_counter() - start) / len(sources)
+
+    train_step(), train_step()  # warm-up, then rounds of all three, interleaved (the load moves)
     sketch_examples(model, proj, sources["target"][: sk.batch_size], **kwargs)
-    steps_per_round, train_times, sketch_times = 10, [], []
+    steps_per_round, train_times, sketch_times, bare_times = 10, [], [], []
     for _ in range(rounds):
         train_times.append(sum(train_step() for _ in range(steps_per_round)) / steps_per_round)
         sketch_times.append(sketch_sources())
+        bare_times.append(bare_sources())
     step_s, per_source = statistics.median(train_times), statistics.median(sketch_times)
+    bare = statistics.median(bare_times)
     print(f"train: {step_s * 1e3:.1f} ms/step; sketch: {per_source:.3f} s per source of "
-          f"{sk.examples_per_task} examples (medians of {rounds} interleaved rounds)")
+          f"{sk.examples_per_task} examples, of which a bare forward and backward "
+          f"{bare:.3f} s (medians of {rounds} interleaved rounds)")
 
     sketch_total, train_total = sketched * per_source, run.steps * step_s
     per_example = per_source / sk.examples_per_task
     print(f"run: {train_total:.0f} s training, {sketch_total:.0f} s sketching")
+    bare_total = sketched * bare
     print(f"sketch_share: share={sketch_total / (sketch_total + train_total):.3f} "
+          f"floor_share={bare_total / (bare_total + train_total):.3f} "
           f"train_step_ms={step_s * 1e3:.1f} sketch_ms_per_example={per_example * 1e3:.2f} "
           f"train_ms_per_example={step_s / batch * 1e3:.2f} "
           f"ratio={per_example / (step_s / batch):.2f} "

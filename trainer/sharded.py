@@ -20,8 +20,10 @@ What works on sharded parameters, and what does not:
   is formed (autograd computes only the gradients on the path to the requested
   outputs; DeepSpeed's gradient reduction hooks never fire). So the memory
   bound is a training step's, without the gradient partitions.
-- Normalization layers are differentiated per example with torch.func on the
-  layer alone. Their parameters are D-sized: they are gathered whole with
+- A `torch.nn.LayerNorm`'s per-example gradients are computed in closed form
+  from its captured input and output gradient, without its weights. Other
+  normalization layers (RMSNorm, ...) are differentiated per example with
+  torch.func on the layer alone. Their parameters are D-sized: they are gathered whole with
   `deepspeed.zero.GatheredParameters` for that computation (`gathered`), and
   the layer is called through its `forward` so that DeepSpeed's hooks (which
   torch.func's functional call would otherwise trigger on swapped-in tensors)
