@@ -97,11 +97,13 @@ class SketchSpec:
         clients of that time sent.
 
         Raises:
-            SketchSpecError: an unknown field, or one outside its bounds.
+            SketchSpecError: an unknown or missing field, or one outside its bounds.
         """
         unknown = set(doc) - set(FIELDS)
         if unknown:
             raise SketchSpecError(f"unknown sketch spec fields: {sorted(unknown)}")
+        if "dim" not in doc:
+            raise SketchSpecError("the sketch spec has no dim")
         return cls(**{**UNSPECIFIED, **doc})
 
 

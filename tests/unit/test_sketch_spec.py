@@ -68,6 +68,8 @@ def test_a_document_without_a_field_means_what_the_first_clients_sent() -> None:
     assert SketchSpec.from_document(new.to_document()) == new
     with pytest.raises(SketchSpecError, match="unknown sketch spec fields"):
         SketchSpec.from_document({"dim": 8, "seed": 3, "rank": 2})
+    with pytest.raises(SketchSpecError, match="no dim"):
+        SketchSpec.from_document({"seed": 3})
 
 
 @pytest.mark.parametrize("bad", [
