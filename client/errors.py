@@ -5,6 +5,11 @@ carries the gRPC status code (`.code`) and the server's message (`.details`).
 RPC failures are mapped back to the subclass for their code by
 `from_rpc_error`; errors the client detects locally (a bad argument, a sampler
 misuse) use the same classes with the code the server would have used.
+
+One exception: a `SketchSpec` is the shared vocabulary's
+(`gradmix.vocabulary.sketch_spec`, also the store's), so building one with a
+bad field raises its `SketchSpecError` (a ValueError whose `code_name` is
+INVALID_ARGUMENT), re-exported as `gradmix.client.SketchSpecError`.
 """
 
 from __future__ import annotations
