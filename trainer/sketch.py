@@ -100,6 +100,10 @@ def sketch_examples(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sketch examples in batches of `batch_size` (values of `value_kind`).
 
+    Batches are cut from the examples in order of length (a batch is padded to
+    its longest example, and padding costs as much as tokens do); the rows come
+    back in the order of `examples`.
+
     Args:
         min_batches: run at least this many batches, the extra ones on `filler`
             (default: the first example) with their results dropped: under ZeRO-3
@@ -111,8 +115,9 @@ def sketch_examples(
     if batch_size <= 0:
         raise SketchError(f"batch_size must be > 0, got {batch_size}")
     grads, values = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
         g, v = sketch_batch(module, projector, batch, value_kind=value_kind)
         grads.append(g.cpu())
         values.append(v.detach().float().cpu())
@@ -125,7 +130,9 @@ def sketch_examples(
             sketch_batch(module, projector, collate([filler], pad_id), value_kind=value_kind)
     if not grads:
         return torch.zeros(0, projector.dim), torch.zeros(0)
-    return torch.cat(grads), torch.cat(values)
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return torch.cat(grads)[back], torch.cat(values)[back]
 
 
 def per_sample_gradients(

@@ -367,3 +367,16 @@ def test_bad_settings_are_typed_errors() -> None:
         DenseProjector(manifest, dim=0, seed=0)
     with pytest.raises(SketchError, match="not 'structured'"):
         StructuredProjector(manifest, dim=8, seed=0)
+
+
+@pytest.mark.parametrize("kind", ["dense", "structured"])
+def test_rows_come_back_in_the_examples_order_whatever_the_batching(kind: str) -> None:
+    """Batches are cut in order of length (less padding); each row is still its own
+    example's, the same as sketched alone."""
+    model, exs = tiny_model(), examples(7, seed=9)
+    assert len({len(e.input_ids) for e in exs}) > 3  # lengths differ: the order matters
+    proj = build_projector(model, kind=kind, dim=32, seed=1)
+    batched, values = sketch_examples(model, proj, exs, batch_size=3)
+    alone = [sketch_examples(model, proj, [e], batch_size=1) for e in exs]
+    torch.testing.assert_close(batched, torch.cat([g for g, _ in alone]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(values, torch.cat([v for _, v in alone]), rtol=1e-5, atol=1e-6)
