@@ -316,8 +316,9 @@ class SubsetEstimator:
     def _fast_solver(self) -> FastSolver:
         """The solver over every task's current statistics.
 
-        Rows added to a known task are reread incrementally (that task's
-        operand row only); a new task rebuilds the solver.
+        It reads the bank's sums in place: rows added to a known task refresh
+        only that task's row count, gradient and trace; a new task rebuilds
+        those small per-task arrays (O(n·d), no copy of the sums).
         """
         if self._solver is None:
             stats = list(self._tasks.values())
@@ -326,15 +327,17 @@ class SubsetEstimator:
             assert [s.slot for s in stats] == list(range(len(stats)))
             self._solver = FastSolver(
                 self._bank.layout,
-                self._bank.pages(),
+                {dtype: self._bank.pages(dtype) for dtype in HessianBank.DTYPES},
                 np.array([s.rows for s in stats]),
                 gradients.reshape(len(stats), self.dim),
+                np.array([self._bank.trace(j) for j in range(len(stats))]),
             )
         else:
             for task in self._changed:
                 changed = self._tasks[task]
                 assert changed.slot is not None
-                self._solver.refresh(changed.slot, changed.rows, changed.loss_gradient())
+                self._solver.refresh(changed.slot, changed.rows, changed.loss_gradient(),
+                                     self._bank.trace(changed.slot))
         self._changed.clear()
         return self._solver
 

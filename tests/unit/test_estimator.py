@@ -380,3 +380,42 @@ def test_rows_read_back_that_are_not_the_rows_added_are_refused():
     estimator.add_task_rows("t", g, f)
     with pytest.raises(PreconditionError, match="7 rows read back, 10 were added"):
         estimator.estimate(np.ones((1, 1), dtype=bool), mode="exact")
+
+
+def test_a_dropped_estimators_pages_are_reused_from_zero(monkeypatch):
+    # The pool hands a dropped bank's pages to the next bank of the same shape;
+    # the new bank's sums must start from zero (the pages hold the old sums).
+    import gc
+
+    pool = task_statistics.PagePool(1 << 30)
+    monkeypatch.setattr(task_statistics, "POOL", pool)
+    monkeypatch.setattr(task_statistics, "PAGE", 2)
+    dropped, _, _ = build(40, dim=70, n_tasks=5, scale=0.3)
+    dropped.estimate(np.ones((3, 5), dtype=bool))
+    del dropped
+    gc.collect()
+    idle = pool.idle_bytes
+    assert idle > 0  # 3 pages of 2 slots, in float64 and float32
+    reused, _, _ = build(41, dim=70, n_tasks=5, scale=0.3)
+    assert pool.idle_bytes == 0
+    monkeypatch.setattr(task_statistics, "POOL", task_statistics.PagePool(0))
+    fresh, _, _ = build(41, dim=70, n_tasks=5, scale=0.3)
+    subsets = np.random.default_rng(4).random((20, 5)) < 0.5
+    np.testing.assert_array_equal(reused.estimate(subsets), fresh.estimate(subsets))
+    for task in reused.tasks:
+        np.testing.assert_array_equal(reused.statistics(task).hessian_sum(),
+                                      fresh.statistics(task).hessian_sum())
+
+
+def test_the_pool_keeps_pages_still_viewed_and_past_its_limit_frees_them():
+    page = task_statistics.zeroed((2, 3), np.float64)
+    pool = task_statistics.PagePool(page.nbytes)
+    view = page[:1]
+    pool.give(("k",), [[page], [task_statistics.zeroed((2, 3), np.float64)]])
+    assert pool.idle_bytes == page.nbytes  # the second page did not fit
+    assert pool.take(("other",)) is None
+    assert pool.take(("k",)) is None  # `view` still reads it
+    del view
+    taken = pool.take(("k",))
+    assert taken is not None and taken[0] is page
+    assert pool.idle_bytes == 0
