@@ -217,6 +217,12 @@ class HessianBank:
         page, index = divmod(slot, self._page)
         return np.concatenate([block[index] for block in self._pages[self.DTYPES[0]][page]])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pages allocated so far (whole pages, touched or not)."""
+        return sum(block.nbytes for pages in self._pages.values() for page in pages
+                   for block in page)
+
     def trace(self, slot: int) -> float:
         """The trace of slot's sum."""
         return self._traces[slot]

@@ -419,3 +419,39 @@ def test_the_pool_keeps_pages_still_viewed_and_past_its_limit_frees_them():
     taken = pool.take(("k",))
     assert taken is not None and taken[0] is page
     assert pool.idle_bytes == 0
+
+
+def test_large_fast_calls_linearize_and_keep_the_sample_they_check():
+    from gradmix.server import estimator as estimator_module
+
+    estimator, _, _ = build(42, dim=24, n_tasks=12, scale=0.2, reg=1.0)
+    subsets = np.random.default_rng(7).random((300, 12)) < 0.5
+    systems = estimator.estimate(subsets)
+    assert estimator.last_fast_path == "systems"  # 2·300·12·packed d² is far below the bound
+    estimator.linearize_above_flops = 0.0
+    auto = estimator.estimate(subsets)
+    assert estimator.last_fast_path == "linearized"
+    assert estimator.last_linearized_error <= estimator_module.LINEARIZE_TOLERANCE
+    linear = estimator.estimate(subsets, mode="linearized")
+    sample = np.unique(np.linspace(0, 299, estimator_module.LINEARIZE_CHECK_SUBSETS).astype(int))
+    rest = np.setdiff1d(np.arange(300), sample)
+    np.testing.assert_allclose(auto[sample], systems[sample], rtol=1e-6)  # float32 solves
+    np.testing.assert_array_equal(auto[rest], linear[rest])
+    assert scipy.stats.spearmanr(auto, systems)[0] > 0.99
+    # Few subsets are always solved as systems, whatever the bound.
+    estimator.estimate(subsets[:estimator_module.LINEARIZE_CHECK_SUBSETS])
+    assert estimator.last_fast_path == "systems"
+
+
+def test_a_linearization_that_fails_its_check_solves_every_system():
+    # Singletons and the full set around their mean weighting, with rows large
+    # against λ: first order is far off, so the check must send every row to
+    # the systems solve and the results equal the fast mode's.
+    estimator, _, _ = build(43, dim=16, n_tasks=8, scale=3.0, reg=0.05)
+    subsets = np.vstack([np.eye(8, dtype=bool)] * 5 + [np.ones((8, 8), dtype=bool)])
+    systems = estimator.estimate(subsets)
+    estimator.linearize_above_flops = 0.0
+    checked = estimator.estimate(subsets)
+    assert estimator.last_fast_path == "systems"
+    assert estimator.last_linearized_error > 0.05
+    np.testing.assert_array_equal(checked, systems)
