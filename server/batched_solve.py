@@ -245,7 +245,7 @@ class FastSolver:
     def _system(self, weights: np.ndarray, regularization: float) -> np.ndarray:
         """Σ_t (weights_t / rows_t) S_t + λI, float64 (d, d), symmetric."""
         lower = np.tril(self._layout.unpack(self._combine(weights / self._rows)))
-        system = lower + np.tril(lower, -1).T
+        system: np.ndarray = lower + np.tril(lower, -1).T
         system[np.diag_indices_from(system)] += regularization
         return system
 
