@@ -196,8 +196,7 @@ class FastSolver:
         # Parallelism comes from chunks, not from BLAS threads (see below).
         with single_threaded_blas():
             if workers > 1:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(work, chunks))
+                list(_pool().map(work, chunks))
             else:
                 for bounds in chunks:
                     work(bounds)
@@ -418,6 +417,15 @@ def _take_buffers(layout: LowerBlocks, dtype: np.dtype) -> _Buffers:
             return _Buffers(CHUNK, layout, dtype)
         if buffer.layout.dim == layout.dim and buffer.systems.dtype == dtype:
             return buffer
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads chunks run on, started once per process (starting threads
+    for every solve cost milliseconds of a commit's re-estimate). A chunk never
+    submits work itself, so concurrent solves (several jobs) only queue."""
+    return ThreadPoolExecutor(min(MAX_WORKERS, os.cpu_count() or 1),
+                              thread_name_prefix="gradmix-solve")
 
 
 @functools.cache
