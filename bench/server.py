@@ -15,15 +15,18 @@ one run:
   a separate process with its own channel calling in a closed loop. Baseline:
   the same load against a bare grpc.aio server (no instrumentation, no jobs)
   that returns the same Mixture message, started in the same run.
-* fan-out: ``--watchers`` WatchMixture streams (in a separate asyncio process)
+* fan-out: ``--watchers`` WatchMixture streams (in ``--watcher-processes``
+  separate asyncio processes, 4 channels each)
   all holding the latest version; then one commit; the time from the new
   version's creation (Mixture.created_at) until the last stream has it, and
-  from the commit itself.
+  from the commit itself. Streams that end (an RPC error) instead of
+  delivering a version are counted, with their status codes.
 
 The last line is::
 
     server: commit_to_push_p50_s=<...> get_mixture_qps=<...> \
-        get_mixture_p99_ms=<...> fanout_200_s=<...> reestimate_p50_s=<...> \
+        get_mixture_p99_ms=<...> fanout_200_s=<...> fanout_failed=<streams> \
+        reestimate_p50_s=<...> \
         bare_qps=<...> bare_p99_ms=<...> qps_vs_bare=<...>
 
 (one line; broken here only for width).
@@ -325,13 +328,20 @@ def _fanout_watchers(address: str, watchers: int, after: int, ready: mp.Queue,
         stubs = [pb_grpc.SelectionServiceStub(c) for c in channels]
         calls = [stubs[i % 4].WatchMixture(pb.WatchMixtureRequest(
             job=JOB, after_version=after - 1)) for i in range(watchers)]
-        for call in calls:  # every stream holds the current version
-            await call.read()
+        # Every stream holds the current version; a stream that ends instead is
+        # counted (and left out), not waited for.
+        first = await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)
+        live = [c for c, m in zip(calls, first, strict=True) if isinstance(m, pb.Mixture)]
+        ended = [m for m in first if not isinstance(m, pb.Mixture)]
         ready.put(True)
-        results = await asyncio.gather(*(call.read() for call in calls))
+        results = await asyncio.gather(*(call.read() for call in live), return_exceptions=True)
         arrived = time.time()
-        out.put((arrived, [m.version for m in results],
-                 results[0].created_at.ToNanoseconds() / 1e9))
+        mixtures = [m for m in results if isinstance(m, pb.Mixture)]
+        codes = sorted({str(e.code()) if isinstance(e, grpc.RpcError) else repr(e)
+                        for e in [*ended, *(r for r in results if not isinstance(r, pb.Mixture))]})
+        out.put((arrived, [m.version for m in mixtures],
+                 mixtures[0].created_at.ToNanoseconds() / 1e9 if mixtures else arrived,
+                 watchers - len(mixtures), codes))
         for call in calls:
             call.cancel()
         for channel in channels:
@@ -340,19 +350,31 @@ def _fanout_watchers(address: str, watchers: int, after: int, ready: mp.Queue,
     asyncio.run(run())
 
 
-def fanout(setup: Setup, watchers: int, rows: int) -> tuple[float, float]:
+def fanout(setup: Setup, watchers: int, rows: int,
+           processes: int = 1) -> tuple[float, float, int, list[str]]:
+    """(last arrival after the version's creation, after the commit, streams that
+    ended, their codes), the streams spread over `processes` client processes."""
     ctx = mp.get_context("spawn")
     ready: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     latest = setup.stub.GetMixture(pb.GetMixtureRequest(job=JOB)).version
-    proc = ctx.Process(target=_fanout_watchers, args=(setup.address, watchers, latest, ready, out))
-    proc.start()
-    ready.get(timeout=120)
+    shares = [watchers // processes + (i < watchers % processes) for i in range(processes)]
+    procs = [ctx.Process(target=_fanout_watchers, args=(setup.address, share, latest, ready, out))
+             for share in shares if share]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.get(timeout=120)
     sent = commit(setup, list(setup.tasks)[-1], rows, flip=True)
-    arrived, versions, created = out.get(timeout=120)
-    proc.join()
+    parts = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join()
+    versions = [v for part in parts for v in part[1]]
     assert all(v == versions[0] > latest for v in versions), versions
-    return arrived - created, arrived - sent
+    arrived = max(part[0] for part in parts)
+    created = min(part[2] for part in parts)
+    codes = sorted({code for part in parts for code in part[4]})
+    return arrived - created, arrived - sent, sum(part[3] for part in parts), codes
 
 
 # --------------------------------------------------------------------- main
@@ -369,6 +391,8 @@ def main() -> None:
                         help="processes the GetMixture clients are spread over (as threads)")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--watchers", type=int, default=200)
+    parser.add_argument("--watcher-processes", type=int, default=1,
+                        help="client processes the watch streams are spread over")
     parser.add_argument("--subset-count", type=int, default=0,
                         help="the job's ensemble subset count (0: the server default)")
     args = parser.parse_args()
@@ -409,15 +433,19 @@ def main() -> None:
                   f"p99={1e3 * p(bare_lat, 99):.2f}ms "
                   f"({len(mixture.weights)}-task Mixture, {mixture.ByteSize()} bytes)", flush=True)
 
-            from_publish, from_commit = fanout(setup, args.watchers, args.rows)
-            print(f"fanout: watchers={args.watchers} last received {from_publish:.3f}s after "
-                  f"the version was created, {from_commit:.3f}s after the commit", flush=True)
+            from_publish, from_commit, failed, codes = fanout(setup, args.watchers, args.rows,
+                                                              args.watcher_processes)
+            print(f"fanout: watchers={args.watchers} "
+                  f"(over {args.watcher_processes} client process(es)) last received "
+                  f"{from_publish:.3f}s after the version was created, "
+                  f"{from_commit:.3f}s after the commit; "
+                  f"{failed} stream(s) ended without it {codes}", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=30)
     print(f"server: commit_to_push_p50_s={p(latencies, 50):.3f} get_mixture_qps={qps:.0f} "
           f"get_mixture_p99_ms={1e3 * p(get_lat, 99):.2f} "
-          f"fanout_{args.watchers}_s={from_publish:.3f} "
+          f"fanout_{args.watchers}_s={from_publish:.3f} fanout_failed={failed} "
           f"reestimate_p50_s={p(baseline, 50):.3f} bare_qps={bare_qps:.0f} "
           f"bare_p99_ms={1e3 * p(bare_lat, 99):.2f} qps_vs_bare={qps / bare_qps:.2f}")
 

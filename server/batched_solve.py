@@ -8,11 +8,14 @@ the estimator's fast mode. The hot path, tuned for m and n in the thousands:
 
 * The operands are the tasks' Hessian *sums* S_t = rows_t·H_t, packed as the
   lower triangle in `LowerBlocks` layout (K block rows of the triangle, the
-  diagonal blocks whole): Σ_t (α_t/rows_t) S_t for a chunk of subsets is K
-  GEMMs (chunk, n+1) @ (n+1, block) whose outputs are copied as rectangles
-  into a stack of d×d systems (λI rides along as an extra "task" with weight
-  λ). At d = 512 (K = 8) that is 56% of the flops of one GEMM over whole d×d
-  matrices, with no gather or scatter.
+  diagonal blocks whole), read in place from the `HessianBank`'s pages (per
+  page and block row one (tasks, block) array, in float64 and a float32
+  mirror). Σ_t (α_t/rows_t) S_t for a chunk of subsets is, per block row,
+  one GEMM per page accumulated in place (β = 1), whose output is copied as
+  a rectangle into a stack of d×d systems; λ is then added to the
+  diagonals. At d = 512 (K = 8) that is 56% of the flops of one GEMM over
+  whole d×d matrices, with no gather or scatter, and no copy of the sums
+  when a task gains rows or a new task arrives.
 * float32 systems are solved together by conjugate gradients preconditioned
   with the chunk's mean system (one Cholesky per chunk): subsets' systems
   differ from their mean by a weighted sum of task Hessians, so 3-4
@@ -29,8 +32,8 @@ the estimator's fast mode. The hot path, tuned for m and n in the thousands:
   cond(A) ≤ 1 + max_t trace(H_t)/λ ≤ `FLOAT32_MAX_CONDITION` keeps the relative
   error of w near 1e-4 or better; otherwise float64. A system that float32
   fails to factor is re-solved in float64.
-* When one task's rows change, `refresh` re-casts only that task's operand
-  row instead of rebuilding the (n+1, packed d²) operand.
+* When one task's rows change, `refresh` updates its row count, gradient
+  and trace (O(d)); the sums themselves are already current in the bank.
 """
 
 from __future__ import annotations
@@ -39,14 +42,13 @@ import functools
 import itertools
 import os
 import queue
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 import scipy.linalg
-from scipy.linalg import get_lapack_funcs
+from scipy.linalg import get_blas_funcs, get_lapack_funcs
 from threadpoolctl import ThreadpoolController
 
 FLOAT32_MAX_CONDITION = 1e3
@@ -128,77 +130,73 @@ class FastSolver:
 
     Args:
         layout: The packing of the sums.
-        pages: float64 arrays (rows, layout.size) that stacked hold the packed
-            Hessian sum S_t of task t in row t (views of a `HessianBank`'s
-            pages; `refresh` rereads them).
+        pages: dtype → pages → per block row, (tasks in page, block size):
+            stacked over pages, row t of block k is block k of task t's
+            packed Hessian sum S_t (views of a `HessianBank`'s pages, in
+            float64 and float32; read in place, never copied).
         rows: (n,) rows behind each sum (H_t = S_t / rows_t).
         gradients: (n, d) float64, row t is b_t.
+        traces: (n,) trace of each S_t.
     """
 
     def __init__(
         self,
         layout: LowerBlocks,
-        pages: Sequence[np.ndarray],
+        pages: dict[np.dtype, list[list[np.ndarray]]],
         rows: np.ndarray,
         gradients: np.ndarray,
+        traces: np.ndarray,
     ) -> None:
-        self.tasks = sum(page.shape[0] for page in pages)
+        self._pages = {np.dtype(t): list(p) for t, p in pages.items()}
+        wide = self._pages[np.dtype(np.float64)]
+        self.tasks = sum(page[0].shape[0] for page in wide)
         self.dim = layout.dim
         self._layout = layout
-        self._pages = list(pages)
-        self._starts = np.cumsum([0] + [page.shape[0] for page in self._pages])
+        self._starts = np.cumsum([0] + [page[0].shape[0] for page in wide])
         self._rows = np.asarray(rows, dtype=np.float64).copy()
         self._gradients = np.array(gradients, dtype=np.float64).reshape(self.tasks, self.dim)
-        diagonals = [page[:, layout.diagonal].sum(axis=1) for page in self._pages]
-        self._traces = np.concatenate([np.zeros(0), *diagonals]) / np.maximum(self._rows, 1.0)
-        self._operands: dict[np.dtype, list[np.ndarray]] = {}
+        self._trace_sums = np.asarray(traces, dtype=np.float64).copy()
 
     def dtype_for(self, regularization: float) -> np.dtype:
         """float32 when the systems are well conditioned for λ, else float64."""
-        max_trace = float(self._traces.max()) if self.tasks else 0.0
+        traces = self._trace_sums / np.maximum(self._rows, 1.0)
+        max_trace = float(traces.max()) if self.tasks else 0.0
         condition = 1.0 + max_trace / regularization
         return np.dtype(np.float32 if condition <= FLOAT32_MAX_CONDITION else np.float64)
 
     def prepare(self, regularization: float) -> None:
-        """Builds the operands `solve` needs for this λ."""
-        self._operand(self.dtype_for(regularization))
+        """Nothing to build: the solver reads the bank's pages in place (kept for callers)."""
+        self.dtype_for(regularization)
 
-    def refresh(self, task: int, rows: int, gradient: np.ndarray) -> None:
-        """Rereads task `task`'s sum (its rows changed); O(packed d²), not O(n·d²)."""
+    def refresh(self, task: int, rows: int, gradient: np.ndarray, trace: float) -> None:
+        """Task `task`'s rows changed: its sum is read in place; O(d) here."""
         self._rows[task] = rows
         self._gradients[task] = gradient
-        row = self._row(task)
-        self._traces[task] = row[self._layout.diagonal].sum() / rows
-        for operand in self._operands.values():
-            for block, columns in zip(operand, self._layout.segments(), strict=True):
-                block[task] = row[columns]
+        self._trace_sums[task] = trace
 
     def solve(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
         """Returns w (m, d), one row per row of `alpha` (m, n), in `dtype_for(λ)`."""
         dtype = self.dtype_for(regularization)
         m, d = alpha.shape[0], self.dim
-        weights = np.empty((m, self.tasks + 1), dtype)
-        weights[:, :-1] = alpha / self._rows
-        weights[:, -1] = regularization
+        weights = (alpha / self._rows).astype(dtype)
         rhs = -(alpha @ self._gradients).astype(dtype)
         out = np.empty((m, d), dtype)
         chunks = [(lo, min(lo + CHUNK, m)) for lo in range(0, m, CHUNK)]
-        operand = self._operand(dtype)
+        operand = _Operand(self._pages[dtype], self._starts)
         workers = min(MAX_WORKERS, os.cpu_count() or 1, len(chunks))
 
         def work(bounds: tuple[int, int]) -> None:
             lo, hi = bounds
             buffer = _take_buffers(self._layout, dtype)
             try:
-                out[lo:hi] = buffer.solve(operand, weights[lo:hi], rhs[lo:hi])
+                out[lo:hi] = buffer.solve(operand, weights[lo:hi], rhs[lo:hi], regularization)
             finally:
                 _BUFFERS.put(buffer)
 
         # Parallelism comes from chunks, not from BLAS threads (see below).
         with single_threaded_blas():
             if workers > 1:
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(work, chunks))
+                list(_pool().map(work, chunks))
             else:
                 for bounds in chunks:
                     work(bounds)
@@ -220,10 +218,7 @@ class FastSolver:
         the mean one (second order in α - ᾱ).
         """
         center = alpha.mean(axis=0)
-        system = np.tril(self._layout.unpack(self._combine(center / self._rows)))
-        system = system + np.tril(system, -1).T
-        system[np.diag_indices_from(system)] += regularization
-        factor = scipy.linalg.cho_factor(system, lower=True)
+        factor = scipy.linalg.cho_factor(self._system(center, regularization), lower=True)
         w0 = -scipy.linalg.cho_solve(factor, center @ self._gradients)
         curvature = self._hessian_products(w0) / self._rows[:, None]
         jacobian: np.ndarray = -scipy.linalg.cho_solve(factor, (curvature + self._gradients).T).T
@@ -232,53 +227,73 @@ class FastSolver:
 
     def _hessian_products(self, v: np.ndarray) -> np.ndarray:
         """S_t v for every task t, (n, d) float64, from the packed lower triangles."""
-        out = np.empty((self.tasks, self.dim))
-        for page, start in zip(self._pages, self._starts, strict=False):
-            part = out[start : start + page.shape[0]]
-            part[:] = -page[:, self._layout.diagonal] * v
-            for (lo, hi, _), columns in zip(
-                self._layout.blocks, self._layout.segments(), strict=True
-            ):
-                block = page[:, columns].reshape(page.shape[0], hi - lo, hi)
+        out = np.zeros((self.tasks, self.dim))
+        for page, start in zip(self._pages[np.dtype(np.float64)], self._starts, strict=False):
+            part = out[start : start + page[0].shape[0]]
+            for (lo, hi, _), packed in zip(self._layout.blocks, page, strict=True):
+                block = packed.reshape(packed.shape[0], hi - lo, hi)
+                # Rows lo..hi of the lower triangle, and their transposes;
+                # the diagonal block's upper part is zero, its diagonal
+                # counted twice.
                 part[:, lo:hi] += block @ v[:hi]
                 part[:, :hi] += np.einsum("tij,i->tj", block, v[lo:hi])
+                span = np.arange(lo, hi)
+                part[:, lo:hi] -= block[:, span - lo, span] * v[lo:hi]
         return out
+
+    def _system(self, weights: np.ndarray, regularization: float) -> np.ndarray:
+        """Σ_t (weights_t / rows_t) S_t + λI, float64 (d, d), symmetric."""
+        lower = np.tril(self._layout.unpack(self._combine(weights / self._rows)))
+        system: np.ndarray = lower + np.tril(lower, -1).T
+        system[np.diag_indices_from(system)] += regularization
+        return system
 
     def _combine(self, weights: np.ndarray) -> np.ndarray:
         """Σ_t weights_t S_t, packed float64."""
         total = np.zeros(self._layout.size)
-        for page, start in zip(self._pages, self._starts, strict=False):
-            total += weights[start : start + page.shape[0]] @ page
+        for page, start in zip(self._pages[np.dtype(np.float64)], self._starts, strict=False):
+            part = weights[start : start + page[0].shape[0]]
+            for columns, block in zip(self._layout.segments(), page, strict=True):
+                total[columns] += part @ block
         return total
 
-    def _row(self, task: int) -> np.ndarray:
-        page = int(np.searchsorted(self._starts, task, side="right")) - 1
-        row: np.ndarray = self._pages[page][task - self._starts[page]]
-        return row
-
-    def _operand(self, dtype: np.dtype) -> list[np.ndarray]:
-        """Per block row, (n+1, block size): row t is S_t's block, the last row the identity's.
-
-        One contiguous array per block, so that each GEMM reads its operand
-        and writes its output without numpy copying either.
-        """
-        if dtype not in self._operands:
-            identity = self._layout.pack(np.eye(self.dim), dtype)
-            operand = []
-            for columns in self._layout.segments():
-                block = np.empty((self.tasks + 1, columns.stop - columns.start), dtype)
-                for page, start in zip(self._pages, self._starts, strict=False):
-                    block[start : start + page.shape[0]] = page[:, columns]
-                block[-1] = identity[columns]
-                operand.append(block)
-            self._operands[dtype] = operand
-        return self._operands[dtype]
-
     def _solve_float64(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
-        system = np.tril(self._layout.unpack(self._combine(alpha / self._rows)))
-        system = system + np.tril(system, -1).T
-        system[np.diag_indices_from(system)] += regularization
-        return np.linalg.solve(system, -(alpha @ self._gradients))
+        return np.linalg.solve(self._system(alpha, regularization), -(alpha @ self._gradients))
+
+
+class _Operand:
+    """The paged sums of one dtype as GEMM operands: W @ S summed over pages."""
+
+    def __init__(self, pages: list[list[np.ndarray]], starts: np.ndarray) -> None:
+        self.pages = pages
+        self.starts = starts
+        dtype = pages[0][0].dtype if pages else np.dtype(np.float64)
+        (self.gemm,) = get_blas_funcs(("gemm",), dtype=dtype)
+
+    def multiply(self, weights: np.ndarray, block: int, out: np.ndarray) -> None:
+        """out[:] = Σ_t weights[:, t] · S_t's block `block`, (count, block size).
+
+        The first page's product is written by numpy's matmul, the others
+        accumulated by GEMM with β = 1 on the transposes (out is C-ordered,
+        so outᵀ is the Fortran-ordered C that BLAS updates in place).
+        """
+        for i, page in enumerate(self.pages):
+            lo, hi = self.starts[i], self.starts[i + 1]
+            if i == 0:
+                np.matmul(weights[:, lo:hi], page[block], out=out)
+            else:
+                self.gemm(1.0, page[block].T, weights[:, lo:hi].T, beta=1.0, c=out.T,
+                          overwrite_c=1)
+
+    def mean(self, weights: np.ndarray, layout: LowerBlocks) -> np.ndarray:
+        """Σ_t weights_t S_t for a (n,) weight vector, packed; GEMVs in the pages'
+        dtype (no widened copy of the sums), summed in float64."""
+        total = np.zeros(layout.size)
+        for i, page in enumerate(self.pages):
+            part = weights[self.starts[i] : self.starts[i + 1]].astype(page[0].dtype)
+            for columns, block in zip(layout.segments(), page, strict=True):
+                total[columns] += part @ block
+        return total
 
 
 class _Buffers:
@@ -296,21 +311,22 @@ class _Buffers:
         self.systems = np.zeros((count, layout.dim, layout.dim), dtype)
         (self.posv,) = get_lapack_funcs(("posv",), dtype=dtype)
 
-    def solve(self, operand: list[np.ndarray], weights: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-        """Builds one chunk's systems (K GEMMs) and solves each with posv."""
-        count = rhs.shape[0]
+    def solve(self, operand: _Operand, weights: np.ndarray, rhs: np.ndarray,
+              regularization: float) -> np.ndarray:
+        """Builds one chunk's systems (K paged GEMMs, then λ on the diagonals) and
+        solves them: conjugate gradients in float32, else (or failing that) posv."""
+        count, d = rhs.shape[0], self.layout.dim
         systems = self.systems[:count]
-        for (lo, hi, _), block, packed in zip(
-            self.layout.blocks, operand, self.packed, strict=True
-        ):
-            np.matmul(weights, block, out=packed[:count])
+        for k, ((lo, hi, _), packed) in enumerate(zip(self.layout.blocks, self.packed,
+                                                      strict=True)):
+            operand.multiply(weights, k, packed[:count])
             systems[:, lo:hi, :hi] = packed[:count].reshape(count, hi - lo, hi)
+        systems.reshape(count, d * d)[:, :: d + 1] += systems.dtype.type(regularization)
         if systems.dtype == np.float32 and count > 1:
-            # The preconditioner: the chunk's mean system, from one GEMV.
-            mean = self.layout.unpack(
-                np.concatenate([weights.mean(axis=0) @ block for block in operand])
-            ).astype(np.float64)
+            # The preconditioner: the chunk's mean system, from one GEMV per page.
+            mean = self.layout.unpack(operand.mean(weights.mean(axis=0), self.layout))
             mean = np.tril(mean) + np.tril(mean, -1).T
+            mean[np.diag_indices_from(mean)] += regularization
             factor = (scipy.linalg.cholesky(mean, lower=True).astype(np.float32), True)
             result = np.empty_like(rhs)
             converged = np.empty(count, dtype=bool)
@@ -401,6 +417,15 @@ def _take_buffers(layout: LowerBlocks, dtype: np.dtype) -> _Buffers:
             return _Buffers(CHUNK, layout, dtype)
         if buffer.layout.dim == layout.dim and buffer.systems.dtype == dtype:
             return buffer
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    """The worker threads chunks run on, started once per process (starting threads
+    for every solve cost milliseconds of a commit's re-estimate). A chunk never
+    submits work itself, so concurrent solves (several jobs) only queue."""
+    return ThreadPoolExecutor(min(MAX_WORKERS, os.cpu_count() or 1),
+                              thread_name_prefix="gradmix-solve")
 
 
 @functools.cache

@@ -27,6 +27,16 @@ Two modes:
   mode's O(m·n·d²) systems dominate; `bench/estimator.py` reports its rank
   agreement with the fast mode.
 
+The fast mode itself switches to the linearized solve when its systems would
+cost more than `LINEARIZE_ABOVE_FLOPS` (2·m·n·(packed d²); e.g. 1000 subsets
+of 1000 tasks at d = 512, not the server's default 500 subsets of 100 tasks
+at d = 256), and checks it: `LINEARIZE_CHECK_SUBSETS` of the subsets are
+solved exactly too, and unless the largest difference there is within
+`LINEARIZE_TOLERANCE` of the spread of the losses (what ranking subsets
+needs), every subset is solved exactly after all. Policies that draw
+thousands of subsets over thousands of tasks get this path; queries of a few
+subsets never do.
+
 Task rows are kept in memory unless the estimator is given a `TaskRows`
 reader (the server's, which reads them back from the store): then a task
 costs its statistics only, and the exact mode and the bootstrap
@@ -40,6 +50,7 @@ rows are always kept: every estimate reads them.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -74,6 +85,17 @@ EXACT_GRADIENT_TOLERANCE = 1e-11
 EXACT_MAX_ITERATIONS = 100
 #: Reads back the rows added for a task: (grads (rows, d), values (rows,)).
 TaskRows = Callable[[str], tuple[np.ndarray, np.ndarray]]
+#: The fast mode solves m subsets' systems exactly (`SYSTEMS`) while that costs at
+#: most this many flops (2·m·n·(packed d²): 1000 subsets of 1000 tasks at d = 512
+#: are 295 GFLOP, ~5 s of CPU on the 2-core machine measured); above it, the
+#: linearized solve, checked on a sample (`SubsetEstimator._linearized_checked`).
+LINEARIZE_ABOVE_FLOPS = 50e9
+#: Subsets of a linearized call also solved exactly, to check it.
+LINEARIZE_CHECK_SUBSETS = 32
+#: The check's bound: the sample's largest |L̂ error| over the std of the L̂s.
+LINEARIZE_TOLERANCE = 0.05
+#: `SubsetEstimator.last_fast_path` values.
+SYSTEMS = "systems"
 #: Fast-mode solves kept for reuse, one per (λ, number of subsets): the
 #: server's policies, its estimated-loss check and queries each have their own.
 SOLVES_KEPT = 4
@@ -114,6 +136,13 @@ class SubsetEstimator:
         self._versions: list[int] = []  # per task (index = bank slot): adds so far
         self._solved: dict[tuple[float, int], _Solved] = {}  # (λ, m) → the last solve
         self._cache: RowCache | None = None  # shared by the calls within `rows_cached`
+        #: The fast mode linearizes above this many flops of systems (`LINEARIZE_ABOVE_FLOPS`;
+        #: math.inf: never).
+        self.linearize_above_flops = LINEARIZE_ABOVE_FLOPS
+        #: How the last fast-mode call solved: `SYSTEMS` or `LINEARIZED`.
+        self.last_fast_path = SYSTEMS
+        #: Its check's largest error over the losses' spread (when it linearized).
+        self.last_linearized_error = 0.0
 
     # ------------------------------------------------------------------ rows
     def add_target_rows(self, grads: np.ndarray, values: np.ndarray) -> None:
@@ -154,6 +183,11 @@ class SubsetEstimator:
     def has_target(self) -> bool:
         """Whether any target rows have been added."""
         return self._target is not None
+
+    @property
+    def statistics_bytes(self) -> int:
+        """Bytes of the tasks' Hessian sums (the bank's pages; the rest is O(n·d))."""
+        return self._bank.nbytes
 
     def task_rows(self, task: str) -> int:
         """Number of rows added for `task` (UnknownTaskError if none)."""
@@ -239,6 +273,11 @@ class SubsetEstimator:
             linear_w = self._fast_solver().solve_linearized(alpha[active], lam)
             losses[active] = target_losses(target, linear_w)
             return losses
+        if (mode == "fast" and active.size > LINEARIZE_CHECK_SUBSETS
+                and self._systems_flops(active.size) > self.linearize_above_flops):
+            losses[active] = self._linearized_checked(alpha[active], lam)
+            return losses
+        self.last_fast_path = SYSTEMS
         fast_w = self._solve_fast(alpha[active], lam)
         if mode == "fast":
             losses[active] = target_losses(target, fast_w)
@@ -316,8 +355,9 @@ class SubsetEstimator:
     def _fast_solver(self) -> FastSolver:
         """The solver over every task's current statistics.
 
-        Rows added to a known task are reread incrementally (that task's
-        operand row only); a new task rebuilds the solver.
+        It reads the bank's sums in place: rows added to a known task refresh
+        only that task's row count, gradient and trace; a new task rebuilds
+        those small per-task arrays (O(n·d), no copy of the sums).
         """
         if self._solver is None:
             stats = list(self._tasks.values())
@@ -326,17 +366,50 @@ class SubsetEstimator:
             assert [s.slot for s in stats] == list(range(len(stats)))
             self._solver = FastSolver(
                 self._bank.layout,
-                self._bank.pages(),
+                {dtype: self._bank.pages(dtype) for dtype in HessianBank.DTYPES},
                 np.array([s.rows for s in stats]),
                 gradients.reshape(len(stats), self.dim),
+                np.array([self._bank.trace(j) for j in range(len(stats))]),
             )
         else:
             for task in self._changed:
                 changed = self._tasks[task]
                 assert changed.slot is not None
-                self._solver.refresh(changed.slot, changed.rows, changed.loss_gradient())
+                self._solver.refresh(changed.slot, changed.rows, changed.loss_gradient(),
+                                     self._bank.trace(changed.slot))
         self._changed.clear()
         return self._solver
+
+    def _systems_flops(self, subsets: int) -> float:
+        """Flops of the fast mode's batched systems for this many subsets: 2·m·n·(packed d²)."""
+        return 2.0 * subsets * len(self._tasks) * self._bank.layout.size
+
+    def _linearized_checked(self, alpha: np.ndarray, lam: float) -> np.ndarray:
+        """The fast mode's losses by the linearized solve, checked on a sample.
+
+        `LINEARIZE_CHECK_SUBSETS` rows spread over α are also solved as the
+        fast mode solves them. If the largest difference there exceeds
+        `LINEARIZE_TOLERANCE` times the spread (standard deviation) of the
+        linearized losses, which is what ranking the subsets needs, every
+        row is solved as the fast mode does; else the linearized losses are
+        returned, with the sample's own fast-mode losses in place.
+        `last_fast_path` and `last_linearized_error` say what happened.
+        """
+        target = self._require_target()
+        solver = self._fast_solver()
+        linear = target_losses(target, solver.solve_linearized(alpha, lam))
+        sample = np.unique(np.linspace(0, alpha.shape[0] - 1,
+                                       LINEARIZE_CHECK_SUBSETS).astype(int))
+        exact = target_losses(target, solver.solve(alpha[sample], lam))
+        spread = float(linear.std())
+        error = float(np.abs(linear[sample] - exact).max())
+        self.last_linearized_error = error / spread if spread > 0 else math.inf
+        if self.last_linearized_error > LINEARIZE_TOLERANCE:
+            self.last_fast_path = SYSTEMS
+            return target_losses(target, self._solve_fast(alpha, lam))
+        self.last_fast_path = LINEARIZED
+        linear[sample] = exact
+        return linear
 
     def _solve_fast(self, alpha: np.ndarray, lam: float) -> np.ndarray:
         """The fast-mode w for each row of α, re-solving only what changed.

@@ -12,16 +12,24 @@ are not: `grads` and `values` read them back (from the store, on the server),
 so a task's memory is its statistics, O(d²), whatever its rows.
 
 The Hessian sums of all of an estimator's tasks live in one `HessianBank`:
-float64 pages of 64 tasks each holding only the lower triangle of each sum
-(in `LowerBlocks` layout, ~56% of d² at d = 512). A few large allocations
-instead of a d×d array per task (and fresh temporaries per add) is what keeps
-ingest near BLAS speed: page faults on fresh memory, not arithmetic,
-dominated it before (10 s of system time for 1000 tasks at d = 512).
+pages of `PAGE` tasks holding only the lower triangle of each sum (in
+`LowerBlocks` layout, ~56% of d² at d = 512), in float64 and a float32
+mirror. What kept ingest far from BLAS speed was memory, not arithmetic: a
+d×d array and fresh temporaries per add, and first-touching memory the
+process had not used (a page fault per 4 KiB, ~20 µs each on the VMs
+measured here: 10 s of system time for 1000 tasks at d = 512). So an add
+widens its rows into a reused buffer and runs one syrk into a reused d×d
+scratch; the pages are a few large mappings in small pages, and a dropped
+bank's pages are kept (up to `POOL_BYTES`, `PagePool`) for the next bank.
 The fast-mode solver reads the bank directly (`gradmix.server.batched_solve`).
 """
 
 from __future__ import annotations
 
+import mmap
+import sys
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -38,13 +46,80 @@ from scipy.linalg.blas import dsyrk as syrk
 from scipy.special import expit
 
 #: Slots per page of a `HessianBank`.
-PAGE = 64
+PAGE = 128
+#: Most bytes of dropped banks' pages kept for reuse (`PagePool`): one bank of
+#: 1000 tasks at d = 512 (float64 sums and their float32 mirror) is ~1.8 GB.
+POOL_BYTES = 2 << 30
+#: Rows widened and multiplied at once by `TaskStatistics.add` (bounds its buffer).
+ADD_CHUNK = 4096
 
 #: Reads back the rows added to one `TaskStatistics` (those added, in any order):
 #: (grads (rows, d), values (rows,)).
 RowReader = Callable[[], tuple[np.ndarray, np.ndarray]]
 #: The most bytes of read-back rows one exact call or one bootstrap keeps (`RowCache`).
 ROW_CACHE_BYTES = 256 << 20
+
+
+def zeroed(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A zero array in its own anonymous mapping, in small (4 KiB) pages.
+
+    Like np.zeros, the kernel maps zero pages lazily (unused rows cost no
+    memory), but without numpy's MADV_HUGEPAGE for large arrays (on the VMs
+    measured here a transparent huge page fault, zeroing 2 MiB after a
+    compaction, was the slower way to first-touch the bank). Unmapped when
+    the array and its views are freed.
+    """
+    count = int(np.prod(shape))
+    area = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize),
+                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        area.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(area, dtype=dtype, count=count).reshape(shape)
+
+
+class PagePool:
+    """Pages of dropped `HessianBank`s, kept for the next bank of the same shape.
+
+    First-touching memory the process has not used recently is what made
+    ingest slow on the VMs measured here (a page fault per 4 KiB, ~20 µs each
+    once the hypervisor must back the page: ~5 s per GiB, several times the
+    arithmetic that fills it). A server drops an anchor's estimator when the
+    next anchor starts, and builds one for each query at an old anchor; the
+    next bank takes the dropped bank's pages instead of fresh ones. At most
+    `limit` bytes are kept idle; past it pages are unmapped (returned to the
+    system) as before. Thread-safe.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._idle: list[tuple[tuple[object, ...], list[np.ndarray]]] = []
+        self.idle_bytes = 0
+
+    def take(self, key: tuple[object, ...]) -> list[np.ndarray] | None:
+        """An idle page of this shape (arrays with stale contents), or None."""
+        with self._lock:
+            for i, (held, arrays) in enumerate(self._idle):
+                # An array still viewed elsewhere (its mapping referenced by
+                # more than the array itself) is not handed out again.
+                if held == key and all(sys.getrefcount(a.base) <= 2 for a in arrays):
+                    del self._idle[i]
+                    self.idle_bytes -= sum(a.nbytes for a in arrays)
+                    return arrays
+        return None
+
+    def give(self, key: tuple[object, ...], pages: list[list[np.ndarray]]) -> None:
+        """Keeps dropped pages while they fit under `limit` (the rest are freed)."""
+        with self._lock:
+            for arrays in pages:
+                size = sum(a.nbytes for a in arrays)
+                if self.idle_bytes + size <= self.limit:
+                    self._idle.append((key, arrays))
+                    self.idle_bytes += size
+
+
+#: Idle bank pages a process keeps for its next banks (`PagePool`).
+POOL = PagePool(POOL_BYTES)
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -56,31 +131,69 @@ def softplus(x: np.ndarray) -> np.ndarray:
 class HessianBank:
     """The Hessian sums of many tasks, lower triangles packed, in fixed-size pages.
 
-    Slot i is row i % PAGE of page i // PAGE. Pages are never reallocated, so
-    growing the bank touches no memory beyond the new rows (a doubling array
-    would copy, and on the VMs measured here first-touching fresh memory cost
-    more than the arithmetic).
+    Slot i is row i % PAGE of page i // PAGE. Each page holds, per block row
+    of the `LowerBlocks` layout, one (PAGE, block size) array in float64 (the
+    sums) and one in float32 (their mirror, rewritten with each add): the
+    fast-mode solver multiplies by these arrays in place, in the dtype it
+    solves in, so neither a new task nor new rows make it copy the sums.
+    Pages are never reallocated, so growing the bank touches no memory beyond
+    the new rows (a doubling array would copy, and on the VMs measured here
+    first-touching fresh memory cost more than the arithmetic).
 
     Attributes:
         layout: The packing of one d×d lower triangle (`LowerBlocks`).
         size: Slots handed out so far.
     """
 
-    def __init__(self, dim: int) -> None:
+    DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+
+    def __init__(self, dim: int, *, page: int | None = None) -> None:
         self.layout = LowerBlocks(dim)
         self.size = 0
-        self._pages: list[np.ndarray] = []
+        self._page = PAGE if page is None else page  # a bank's pages all have one size
+        #: dtype → pages → one array per block row, (PAGE, block size).
+        self._pages: dict[np.dtype, list[list[np.ndarray]]] = {t: [] for t in self.DTYPES}
+        self._traces: list[float] = []  # per slot: trace of its sum
+        self._pooled: set[tuple[np.dtype, int]] = set()  # pages taken from the pool
         # syrk writes its upper triangle (Fortran order) here; read through
         # the transpose it is the C-order lower triangle the layout packs.
         self._scratch = np.zeros((dim, dim), order="F")
+        self._wide = np.empty((0, dim))  # rows widened to float64, reused across adds
+        # Dropped, the bank's pages go to the pool (the finalizer holds the
+        # lists, not the bank).
+        for dtype, pages in self._pages.items():
+            weakref.finalize(self, POOL.give, self._key(dtype), pages)
+
+    def _key(self, dtype: np.dtype) -> tuple[object, ...]:
+        return (self.layout.dim, self._page, dtype)
 
     def allocate(self) -> int:
         """A new zeroed slot; its index."""
-        if self.size == len(self._pages) * PAGE:
-            # np.zeros maps zero pages lazily: unused rows cost no memory.
-            self._pages.append(np.zeros((PAGE, self.layout.size)))
+        page, index = divmod(self.size, self._page)
+        if page == len(self._pages[self.DTYPES[0]]):
+            for dtype, pages in self._pages.items():
+                pooled = POOL.take(self._key(dtype))
+                if pooled is not None:
+                    self._pooled.add((dtype, page))
+                pages.append(pooled or [zeroed((self._page, (hi - lo) * hi), dtype)
+                                        for lo, hi, _ in self.layout.blocks])
+        for dtype, pages in self._pages.items():
+            if (dtype, page) in self._pooled:  # it holds a dropped bank's sums
+                for block in pages[page]:
+                    block[index] = 0
+        self._traces.append(0.0)
         self.size += 1
         return self.size - 1
+
+    def widened(self, grads: np.ndarray) -> np.ndarray:
+        """grads (≤ ADD_CHUNK rows) as float64, in a buffer reused by the next call."""
+        rows = grads.shape[0]
+        if self._wide.shape[0] < rows:
+            self._wide = np.empty((max(rows, min(2 * self._wide.shape[0], ADD_CHUNK)),
+                                   self.layout.dim))
+        wide = self._wide[:rows]
+        wide[...] = grads
+        return wide
 
     def accumulate(self, slot: int, weighted: np.ndarray) -> None:
         """Adds weightedᵀ·weighted to slot's sum (weighted: (rows, d) float64).
@@ -90,18 +203,34 @@ class HessianBank:
         # Upper triangle only (syrk: half the flops of a full product), into
         # a reused buffer: no fresh d×d memory per add.
         syrk(1.0, weighted.T, beta=0.0, c=self._scratch, lower=0, overwrite_c=1)
-        self.layout.pack_add(self._scratch.T, self.row(slot))
+        lower = self._scratch.T
+        page, index = divmod(slot, self._page)
+        wide, narrow = (self._pages[t][page] for t in self.DTYPES)
+        for (lo, hi, _), total, mirror in zip(self.layout.blocks, wide, narrow, strict=True):
+            row = total[index].reshape(hi - lo, hi)
+            row += lower[lo:hi, :hi]
+            mirror[index] = total[index]
+        self._traces[slot] += float(np.trace(lower))
 
     def row(self, slot: int) -> np.ndarray:
-        """Slot's packed sum, a float64 view (layout.size,)."""
-        page, index = divmod(slot, PAGE)
-        row: np.ndarray = self._pages[page][index]
-        return row
+        """Slot's packed sum, float64 (layout.size,): a copy."""
+        page, index = divmod(slot, self._page)
+        return np.concatenate([block[index] for block in self._pages[self.DTYPES[0]][page]])
 
-    def pages(self) -> list[np.ndarray]:
-        """Views (≤ PAGE, layout.size) covering slots 0..size-1 in order."""
-        return [page[: self.size - i * PAGE] for i, page in enumerate(self._pages)]
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pages allocated so far (whole pages, touched or not)."""
+        return sum(block.nbytes for pages in self._pages.values() for page in pages
+                   for block in page)
 
+    def trace(self, slot: int) -> float:
+        """The trace of slot's sum."""
+        return self._traces[slot]
+
+    def pages(self, dtype: np.dtype | type = np.float64) -> list[list[np.ndarray]]:
+        """Per page, per block row, views (≤ PAGE, block size) of slots 0..size-1 in order."""
+        return [[block[: self.size - i * self._page] for block in page]
+                for i, page in enumerate(self._pages[np.dtype(dtype)])]
 
 class TaskStatistics:
     """Running sums of one task's sketch (or the target's), and its rows unless read back.
@@ -121,7 +250,8 @@ class TaskStatistics:
         self.rows = 0
         self.slot: int | None = None
         self.reader = reader
-        self._bank = HessianBank(dim) if bank is None else bank
+        # Alone (the target's), a bank of one-slot pages.
+        self._bank = HessianBank(dim, page=1) if bank is None else bank
         self._gradient_sum = np.zeros(dim)
         self._loss_sum = 0.0
         self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
@@ -130,14 +260,19 @@ class TaskStatistics:
 
     def add(self, grads: np.ndarray, values: np.ndarray) -> None:
         """Validates and adds rows: grads (n, dim), values (n,), n ≥ 1, all finite."""
-        g, f = validated_rows(grads, values, self.dim, self.name)
+        # Rows read back later need no copy of their own here.
+        g, f = validated_rows(grads, values, self.dim, self.name, copy=self.reader is None)
         if self.slot is None:  # only once the rows are valid: no orphan slots
             self.slot = self._bank.allocate()
         p, q = expit(f), expit(-f)
-        wide = g.astype(np.float64, copy=False)  # one widening for both products
+        scale = np.sqrt(p * q)
         with single_threaded_blas():
-            self._gradient_sum -= q @ wide
-            self._bank.accumulate(self.slot, wide * np.sqrt(p * q)[:, None])
+            for lo in range(0, f.shape[0], ADD_CHUNK):
+                part = slice(lo, lo + ADD_CHUNK)
+                wide = self._bank.widened(g[part])  # scaled in place below
+                self._gradient_sum -= q[part] @ wide
+                wide *= scale[part, None]
+                self._bank.accumulate(self.slot, wide)
         self._loss_sum += float(softplus(-f).sum())
         if self.reader is None:
             self._chunks.append((g, f))
@@ -158,7 +293,7 @@ class TaskStatistics:
         return self._gradient_sum / self.rows
 
     def hessian_sum(self) -> np.ndarray:
-        """Σ_i σ(f_i)σ(-f_i) g_i g_iᵀ packed (`HessianBank.layout`), a float64 view."""
+        """Σ_i σ(f_i)σ(-f_i) g_i g_iᵀ packed (`HessianBank.layout`), float64 (a copy)."""
         if self.slot is None:
             raise EmptyTaskError(f"{self.name}: no rows")
         return self._bank.row(self.slot)
@@ -247,9 +382,10 @@ class RowCache:
 
 
 def validated_rows(
-    grads: np.ndarray, values: np.ndarray, dim: int, source: str
+    grads: np.ndarray, values: np.ndarray, dim: int, source: str, *, copy: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Checks sketch rows; returns copies, grads float32 if given so, else float64.
+    """Checks sketch rows; returns them (copies unless `copy` is False), grads float32
+    if given so, else float64.
 
     Raises:
         DimensionMismatchError: grads has a second dimension other than `dim`.
@@ -274,9 +410,10 @@ def validated_rows(
     for array, what in ((g, "grads"), (f, "values")):
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
             raise InvalidArgumentError(f"{source}: {what} must be real numbers, got {array.dtype}")
-    # Copies (the caller may reuse its buffer). float32 rows stay float32:
+    # Copies (the caller may reuse its buffer) when they are kept. float32 rows stay float32:
     # every use widens them exactly, and they take half the memory.
-    g = np.array(g, dtype=np.float32 if g.dtype == np.float32 else np.float64, order="C")
+    kind = np.float32 if g.dtype == np.float32 else np.float64
+    g = np.array(g, dtype=kind, order="C") if copy else np.ascontiguousarray(g, dtype=kind)
     f = np.array(f, dtype=np.float64)
     # One pass over the rows: a sum is finite iff every entry is.
     if not (np.isfinite(g.sum()) and np.isfinite(f.sum())):

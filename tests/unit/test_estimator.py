@@ -380,3 +380,78 @@ def test_rows_read_back_that_are_not_the_rows_added_are_refused():
     estimator.add_task_rows("t", g, f)
     with pytest.raises(PreconditionError, match="7 rows read back, 10 were added"):
         estimator.estimate(np.ones((1, 1), dtype=bool), mode="exact")
+
+
+def test_a_dropped_estimators_pages_are_reused_from_zero(monkeypatch):
+    # The pool hands a dropped bank's pages to the next bank of the same shape;
+    # the new bank's sums must start from zero (the pages hold the old sums).
+    import gc
+
+    pool = task_statistics.PagePool(1 << 30)
+    monkeypatch.setattr(task_statistics, "POOL", pool)
+    monkeypatch.setattr(task_statistics, "PAGE", 2)
+    dropped, _, _ = build(40, dim=70, n_tasks=5, scale=0.3)
+    dropped.estimate(np.ones((3, 5), dtype=bool))
+    del dropped
+    gc.collect()
+    idle = pool.idle_bytes
+    assert idle > 0  # 3 pages of 2 slots, in float64 and float32
+    reused, _, _ = build(41, dim=70, n_tasks=5, scale=0.3)
+    assert pool.idle_bytes == 0
+    monkeypatch.setattr(task_statistics, "POOL", task_statistics.PagePool(0))
+    fresh, _, _ = build(41, dim=70, n_tasks=5, scale=0.3)
+    subsets = np.random.default_rng(4).random((20, 5)) < 0.5
+    np.testing.assert_array_equal(reused.estimate(subsets), fresh.estimate(subsets))
+    for task in reused.tasks:
+        np.testing.assert_array_equal(reused.statistics(task).hessian_sum(),
+                                      fresh.statistics(task).hessian_sum())
+
+
+def test_the_pool_keeps_pages_still_viewed_and_past_its_limit_frees_them():
+    page = task_statistics.zeroed((2, 3), np.float64)
+    pool = task_statistics.PagePool(page.nbytes)
+    view = page[:1]
+    pool.give(("k",), [[page], [task_statistics.zeroed((2, 3), np.float64)]])
+    assert pool.idle_bytes == page.nbytes  # the second page did not fit
+    assert pool.take(("other",)) is None
+    assert pool.take(("k",)) is None  # `view` still reads it
+    del view
+    taken = pool.take(("k",))
+    assert taken is not None and taken[0] is page
+    assert pool.idle_bytes == 0
+
+
+def test_large_fast_calls_linearize_and_keep_the_sample_they_check():
+    from gradmix.server import estimator as estimator_module
+
+    estimator, _, _ = build(42, dim=24, n_tasks=12, scale=0.2, reg=1.0)
+    subsets = np.random.default_rng(7).random((300, 12)) < 0.5
+    systems = estimator.estimate(subsets)
+    assert estimator.last_fast_path == "systems"  # 2·300·12·packed d² is far below the bound
+    estimator.linearize_above_flops = 0.0
+    auto = estimator.estimate(subsets)
+    assert estimator.last_fast_path == "linearized"
+    assert estimator.last_linearized_error <= estimator_module.LINEARIZE_TOLERANCE
+    linear = estimator.estimate(subsets, mode="linearized")
+    sample = np.unique(np.linspace(0, 299, estimator_module.LINEARIZE_CHECK_SUBSETS).astype(int))
+    rest = np.setdiff1d(np.arange(300), sample)
+    np.testing.assert_allclose(auto[sample], systems[sample], rtol=1e-6)  # float32 solves
+    np.testing.assert_array_equal(auto[rest], linear[rest])
+    assert scipy.stats.spearmanr(auto, systems)[0] > 0.99
+    # Few subsets are always solved as systems, whatever the bound.
+    estimator.estimate(subsets[:estimator_module.LINEARIZE_CHECK_SUBSETS])
+    assert estimator.last_fast_path == "systems"
+
+
+def test_a_linearization_that_fails_its_check_solves_every_system():
+    # Singletons and the full set around their mean weighting, with rows large
+    # against λ: first order is far off, so the check must send every row to
+    # the systems solve and the results equal the fast mode's.
+    estimator, _, _ = build(43, dim=16, n_tasks=8, scale=3.0, reg=0.05)
+    subsets = np.vstack([np.eye(8, dtype=bool)] * 5 + [np.ones((8, 8), dtype=bool)])
+    systems = estimator.estimate(subsets)
+    estimator.linearize_above_flops = 0.0
+    checked = estimator.estimate(subsets)
+    assert estimator.last_fast_path == "systems"
+    assert estimator.last_linearized_error > 0.05
+    np.testing.assert_array_equal(checked, systems)
