@@ -528,7 +528,6 @@ class Score:
     spearman_ce: float
     ceiling: float
     ceiling_skill: float
-    ceiling_spearman: float
     noise_floor: float
     lam: float
     ratio: float
@@ -569,7 +568,6 @@ def score(
         spearman_ce=spearman(estimate, ce),
         ceiling=rel_err(ceil, truth),
         ceiling_skill=1.0 - rel_err(ceil, truth) / nothing if nothing > 0 else float("nan"),
-        ceiling_spearman=spearman(ceil, truth),
         noise_floor=noise_floor,
         lam=lam,
         ratio=ratio,

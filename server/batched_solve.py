@@ -430,7 +430,7 @@ def _pool() -> ThreadPoolExecutor:
 
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
-    # Inspecting the loaded libraries costs ~0.3 ms; do it once per process.
+    # Inspecting the loaded libraries is not free: do it once per process.
     return ThreadpoolController()
 
 

@@ -16,8 +16,8 @@ pages of `PAGE` tasks holding only the lower triangle of each sum (in
 `LowerBlocks` layout, ~56% of d² at d = 512), in float64 and a float32
 mirror. What kept ingest far from BLAS speed was memory, not arithmetic: a
 d×d array and fresh temporaries per add, and first-touching memory the
-process had not used (a page fault per 4 KiB, ~20 µs each on the VMs
-measured here: 10 s of system time for 1000 tasks at d = 512). So an add
+process had not used (a page fault per 4 KiB; the README's Performance
+section has what it cost, as system time, at 1000 tasks and d = 512). So an add
 widens its rows into a reused buffer and runs one syrk into a reused d×d
 scratch; the pages are a few large mappings in small pages, and a dropped
 bank's pages are kept (up to `POOL_BYTES`, `PagePool`) for the next bank.
