@@ -19,6 +19,19 @@ from gradmix.client.cli import build_parser
 GRADMIX = str(Path(sys.executable).parent / "gradmix")
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_the_cli() -> Iterator[None]:
+    """SIGINT handled here, so that the CLI processes these tests start get it at
+    its default (Ctrl-C at a terminal) even where the test runner was started with
+    SIGINT ignored (a background job of a shell without job control): an ignored
+    signal stays ignored across exec, a handled one goes back to its default."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     yield from serve(tmp_path)
