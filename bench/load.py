@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import importlib.util
 import multiprocessing as mp
-import re
 import subprocess
 import sys
 import tempfile
@@ -52,9 +51,11 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.auth import hash_token
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spawn import spawn_server
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB, ANCHOR = "load", "a0"
-LINE = re.compile(r"grpc=(\S+):(\d+) ")
 TOKENS = {"admin": "bench-admin-token", "writer": "bench-writer-token",
           "reader": "bench-reader-token"}
 
@@ -104,14 +105,8 @@ def start_server(work: Path, tls: bool, tokens: bool) -> tuple[subprocess.Popen[
         ca = certs.ca.read_bytes()
     else:
         args.append("--insecure")
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = LINE.search(line)
-    if not match:
-        process.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return process, Access(f"127.0.0.1:{match.group(2)}", ca, tokens)
+    process, address = spawn_server(args)
+    return process, Access(address, ca, tokens)
 
 
 def set_up(access: Access, n_tasks: int, dim: int, rows: int) -> list[str]:

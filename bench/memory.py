@@ -33,7 +33,6 @@ re-estimate's working memory, which does not); ratio: lean / kept growth.
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,9 +45,11 @@ from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.rows import encode_rows
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spawn import spawn_server
+
 JOB = "bench"
 ANCHOR = "a0"
-LINE = re.compile(r"grpc=(\S+):(\d+) metrics=")
 #: Rows per UploadSketch message.
 CHUNK = 2000
 #: Waits are bounded by this many seconds.
@@ -71,17 +72,8 @@ sys.exit(main(sys.argv[1:]))
 
 def start_server(store_dir: Path, kept: bool) -> tuple[subprocess.Popen[str], str]:
     prefix = ["-c", KEPT] if kept else ["-m", "gradmix.server.app"]
-    process = subprocess.Popen(
-        [sys.executable, *prefix, "--store", str(store_dir), "--port", "0",
-         "--metrics-port", "0", "--log-level", "WARNING", "--insecure"],
-        stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = LINE.search(line)
-    if not match:
-        process.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return process, f"127.0.0.1:{match.group(2)}"
+    return spawn_server([sys.executable, *prefix, "--store", str(store_dir), "--port", "0",
+                         "--metrics-port", "0", "--log-level", "WARNING", "--insecure"])
 
 
 def rss_mb(pid: int) -> float:

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import queue
-import re
 import subprocess
 import sys
 import tempfile
@@ -60,9 +59,11 @@ from gradmix.store import SketchStore
 from gradmix.vocabulary.policy_settings import PolicyConfig
 from grpc import aio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from spawn import spawn_server
+
 JOB = "bench"
 ANCHOR = "a0"
-LINE = re.compile(r"grpc=(\S+):(\d+) metrics=\S+:(\d+)")
 
 
 @dataclass
@@ -78,17 +79,9 @@ class Setup:
 
 
 def start_server(store_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gradmix.server.app", "--store", str(store_dir), "--port", "0",
-         "--metrics-port", "0", "--log-level", "WARNING", "--insecure"],
-        stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = LINE.search(line)
-    if not match:
-        process.kill()
-        raise SystemExit(f"server did not start: {line!r}")
-    return process, f"127.0.0.1:{match.group(2)}"
+    return spawn_server([sys.executable, "-m", "gradmix.server.app", "--store", str(store_dir),
+                         "--port", "0", "--metrics-port", "0", "--log-level", "WARNING",
+                         "--insecure"])
 
 
 def p(values: list[float], q: float) -> float:

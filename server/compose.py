@@ -10,8 +10,8 @@ sketches as many examples of every task as of the target unless a task's
 pool runs out first, so such a task is (all but always) a small one: its rows
 are its whole pool, and a mixture that leans on it repeats those examples
 many times over the horizon, which the first-order estimate (fresh examples
-at every step) does not see. On bench/outcome.py's sizes-and-noise suite a
-48-example task drew 0.79 of the mixture before this cap.
+at every step) does not see (bench/outcome.py's sizes-and-noise suite; the
+README's Policies section has what the cap changed there).
 
 Given the mixture in force before the current anchor, the active weights are
 then smoothed towards it (`smooth_mixture`, policy setting `smoothing`). A

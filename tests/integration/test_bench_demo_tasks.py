@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 from types import ModuleType
 
+import bench_modules
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 LAST_LINE = re.compile(
     r"demo_tasks: baseline_ce=([\d.]+) best_helpful=([\w-]+):([\d.]+) "
     r"best_harmful=([\w-]+):([\d.]+) label_pairs_agreeing=(\d+)/(\d+)"
@@ -18,13 +15,7 @@ LAST_LINE = re.compile(
 
 
 def load_bench() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # the bench imports outcome and suites by name
-    spec = importlib.util.spec_from_file_location("bench_demo_tasks", BENCH / "demo_tasks.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load_bench("demo_tasks")
 
 
 @pytest.mark.timeout(300)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
-from pathlib import Path
 from types import ModuleType
 
+import bench_modules
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "fidelity.py"
 LAST_LINE = re.compile(
     r"fidelity: skill=(\S+) spearman=(\S+) rel_err=(\S+) rel_rss=(\S+) "
     r"do_nothing_rel_err=(\S+) noise_floor=(\S+)"
@@ -19,12 +16,7 @@ LAST_LINE = re.compile(
 
 
 def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load_bench("fidelity")
 
 
 @pytest.mark.timeout(180)

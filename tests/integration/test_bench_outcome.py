@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 from types import ModuleType
 
+import bench_modules
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 LAST_LINE = re.compile(
     r"outcome: suites=(\d+) beats_uniform=(\d+) beats_proportional=(\d+) "
     r"beats_similarity=(\d+) loses_similarity=(\d+)"
@@ -18,13 +15,7 @@ LAST_LINE = re.compile(
 
 
 def load_bench() -> ModuleType:
-    sys.path.insert(0, str(BENCH))  # the bench imports its suites module by name
-    spec = importlib.util.spec_from_file_location("bench_outcome", BENCH / "outcome.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return bench_modules.load_bench("outcome")
 
 
 @pytest.mark.timeout(300)
