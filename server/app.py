@@ -68,7 +68,7 @@ class _Core:
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(config.estimation_workers,
                                            thread_name_prefix="gradmix-estimate")
-        self.publisher = MixturePublisher(metrics, self._load_history)
+        self.publisher = MixturePublisher(metrics, self._load_history, limits=config.limits())
         self.registry = JobRegistry(store, config, metrics, self.publisher, self.executor)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
@@ -81,9 +81,14 @@ class _Core:
 
     async def start(self) -> int:
         await self.registry.load_all()
+        # Calls gRPC core holds until the event loop takes them up: soft = hard limit,
+        # so none is dropped at random below max_pending_calls (gRPC: 1000 / 3000).
+        pending = self.config.max_pending_calls
         options = [("grpc.so_reuseport", 0),
                    ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                   ("grpc.max_send_message_length", self.config.max_message_bytes)]
+                   ("grpc.max_send_message_length", self.config.max_message_bytes),
+                   ("grpc.server.max_pending_requests", pending),
+                   ("grpc.server.max_pending_requests_hard_limit", pending)]
         server = aio.server(options=options, interceptors=self.interceptors)
         add_instrumented_service(
             pb_grpc.add_SelectionServiceServicer_to_server,

@@ -67,6 +67,12 @@ class ServerConfig:
     """On SIGTERM: how long open streams and calls get before the server stops."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message accepted (an UploadSketch chunk must fit)."""
+    max_pending_calls: int = 20_000
+    """Most new calls gRPC holds while the server's event loop has not taken them up yet
+    (a burst: every watcher reconnecting after a restart). Past it gRPC cancels new calls
+    (CANCELLED) before the server sees them, so none is counted: keep it at least
+    `max_watchers` (checked). gRPC's own default, 1000 to 3000 with calls dropped at
+    random in between, cancelled watch streams from bursts of 1500 (README, "Scale")."""
     log_level: str = "INFO"
     """Python logging level name."""
     policy: str = DEFAULT_POLICY
@@ -140,6 +146,8 @@ class ServerConfig:
     """Page size of a List call that asks for 0."""
     max_page_size: int = _LIMITS.max_page_size
     """Largest page of a List call."""
+    max_watchers: int = _LIMITS.max_watchers
+    """Most WatchMixture streams open at once (all jobs); more get RESOURCE_EXHAUSTED."""
 
     # ---- [tls] and [auth]: who may connect and call (see gradmix.server.auth)
     insecure: bool = False
@@ -179,6 +187,11 @@ class ServerConfig:
         if self.max_message_bytes < 1024:
             raise ServerConfigError(f"max_message_bytes must be >= 1024, "
                                     f"got {self.max_message_bytes}")
+        if not self.max_watchers <= self.max_pending_calls < 2**31:
+            raise ServerConfigError(
+                f"max_pending_calls must be in max_watchers ({self.max_watchers})..2**31-1, "
+                f"got {self.max_pending_calls}: below max_watchers, a burst of watchers the "
+                "server would take is cancelled by gRPC before the server sees it")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ServerConfigError(f"log_level must be one of {LOG_LEVELS}, "
                                     f"got {self.log_level!r}")

@@ -73,6 +73,9 @@ class Limits:
     """Items per page of a List call that asks for page_size 0."""
     max_page_size: int = 1000
     """Most items per page of a List call."""
+    max_watchers: int = 10_000
+    """Most WatchMixture streams open at once on this server, all jobs together; more
+    are refused (RESOURCE_EXHAUSTED)."""
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -153,6 +156,13 @@ class Limits:
             raise LimitExceededError(
                 f"this query would estimate {subsets} subsets × {tasks} tasks = {cost}, more "
                 f"than {setting} {bound}: ask for fewer subsets per call")
+
+    def check_new_watcher(self, open_streams: int) -> None:
+        """Refuse a watch stream beyond `max_watchers` (`open_streams`: how many are open)."""
+        if open_streams >= self.max_watchers:
+            raise LimitExceededError(
+                f"the server has {open_streams} WatchMixture streams open, its max_watchers: "
+                "close one, watch from fewer processes, or raise the limit")
 
     def page_size(self, requested: int) -> int:
         """The page size a List call gets: 0 = the default; at most `max_page_size`."""

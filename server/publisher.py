@@ -4,7 +4,9 @@ Everything here runs on the server's event loop. `publish` is called only
 after the version is persisted in the store, so a watcher never sees a
 version a restart could lose. A watcher subscribes before it replays the
 history, and skips versions it already sent, so no version is missed or sent
-twice between the replay and the live stream.
+twice between the replay and the live stream. At most `Limits.max_watchers`
+streams are open at once, all jobs together; one more is refused with
+RESOURCE_EXHAUSTED before it subscribes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.server.errors import NotFoundError
+from gradmix.server.limits import Limits
 from gradmix.server.metrics import ServerMetrics
 
 #: Loads versions > after_version from the store (for replays older than the cache).
@@ -38,11 +41,13 @@ class MixturePublisher:
     """Latest and recent mixture versions of every job; live watch streams."""
 
     def __init__(self, metrics: ServerMetrics, load_history: HistoryLoader,
-                 *, cache_versions: int = 1024) -> None:
+                 *, cache_versions: int = 1024, limits: Limits | None = None) -> None:
         self._metrics = metrics
         self._load_history = load_history
         self._cache_versions = cache_versions
+        self._limits = limits or Limits()
         self._feeds: dict[str, _Feed] = {}
+        self._watching = 0
         self._closed = False
 
     def add_job(self, job: str, history: Sequence[pb.Mixture]) -> None:
@@ -90,10 +95,16 @@ class MixturePublisher:
             queue.put_nowait(mixture)
 
     async def watch(self, job: str, after_version: int) -> AsyncIterator[pb.Mixture]:
-        """Every version > after_version: the history, then live ones, until close."""
+        """Every version > after_version: the history, then live ones, until close.
+
+        Raises:
+            LimitExceededError: `max_watchers` streams are open already.
+        """
         feed = self._feeds[job]
+        self._limits.check_new_watcher(self._watching)
         queue: asyncio.Queue[pb.Mixture | None] = asyncio.Queue()
         feed.watchers.add(queue)
+        self._watching += 1
         gauge = self._metrics.watchers.labels(job)
         gauge.inc()
         try:
@@ -113,6 +124,7 @@ class MixturePublisher:
                     sent = item.version
         finally:
             feed.watchers.discard(queue)
+            self._watching -= 1
             gauge.dec()
 
     def remove_job(self, job: str) -> None:

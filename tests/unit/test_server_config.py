@@ -47,6 +47,10 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
     (["--insecure", "--stale-pending-anchors", "-1"], {}, "stale_pending_anchors"),
     (["--insecure"], {"GRADMIX_STALE_PENDING_SECONDS": "nan"}, "stale_pending_seconds"),
     (["--insecure", "--untrained-loss-fraction", "1.5"], {}, "untrained_loss_fraction"),
+    (["--insecure", "--max-watchers", "0"], {}, "max_watchers"),
+    (["--insecure", "--max-pending-calls", "9999"], {}, "max_pending_calls"),
+    (["--insecure", "--max-watchers", "100", "--max-pending-calls", "2147483648"], {},
+     "max_pending_calls"),
 ])
 def test_bad_values_are_refused_with_the_setting_named(argv: list[str], env: dict[str, str],
                                                        message: str) -> None:
