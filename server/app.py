@@ -45,6 +45,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 log = logging.getLogger(__name__)
 
+#: Longest the stop waits, after gRPC's own drain, for calls still running to end.
+FINISH_SECONDS = 5.0
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SelectionService"].full_name
 
 
@@ -70,6 +73,7 @@ class _Core:
                                            thread_name_prefix="gradmix-estimate")
         self.publisher = MixturePublisher(metrics, self._load_history, limits=config.limits())
         self.registry = JobRegistry(store, config, metrics, self.publisher, self.executor)
+        self.instrumentation = RpcInstrumentation(metrics)
         self.health = health.aio.HealthServicer()
         self.server: aio.Server | None = None
         self.health_server: aio.Server | None = None
@@ -93,7 +97,7 @@ class _Core:
         add_instrumented_service(
             pb_grpc.add_SelectionServiceServicer_to_server,
             SelectionServicer(self.registry, self.publisher, self.metrics), server,
-            RpcInstrumentation(self.metrics))
+            self.instrumentation)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -135,6 +139,9 @@ class _Core:
         self.publisher.close()  # ends watch streams so the drain below can finish
         if self.server is not None:
             await self.server.stop(grace)
+            # gRPC's stop returns when gRPC core holds no call; handlers of calls whose
+            # clients left may still be sending their status: let them end before the loop.
+            await self.instrumentation.finish(FINISH_SECONDS)
         if self.health_server is not None:
             await self.health_server.stop(0)
         await self.registry.close()

@@ -10,6 +10,11 @@ INVALID_ARGUMENT (gRPC itself would answer INTERNAL), and a status message
 never carries more than `MAX_DETAILS` characters, however long the input it
 quotes. Wrapping at registration (rather than in a per-call
 `aio.ServerInterceptor`) keeps the per-call cost to one coroutine frame.
+
+The wrapper also keeps the task of every call in progress, so that the server's
+stop can wait for them (`RpcInstrumentation.finish`): gRPC's own stop returns
+once gRPC core holds no call, which can be before the handlers of calls whose
+clients have left have run to their end.
 """
 
 from __future__ import annotations
@@ -150,6 +155,34 @@ class RpcInstrumentation:
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self._metrics = metrics
+        self._running: set[asyncio.Task[Any]] = set()
+
+    async def finish(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for the calls still in progress, then cancel them.
+
+        For after gRPC's `Server.stop`: a call whose client left while the server
+        was busy can still be sending its status then (gRPC core counts it as
+        over); stopping the event loop under it would leave its handler suspended,
+        and asyncio logs an error for each one. Returns how many were cancelled.
+        """
+        running = [task for task in self._running if not task.done()]
+        if not running:
+            return 0
+        _, late = await asyncio.wait(running, timeout=timeout)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=timeout)
+            log.warning("%d call(s) still running %.1f s after the server stopped were "
+                        "cancelled", len(late), timeout)
+        return len(late)
+
+    def _track(self) -> None:
+        """Keep the current call's task until it is done (for `finish`)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     def wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler of method `name`, instrumented."""
@@ -158,20 +191,22 @@ class RpcInstrumentation:
                   "response_serializer": handler.response_serializer}
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _unary(stats, handler.unary_unary), **kwargs)
+                _unary(stats, handler.unary_unary, self._track), **kwargs)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _unary(stats, handler.stream_unary, streaming_request=True), **kwargs)
+                _unary(stats, handler.stream_unary, self._track, streaming_request=True),
+                **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _streaming(stats, handler.unary_stream), **kwargs)
+                _streaming(stats, handler.unary_stream, self._track), **kwargs)
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(stats, handler.stream_stream), **kwargs)
+            _streaming(stats, handler.stream_stream, self._track), **kwargs)
 
 
-def _unary(stats: _MethodStats, behavior: Handler, *, streaming_request: bool = False
-           ) -> Handler:
+def _unary(stats: _MethodStats, behavior: Handler, track: Callable[[], None], *,
+           streaming_request: bool = False) -> Handler:
     async def call(request: Any, context: aio.ServicerContext) -> Any:
+        track()
         outcome = _CallOutcome(stats)
         try:
             if isinstance(request, MalformedRequest):
@@ -187,8 +222,9 @@ def _unary(stats: _MethodStats, behavior: Handler, *, streaming_request: bool = 
     return call
 
 
-def _streaming(stats: _MethodStats, behavior: Handler) -> Handler:
+def _streaming(stats: _MethodStats, behavior: Handler, track: Callable[[], None]) -> Handler:
     async def call(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        track()
         outcome = _CallOutcome(stats)
         try:
             if isinstance(request, MalformedRequest):
