@@ -301,18 +301,31 @@ class MixtureRecord:
             raise InvalidSpecError(f"mixture task states must be in {TASK_STATES}: {sorted(bad)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as a JSON-serialisable dict (non-finite floats become strings)."""
-        doc = asdict(self)
-        doc["weights"] = {k: float(v) for k, v in self.weights.items()}
-        doc["scores"] = {k: _encode_float(v) for k, v in self.scores.items()}
-        doc["anchor_loss"] = _encode_float(self.anchor_loss)
-        doc["estimated_loss"] = _encode_float(self.estimated_loss)
-        doc["score_error"] = _encode_float(self.score_error)
-        doc["held_estimated_loss"] = _encode_float(self.held_estimated_loss)
-        doc["stale"] = list(self.stale)
-        if self.calibration is None:
-            del doc["calibration"]
-        else:
+        """The record as a JSON-serialisable dict (non-finite floats become strings).
+
+        Built field by field, every field named (`calibration` left out when
+        None): `dataclasses.asdict` deep-copied each task mapping first, which
+        was half the time of a 1000-task version's write.
+        """
+        doc: dict[str, Any] = {
+            "version": self.version,
+            "created_at": self.created_at,
+            "anchor": self.anchor,
+            "policy": self.policy,
+            "weights": {k: float(v) for k, v in self.weights.items()},
+            "scores": {k: _encode_float(v) for k, v in self.scores.items()},
+            "states": dict(self.states),
+            "anchor_loss": _encode_float(self.anchor_loss),
+            "estimated_loss": _encode_float(self.estimated_loss),
+            "score_error": _encode_float(self.score_error),
+            "pinned": self.pinned,
+            "held": self.held,
+            "held_reason": self.held_reason,
+            "held_estimated_loss": _encode_float(self.held_estimated_loss),
+            "pending_anchors": dict(self.pending_anchors),
+            "stale": list(self.stale),
+        }
+        if self.calibration is not None:
             doc["calibration"] = self.calibration.to_dict()
         return doc
 

@@ -5,6 +5,7 @@ Real Zarr stores: a directory under tmp_path, and fsspec ``memory://``.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import pickle
@@ -33,6 +34,7 @@ from gradmix.store import (
     StoreStateError,
     validate_name,
 )
+from gradmix.store.records import _encode_float
 
 DIM = 16
 
@@ -544,6 +546,52 @@ def test_calibration_round_trips_and_older_records_still_load(tmp_path: Path) ->
     assert (loaded.score_error, loaded.calibration) == (0.0, None)
     with pytest.raises(InvalidSpecError):
         CalibrationRecord(regularization=0.0, prior=1.0)
+
+
+def _asdict_document(rec: MixtureRecord) -> dict[str, object]:
+    """What MixtureRecord.to_dict wrote while it started from `dataclasses.asdict`
+    (the reference the explicit conversion must match byte for byte)."""
+    doc = dataclasses.asdict(rec)
+    doc["weights"] = {k: float(v) for k, v in rec.weights.items()}
+    doc["scores"] = {k: _encode_float(v) for k, v in rec.scores.items()}
+    for name in ("anchor_loss", "estimated_loss", "score_error", "held_estimated_loss"):
+        doc[name] = _encode_float(getattr(rec, name))
+    doc["stale"] = list(rec.stale)
+    if rec.calibration is None:
+        del doc["calibration"]
+    else:
+        doc["calibration"] = rec.calibration.to_dict()
+    return doc
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_a_stored_mixture_document_is_byte_identical_to_the_asdict_one(
+        tmp_path: Path, calibrated: bool) -> None:
+    root = tmp_path / "s"
+    store = prepared(str(root))
+    calibration = CalibrationRecord(regularization=0.5, prior=1.0, prior_source="sgd",
+                                    factor=0.5, observations=2, predicted_change=float("nan"),
+                                    realized_change=-0.4, ratio=float("inf"), note="corrected")
+    rec = MixtureRecord(
+        version=1, created_at=1.5, anchor="a0", policy="ensemble",
+        weights={"alpha": 0.75, "beta": np.float64(0.25), "gamma": 0.0},
+        scores={"alpha": -0.1, "beta": float("nan"), "gamma": float("-inf")},
+        states={"alpha": "active", "beta": "active", "gamma": "pending"},
+        anchor_loss=0.7, estimated_loss=float("inf"), score_error=0.02,
+        calibration=calibration if calibrated else None, pinned=True, held=True,
+        held_reason="predicted loss rose", held_estimated_loss=float("nan"),
+        pending_anchors={"gamma": 3}, stale=("gamma",))
+    store.append_mixture("job", rec)
+
+    stored = (root / "jobs/job/mixtures/000000000001/zarr.json").read_bytes()
+    expected = {"zarr_format": 3, "node_type": "group", "attributes": _asdict_document(rec)}
+    assert stored == json.dumps(expected, allow_nan=False, sort_keys=True).encode()
+    # Every field is written (a field added later must be added to to_dict too).
+    names = {f.name for f in dataclasses.fields(MixtureRecord)} - (
+        set() if calibrated else {"calibration"})
+    assert set(rec.to_dict()) == names
+    [back] = SketchStore.open(str(root)).read_mixtures("job")
+    assert back.to_dict() == rec.to_dict()  # non-finite floats are strings there
 
 
 def test_reading_until_a_cursor_gives_back_exactly_its_lineages_rows(url: str) -> None:
