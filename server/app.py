@@ -251,7 +251,9 @@ def build_server(config: ServerConfig,
     registry = REGISTRY if registry is None else registry
     interceptors = _interceptors(config, registry)  # a bad token table fails before anything
     certificates = _certificates(config)  # so do unreadable certificate files
-    store = SketchStore.open(config.store)
+    # The server is the one writer of task documents (RegisterTask, ReportTaskFailure,
+    # UpdateTask): it keeps them instead of reading every one on each re-estimate.
+    store = SketchStore.open(config.store, cache_task_documents=True)
     metrics = ServerMetrics(registry)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="gradmix-server",

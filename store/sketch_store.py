@@ -63,9 +63,19 @@ class SketchStore:
     Processes share a store through its URL. One instance may be shared by
     threads for registry calls and reads; a :class:`RowWriter` belongs to one
     thread, and a writer id to one process at a time.
+
+    With ``cache_task_documents`` (the server's store), :meth:`list_tasks` reads
+    each task's document once and keeps it: it still lists the tasks folder on
+    every call, so a task registered by another process appears, and every
+    write through this instance (register, failure, update, job deletion)
+    replaces or drops what it keeps. A change another process makes to a task
+    already read (its failure, metadata, retirement) is not seen until a
+    restart: only for the process that is the one writer of the task
+    documents, as the server is (tasks change only by its RPCs).
     """
 
-    def __init__(self, backend: StoreBackend, url: str = "") -> None:
+    def __init__(self, backend: StoreBackend, url: str = "", *,
+                 cache_task_documents: bool = False) -> None:
         """A store on ``backend`` (see :meth:`open` to open one by URL)."""
         self.url = url or backend.identity()
         self.backend = backend
@@ -75,6 +85,10 @@ class SketchStore:
         self._indexes: dict[str, SourceIndex] = {}
         self._mixtures: dict[str, dict[int, MixtureRecord]] = {}
         self._lock = threading.Lock()  # guards the incremental id indexes
+        self._cache_tasks = cache_task_documents
+        self._tasks: dict[str, dict[str, TaskInfo]] = {}  # per job, by task name
+        self._task_writes = 0  # writes of task documents through this instance
+        self._tasks_lock = threading.Lock()  # guards the two above
         self._docs.ensure("")
         self._docs.ensure(layout.jobs_dir())
 
@@ -84,7 +98,8 @@ class SketchStore:
         return self.backend.identity()
 
     @classmethod
-    def open(cls, url: str, storage_options: Mapping[str, Any] | None = None) -> SketchStore:
+    def open(cls, url: str, storage_options: Mapping[str, Any] | None = None, *,
+             cache_task_documents: bool = False) -> SketchStore:
         """Open (creating if needed) the store at a local path or fsspec URL.
 
         Args:
@@ -92,8 +107,11 @@ class SketchStore:
                 ``memory://name`` or ``s3://bucket/prefix`` (``gradmix[s3]`` extra).
             storage_options: fsspec filesystem options for URLs (credentials,
                 endpoint); see :func:`gradmix.store.backend.open_backend`.
+            cache_task_documents: keep the task documents read (see the class
+                docstring: only for the one writer of the task documents).
         """
-        return cls(open_backend(url, storage_options), url)
+        return cls(open_backend(url, storage_options), url,
+                   cache_task_documents=cache_task_documents)
 
     # --- jobs -----------------------------------------------------------------
 
@@ -125,6 +143,7 @@ class SketchStore:
         for path in (layout.tasks_dir(job), layout.anchors_dir(job), layout.mixtures_dir(job)):
             self._docs.ensure(path)
         self._jobs[job] = info
+        self._forget_tasks(job)
         return info
 
     def get_job(self, job: str) -> JobInfo:
@@ -155,6 +174,7 @@ class SketchStore:
             raise InvalidSpecError("task metadata must map strings to strings")
         doc = {"metadata": meta, "registered_at": time.time()}
         info = _task_info(task, self._docs.create(layout.task_dir(job, task), doc))
+        self._kept_task(job, info)
         if meta and meta != info.metadata:
             key = _first_difference(info.metadata, meta)
             raise SpecMismatchError(
@@ -170,17 +190,41 @@ class SketchStore:
         if attrs is None:
             raise RecordNotFoundError(f"task {task!r} is not registered with job {job!r}")
         self._docs.write(layout.task_dir(job, task), {**attrs, "failure": str(reason)})
-        return _task_info(task, {**attrs, "failure": str(reason)})
+        return self._kept_task(job, _task_info(task, {**attrs, "failure": str(reason)}))
 
     def list_tasks(self, job: str) -> list[TaskInfo]:
         """The job's tasks in registration order."""
         self.get_job(job)
-        infos = []
-        for name in self._docs.children(layout.tasks_dir(job)):
-            attrs = self._docs.read(layout.task_dir(job, name))
-            if attrs is not None:
-                infos.append(_task_info(name, attrs))
+        names = self._docs.children(layout.tasks_dir(job))
+        with self._tasks_lock:
+            kept = dict(self._tasks.get(job, {}))
+            writes = self._task_writes
+        read: dict[str, TaskInfo] = {}
+        for name in names:
+            if name not in kept:
+                attrs = self._docs.read(layout.task_dir(job, name))
+                if attrs is not None:
+                    read[name] = _task_info(name, attrs)
+        if self._cache_tasks and read:
+            with self._tasks_lock:
+                if self._task_writes == writes:  # else a read may predate a write: keep none
+                    self._tasks.setdefault(job, {}).update(read)
+        infos = [kept.get(name) or read[name] for name in names if name in kept or name in read]
         return sorted(infos, key=lambda t: (t.registered_at, t.name))
+
+    def _kept_task(self, job: str, info: TaskInfo) -> TaskInfo:
+        """Keep `info`, just written through this instance, for `list_tasks`."""
+        with self._tasks_lock:
+            self._task_writes += 1
+            if self._cache_tasks:
+                self._tasks.setdefault(job, {})[info.name] = info
+        return info
+
+    def _forget_tasks(self, job: str) -> None:
+        """Drop the task documents kept of `job` (it was created or deleted)."""
+        with self._tasks_lock:
+            self._task_writes += 1
+            self._tasks.pop(job, None)
 
     def _require_task(self, job: str, task: str | None) -> None:
         if task is None:
@@ -428,7 +472,7 @@ class SketchStore:
         if retired_at:
             doc["retired_at"] = retired_at
         self._docs.write(path, doc)
-        return _task_info(task, doc)
+        return self._kept_task(job, _task_info(task, doc))
 
     def job_control(self, job: str) -> JobControl:
         """The job's operator state (its pin, whether it is archived)."""
@@ -478,6 +522,7 @@ class SketchStore:
         self.get_job(job)
         prefix = layout.job_dir(job)
         self._docs.delete_tree(prefix)
+        self._forget_tasks(job)
         with self._lock:
             self._jobs.pop(job, None)
             self._mixtures.pop(job, None)
