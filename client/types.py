@@ -53,7 +53,7 @@ class PolicySettings:
     """
 
     policy: str = DEFAULT_POLICY
-    """ensemble | surrogate | simplex | uniform | gradient_similarity."""
+    """ensemble | surrogate | simplex | uniform | gradient_similarity | subset_search."""
     regularization: float = 0.0
     """λ of the subset regression."""
     temperature: float = 0.0

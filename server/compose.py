@@ -33,6 +33,7 @@ import numpy as np
 from gradmix.server.convert import ACTIVE, FAILED, PENDING
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.mixture import (
+    apply_floor,
     cap_weights,
     scores_to_mixture,
     smooth_mixture,
@@ -46,6 +47,7 @@ from gradmix.server.policies import (
     subsets_scored,
     task_scales,
 )
+from gradmix.server.selection import backward_elimination
 from gradmix.store import MixtureRecord
 from gradmix.vocabulary.policy_settings import PolicyConfig
 
@@ -56,8 +58,12 @@ THIN_ROWS = 16
 #: (`_best_estimated`); the uniform mixture is a candidate too.
 SOFTER = tuple(2.0**k for k in range(9))
 #: A softer candidate must gain this share of the best estimated improvement
-#: L̂(∅) − min L̂ over the sharpest one to be taken.
+#: L̂(∅) − min L̂ over the sharpest one to be taken; backward elimination
+#: removes a task while L̂ stays within this share of its best.
 SOFTENING_GAIN = 0.05
+#: Backward elimination (``subset_search``) starts from at most this many
+#: tasks, the best-scoring ones: it estimates O(k²) subsets.
+ELIMINATION_TASKS = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +128,8 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     full = min(estimator.statistics(None).rows, max(rows[t] for t in active))
     enough_rows = max(THIN_ROWS, full)
     thin = {t for t in active if rows[t] < enough_rows}
-    active_weights = _best_estimated(estimator, policy, scores, error, thin, len(active))
+    active_weights, searched = _best_estimated(estimator, policy, scores, error, thin,
+                                               len(active))
     if previous:
         before = {t: previous[t] for t in active if t in previous}
         total_before = sum(before.values())
@@ -135,6 +142,7 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     total = sum(raw.values())
     counted = subsets_scored(len(estimator.tasks), policy)
     counted += bootstraps * subsets_scored(len(estimator.tasks), bootstrap_config(policy))
+    counted += searched
     return Composition(weights={t: w / total for t, w in raw.items()},
                        scores={t: scores.get(t, 0.0) for t in tasks}, states=states,
                        anchor_loss=estimator.anchor_loss(), estimated_loss=estimated,
@@ -144,8 +152,9 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
 
 def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
                     scores: Mapping[str, float], error: float, thin: Collection[str],
-                    active: int) -> dict[str, float]:
-    """The sharpest mixture from `scores` whose estimated gain is near the best.
+                    active: int) -> tuple[dict[str, float], int]:
+    """The sharpest mixture from `scores` whose estimated gain is near the best,
+    and how many subsets were estimated to find it.
 
     Candidates are `scores_to_mixture` at the job's temperature and at
     `SOFTER` times softer steps up to the uniform mixture; each is scored by
@@ -157,6 +166,14 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     complementary tasks keep a blend where the sharpest mixture would go all
     in on the one with the better score (bench/outcome.py's complementary
     suite).
+
+    A policy that `searches_subsets` (``subset_search``) puts one candidate
+    first: the equal mixture of the tasks `backward_elimination` keeps,
+    starting from the `ELIMINATION_TASKS` best-scoring ones. It is taken
+    whenever its L̂ is within `SOFTENING_GAIN` of the best; it reaches
+    mixtures no temperature of the scores can (two tasks that help only
+    together), and it trusts the estimate more: where L̂ is wrong about a
+    task, it follows the error further (the README's Policies section).
     """
     floor = policy.floor_for(len(scores))
 
@@ -166,18 +183,31 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
         return cap_weights(mixture, thin, 1.0 / active)
 
     if len(scores) < 2 or not POLICIES[policy.policy].estimates_subsets:
-        return at(1.0)
+        return at(1.0), 0
     candidates = [at(factor) for factor in SOFTER]
     candidates.append(dict.fromkeys(scores, 1.0 / len(scores)))
     columns = estimator.tasks
     scales = task_scales(estimator)
+    searched = 0
+    if POLICIES[policy.policy].searches_subsets:
+        def count(subsets: int) -> None:
+            nonlocal searched
+            searched += subsets
+
+        start = sorted(scores, key=lambda t: scores[t])[:ELIMINATION_TASKS]
+        kept = set(backward_elimination(
+            estimator, [t for t in scores if t in start], scales=scales,
+            regularization=policy.regularization, tolerance=SOFTENING_GAIN, on_estimate=count))
+        equal = np.array([1.0 if t in kept else 0.0 for t in scores]) / len(kept)
+        candidates.insert(0, cap_weights(
+            dict(zip(scores, apply_floor(equal, floor).tolist(), strict=True)), thin, 1.0 / active))
     alpha = np.array([[mixture.get(t, 0.0) for t in columns] for mixture in candidates])
     alpha *= scales
     subsets = alpha > 0
     losses = estimator.estimate(subsets, alpha, regularization=policy.regularization)
     best = float(losses.min())
     enough = best + SOFTENING_GAIN * max(0.0, estimator.anchor_loss() - best)
-    return candidates[int(np.flatnonzero(losses <= enough)[0])]
+    return candidates[int(np.flatnonzero(losses <= enough)[0])], searched + len(candidates)
 
 
 def kept_composition(previous: Mapping[str, float], new: Composition,

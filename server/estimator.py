@@ -29,11 +29,12 @@ Two modes:
 
 The fast mode itself switches to the linearized solve when its systems would
 cost more than `LINEARIZE_ABOVE_FLOPS` (2·m·n·(packed d²); e.g. 1000 subsets
-of 1000 tasks at d = 512, not the server's default 500 subsets of 100 tasks
-at d = 256), and checks it: `LINEARIZE_CHECK_SUBSETS` of the subsets are
-solved exactly too, and unless the largest difference there is within
-`LINEARIZE_TOLERANCE` of the spread of the losses (what ranking subsets
-needs), every subset is solved exactly after all. Policies that draw
+of 1000 tasks at d = 512, or the server's default 500 subsets of 100 tasks at
+d = 256) and there are at least `LINEARIZE_MIN_SUBSETS` of them, and checks
+it: `LINEARIZE_CHECK_SUBSETS` of the subsets are solved exactly too, and
+unless the largest difference there is within `LINEARIZE_TOLERANCE` of the
+spread of the losses (what ranking subsets needs), every subset is solved
+exactly after all. Policies that draw
 thousands of subsets over thousands of tasks get this path; queries of a few
 subsets never do.
 
@@ -87,11 +88,16 @@ EXACT_MAX_ITERATIONS = 100
 TaskRows = Callable[[str], tuple[np.ndarray, np.ndarray]]
 #: The fast mode solves m subsets' systems exactly (`SYSTEMS`) while that costs at
 #: most this many flops (2·m·n·(packed d²): 1000 subsets of 1000 tasks at d = 512
-#: are 295 GFLOP, ~5 s of CPU on the 2-core machine measured); above it, the
-#: linearized solve, checked on a sample (`SubsetEstimator._linearized_checked`).
-LINEARIZE_ABOVE_FLOPS = 50e9
+#: are 295 GFLOP, ~5 s of CPU on the 2-core machine; 500 subsets of 100 tasks at
+#: d = 256, the server's default policy, 4.1 GFLOP); above it, the linearized
+#: solve, checked on a sample (`SubsetEstimator._linearized_checked`). The
+#: README's Scale section has the times and rank agreements measured.
+LINEARIZE_ABOVE_FLOPS = 2e9
 #: Subsets of a linearized call also solved exactly, to check it.
 LINEARIZE_CHECK_SUBSETS = 32
+#: Calls with fewer subsets solve their systems (the check alone would be a
+#: large share of them): the check is at most 1/8 of the systems' cost.
+LINEARIZE_MIN_SUBSETS = 8 * LINEARIZE_CHECK_SUBSETS
 #: The check's bound: the sample's largest |L̂ error| over the std of the L̂s.
 LINEARIZE_TOLERANCE = 0.05
 #: `SubsetEstimator.last_fast_path` values.
@@ -270,10 +276,11 @@ class SubsetEstimator:
         if active.size == 0:
             return losses
         if mode == "linearized":
-            linear_w = self._fast_solver().solve_linearized(alpha[active], lam)
-            losses[active] = target_losses(target, linear_w)
+            solver = self._fast_solver()
+            linear_w = solver.solve_linearized(alpha[active], lam)
+            losses[active] = target_losses(target, linear_w.astype(solver.dtype_for(lam)))
             return losses
-        if (mode == "fast" and active.size > LINEARIZE_CHECK_SUBSETS
+        if (mode == "fast" and active.size >= LINEARIZE_MIN_SUBSETS
                 and self._systems_flops(active.size) > self.linearize_above_flops):
             losses[active] = self._linearized_checked(alpha[active], lam)
             return losses
@@ -397,7 +404,9 @@ class SubsetEstimator:
         """
         target = self._require_target()
         solver = self._fast_solver()
-        linear = target_losses(target, solver.solve_linearized(alpha, lam))
+        # Losses in the dtype the systems would be solved in, as the fast mode's are.
+        linear = target_losses(target, solver.solve_linearized(alpha, lam)
+                               .astype(solver.dtype_for(lam), copy=False))
         sample = np.unique(np.linspace(0, alpha.shape[0] - 1,
                                        LINEARIZE_CHECK_SUBSETS).astype(int))
         exact = target_losses(target, solver.solve(alpha[sample], lam))

@@ -28,6 +28,13 @@ into a mixture. Policies (DESIGN.md §4):
 * ``uniform`` — all scores 0 (the uniform mixture).
 * ``gradient_similarity`` — LESS-style baseline: score_t = -cos(b_t, b_target)
   with b the mean loss gradient of the task's and the target's rows.
+* ``subset_search`` — ``ensemble``'s scores, and a mixture searched among
+  subsets too: `gradmix.server.compose` adds the equal mixture of the
+  subset that backward elimination on L̂ keeps
+  (`gradmix.server.selection.backward_elimination`) as the first candidate.
+  Per-task scores cannot express tasks that help only together; the search
+  can (bench/outcome.py's complementary suite; the README's Policies
+  section has what it gains and costs there and elsewhere).
 
 Small n: with one task (or a task that the drawn subsets never leave out, or
 never include) ``ensemble`` and ``surrogate`` fall back to the singleton
@@ -67,6 +74,8 @@ class Policy(ABC):
     #: Whether its scores come from subset-loss estimates (the baselines' do not);
     #: such a policy's mixture is chosen by its estimate (`gradmix.server.compose`).
     estimates_subsets: ClassVar[bool] = True
+    #: Whether that choice also considers the subset backward elimination keeps.
+    searches_subsets: ClassVar[bool] = False
 
     @abstractmethod
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
@@ -114,6 +123,11 @@ class EnsemblePolicy(Policy):
         return result
 
 
+class SubsetSearchPolicy(EnsemblePolicy):
+    name = "subset_search"
+    searches_subsets = True
+
+
 class SurrogatePolicy(Policy):
     name = "surrogate"
 
@@ -154,6 +168,7 @@ POLICIES: dict[str, Policy] = {
         SimplexPolicy(),
         UniformPolicy(),
         GradientSimilarityPolicy(),
+        SubsetSearchPolicy(),
     )
 }
 
@@ -225,7 +240,8 @@ def subsets_scored(n: int, config: PolicyConfig) -> int:
     singletons when a task is in all or none of them); ``simplex``: 0 (it
     solves over the simplex, not subsets); the others: 0.
     """
-    if config.policy not in (vocabulary.Policy.ENSEMBLE, vocabulary.Policy.SURROGATE) or n == 0:
+    if config.policy not in (vocabulary.Policy.ENSEMBLE, vocabulary.Policy.SURROGATE,
+                             vocabulary.Policy.SUBSET_SEARCH) or n == 0:
         return 0
     subsets = draw_subsets(n, config)
     counts = subsets.sum(axis=0)
@@ -295,6 +311,7 @@ __all__ = [
     "GradientSimilarityPolicy",
     "Policy",
     "SimplexPolicy",
+    "SubsetSearchPolicy",
     "SurrogatePolicy",
     "UniformPolicy",
     "bootstrap_config",

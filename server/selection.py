@@ -7,11 +7,19 @@
   method's reference code makes one pass in task-index order and keeps a task
   if it helps; the greedy version does not depend on the order and considers
   every task again after each addition (at most n rounds, O(n²) estimates).
+* `backward_elimination` goes the other way, on the tasks' equal mixture:
+  start from every given task and remove, one at a time, the task whose
+  removal leaves the lowest L̂, for as long as that stays within a tolerance
+  of the best L̂ seen. It finds what forward selection cannot: two tasks
+  that each hurt alone and help together (each covers half of the target;
+  alone, a fine-tune on either one overshoots the other half), which no
+  single-task step reaches. The tolerance makes it parsimonious: a task
+  whose presence changes L̂ by noise-sized amounts is removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from gradmix.server.errors import InvalidArgumentError, NonFiniteError
@@ -78,3 +86,55 @@ def forward_selection(
         chosen[candidates[pick]] = True
         order.append(tasks[candidates[pick]])
     return order, best
+
+
+def backward_elimination(
+    estimator: SubsetEstimator,
+    tasks: Sequence[str],
+    *,
+    scales: np.ndarray,
+    regularization: float,
+    tolerance: float,
+    on_estimate: Callable[[int], None] | None = None,
+) -> list[str]:
+    """The subset of `tasks` whose equal mixture L̂ rates best, preferring fewer tasks.
+
+    A subset S is estimated with α_t = scales_t / |S| for t in S (`scales`
+    in `estimator.tasks` order, e.g. `gradmix.server.policies.task_scales`).
+    Each round estimates S minus each of its tasks in one batched call and
+    keeps the lowest, while that L̂ is at most best + tolerance·(L̂(∅) − best),
+    best the lowest L̂ seen so far (`tolerance` ≥ 0; 0: only removals that
+    do not raise L̂ above the best). At most |tasks| − 1 rounds, O(|tasks|²)
+    subsets; `on_estimate` is called with the number of each call's subsets.
+
+    Returns:
+        The tasks kept, in the order given (never empty when `tasks` is not).
+    """
+    if not np.isfinite(tolerance) or tolerance < 0:
+        raise InvalidArgumentError(f"tolerance must be finite and >= 0, got {tolerance}")
+    columns = [estimator.tasks.index(t) for t in tasks]
+    width = len(estimator.tasks)
+
+    def estimated(kept_sets: list[list[int]]) -> np.ndarray:
+        alpha = np.zeros((len(kept_sets), width))
+        for row, kept in enumerate(kept_sets):
+            alpha[row, kept] = 1.0 / len(kept)
+        alpha *= scales
+        if on_estimate is not None:
+            on_estimate(len(kept_sets))
+        return estimator.estimate(alpha > 0, alpha, regularization=regularization)
+
+    kept = list(columns)
+    if not kept:
+        return []
+    best = float(estimated([kept])[0])
+    anchor = estimator.anchor_loss()
+    while len(kept) > 1:
+        trials = [[c for c in kept if c != removed] for removed in kept]
+        losses = estimated(trials)
+        pick = int(np.argmin(losses))
+        best = min(best, float(losses[pick]))
+        if losses[pick] > best + tolerance * max(0.0, anchor - best):
+            break
+        kept = trials[pick]
+    return [estimator.tasks[c] for c in kept]

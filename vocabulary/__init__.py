@@ -37,6 +37,7 @@ class Policy(StrEnum):
     SIMPLEX = "simplex"
     UNIFORM = "uniform"
     GRADIENT_SIMILARITY = "gradient_similarity"
+    SUBSET_SEARCH = "subset_search"
 
 
 class Projector(StrEnum):

@@ -85,6 +85,7 @@ class _PolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Policy.ValueTy
     POLICY_SIMPLEX: _Policy.ValueType  # 3
     POLICY_UNIFORM: _Policy.ValueType  # 4
     POLICY_GRADIENT_SIMILARITY: _Policy.ValueType  # 5
+    POLICY_SUBSET_SEARCH: _Policy.ValueType  # 6
 
 class Policy(_Policy, metaclass=_PolicyEnumTypeWrapper): ...
 
@@ -95,6 +96,7 @@ POLICY_SURROGATE: Policy.ValueType  # 2
 POLICY_SIMPLEX: Policy.ValueType  # 3
 POLICY_UNIFORM: Policy.ValueType  # 4
 POLICY_GRADIENT_SIMILARITY: Policy.ValueType  # 5
+POLICY_SUBSET_SEARCH: Policy.ValueType  # 6
 Global___Policy: _TypeAlias = Policy  # noqa: Y015
 
 class _EstimateMode:

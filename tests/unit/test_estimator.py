@@ -438,8 +438,8 @@ def test_large_fast_calls_linearize_and_keep_the_sample_they_check():
     np.testing.assert_allclose(auto[sample], systems[sample], rtol=1e-6)  # float32 solves
     np.testing.assert_array_equal(auto[rest], linear[rest])
     assert scipy.stats.spearmanr(auto, systems)[0] > 0.99
-    # Few subsets are always solved as systems, whatever the bound.
-    estimator.estimate(subsets[:estimator_module.LINEARIZE_CHECK_SUBSETS])
+    # Fewer than LINEARIZE_MIN_SUBSETS are always solved as systems, whatever the bound.
+    estimator.estimate(subsets[:estimator_module.LINEARIZE_MIN_SUBSETS - 1])
     assert estimator.last_fast_path == "systems"
 
 
@@ -448,7 +448,7 @@ def test_a_linearization_that_fails_its_check_solves_every_system():
     # against λ: first order is far off, so the check must send every row to
     # the systems solve and the results equal the fast mode's.
     estimator, _, _ = build(43, dim=16, n_tasks=8, scale=3.0, reg=0.05)
-    subsets = np.vstack([np.eye(8, dtype=bool)] * 5 + [np.ones((8, 8), dtype=bool)])
+    subsets = np.vstack([np.eye(8, dtype=bool)] * 32 + [np.ones((8, 8), dtype=bool)])
     systems = estimator.estimate(subsets)
     estimator.linearize_above_flops = 0.0
     checked = estimator.estimate(subsets)

@@ -48,7 +48,7 @@ def test_every_informed_policy_ranks_helpful_tasks_above_harmful_ones(policy, se
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("policy", ["ensemble", "surrogate", "simplex"])
+@pytest.mark.parametrize("policy", ["ensemble", "surrogate", "simplex", "subset_search"])
 def test_estimator_policies_put_most_mass_on_helpful_tasks(policy, seed):
     # 20 tasks, so the ensemble draws random subsets (C(20, 10) > 500).
     estimator, labels = planted_estimator(seed, helpful=6, harmful=8, neutral=6)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 from gradmix.demo.planted import planted_tasks
-from gradmix.server.compose import compose_mixture, mixture_changed
+from gradmix.server.compose import SOFTER, compose_mixture, mixture_changed
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.store import MixtureRecord
 from gradmix.vocabulary.policy_settings import PolicyConfig
@@ -74,11 +74,13 @@ def test_a_known_standard_error_skips_the_bootstrap_and_counts_what_was_estimate
     estimator = estimator_with(["a", "b", "c", "d"])
     config = PolicyConfig(subset_count=16, bootstrap=4)
     fresh = compose_mixture(["a", "b", "c", "d"], estimator, config)
-    # C(4, 2) = 6 subsets scored once, then 4 replicates of the same 6, plus L̂ of the mixture.
-    assert fresh.subsets_estimated == 6 + 4 * 6 + 1
+    # C(4, 2) = 6 subsets scored once, then 4 replicates of the same 6, L̂ of the
+    # candidate mixtures (one per SOFTER step and the uniform one), and L̂ of the mixture.
+    candidates = len(SOFTER) + 1
+    assert fresh.subsets_estimated == 6 + 4 * 6 + candidates + 1
     assert fresh.score_error > 0
     reused = compose_mixture(["a", "b", "c", "d"], estimator, config, error=fresh.score_error)
-    assert reused.subsets_estimated == 6 + 1
+    assert reused.subsets_estimated == 6 + candidates + 1
     assert reused.weights == pytest.approx(fresh.weights)
 
 

@@ -1,0 +1,92 @@
+"""``subset_search``: backward elimination on L̂ finds tasks that help only together.
+
+Planted sketches: the target needs two directions (half of its rows along
+u₁, half along u₂). In `helpful_pair`, task `left` moves mostly along u₁ and
+a little against u₂, `right` along u₂ and as much against u₁, so each alone
+overshoots the other half of the target; `copy`, `against` and `noise` are
+distractors. In `pair_only` neither task of the pair helps alone at all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradmix.server.compose import compose_mixture
+from gradmix.server.errors import InvalidArgumentError
+from gradmix.server.estimator import SubsetEstimator
+from gradmix.server.policies import POLICIES, PolicyConfig, task_scales
+from gradmix.server.selection import backward_elimination, forward_selection
+
+DIM = 16
+LAMBDA = 0.1
+U1, U2, U3, U4 = np.eye(DIM)[:4]
+
+
+def planted(tasks: list[tuple[str, np.ndarray]]) -> SubsetEstimator:
+    rng = np.random.default_rng(0)
+
+    def rows(direction: np.ndarray, count: int) -> np.ndarray:
+        return np.stack([direction] * count) + 0.2 * rng.standard_normal((count, DIM))
+
+    estimator = SubsetEstimator(DIM, regularization=LAMBDA)
+    target = np.concatenate([rows(U1, 200), rows(U2, 200)])
+    estimator.add_target_rows(target, np.zeros(len(target)))
+    for name, direction in tasks:
+        estimator.add_task_rows(name, rows(direction, 300), np.zeros(300))
+    return estimator
+
+
+def helpful_pair() -> SubsetEstimator:
+    return planted([("left", U1 - 0.3 * U2), ("right", U2 - U1), ("copy", 0.3 * U2 - U1),
+                    ("against", -U1 - U2), ("noise", U4)])
+
+
+def pair_only() -> SubsetEstimator:
+    return planted([("left", U1 - 0.8 * U2), ("right", 1.3 * (U2 - 0.8 * U1)),
+                    ("against", -U1 - U2), ("aside", U3)])
+
+
+def eliminate(estimator: SubsetEstimator, tolerance: float = 0.05) -> list[str]:
+    return backward_elimination(estimator, estimator.tasks, scales=task_scales(estimator),
+                                regularization=LAMBDA, tolerance=tolerance)
+
+
+def test_backward_elimination_keeps_a_pair_that_forward_selection_cannot_start() -> None:
+    estimator = pair_only()
+    alone = estimator.estimate_named([["left"], ["right"]])
+    together = estimator.estimate_named([["left", "right"]])[0]
+    assert (alone > estimator.anchor_loss()).all()  # each alone hurts the target
+    assert together < estimator.anchor_loss() - 0.1  # together they help
+    assert forward_selection(estimator)[0] == []
+    assert eliminate(estimator) == ["left", "right"]
+
+
+def test_backward_elimination_arguments() -> None:
+    estimator = helpful_pair()
+    assert eliminate(estimator) == ["left", "right"]
+    assert backward_elimination(estimator, [], scales=task_scales(estimator),
+                                regularization=LAMBDA, tolerance=0.05) == []
+    assert backward_elimination(estimator, ["noise"], scales=task_scales(estimator),
+                                regularization=LAMBDA, tolerance=0.05) == ["noise"]
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(InvalidArgumentError):
+            eliminate(estimator, tolerance=bad)
+
+
+def test_subset_search_gives_the_pair_the_blend_scores_alone_would_not() -> None:
+    estimator = helpful_pair()
+    ensemble = compose_mixture(estimator.tasks, estimator,
+                               PolicyConfig(policy="ensemble", regularization=LAMBDA))
+    search = compose_mixture(estimator.tasks, estimator,
+                             PolicyConfig(policy="subset_search", regularization=LAMBDA))
+    # One task at a time, `left` scores far better than `right`: the scores' mixture leans on it.
+    assert ensemble.weights["left"] > 2 * ensemble.weights["right"]
+    assert search.weights["left"] == pytest.approx(search.weights["right"])
+    assert search.weights["left"] + search.weights["right"] > 0.99
+    assert search.estimated_loss < ensemble.estimated_loss - 0.02
+    assert search.scores == ensemble.scores  # the same scores, a different mixture
+    assert search.subsets_estimated > ensemble.subsets_estimated  # the search is counted
+
+
+def test_only_subset_search_searches() -> None:
+    assert [name for name, p in POLICIES.items() if p.searches_subsets] == ["subset_search"]
