@@ -173,7 +173,8 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     whenever its L̂ is within `SOFTENING_GAIN` of the best; it reaches
     mixtures no temperature of the scores can (two tasks that help only
     together), and it trusts the estimate more: where L̂ is wrong about a
-    task, it follows the error further (the README's Policies section).
+    task, it follows the error further (the README's "How good are the
+    estimates?").
     """
     floor = policy.floor_for(len(scores))
 

@@ -33,8 +33,8 @@ into a mixture. Policies (DESIGN.md §4):
   subset that backward elimination on L̂ keeps
   (`gradmix.server.selection.backward_elimination`) as the first candidate.
   Per-task scores cannot express tasks that help only together; the search
-  can (bench/outcome.py's complementary suite; the README's Policies
-  section has what it gains and costs there and elsewhere).
+  can (bench/outcome.py's complementary suite; the README's "How good are
+  the estimates?" has what it gains and costs there and elsewhere).
 
 Small n: with one task (or a task that the drawn subsets never leave out, or
 never include) ``ensemble`` and ``surrogate`` fall back to the singleton
