@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/install_system_deps.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The unit tests only (seconds): for the edit-test loop; `make test` runs everything.
 test-fast: $(STAMP)
