@@ -203,7 +203,7 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
             nonlocal searched
             searched += subsets
 
-        start = sorted(scores, key=lambda t: scores[t])[:ELIMINATION_TASKS]
+        start = set(sorted(scores, key=lambda t: scores[t])[:ELIMINATION_TASKS])
         kept = set(backward_elimination(
             estimator, [t for t in scores if t in start], scales=scales,
             regularization=policy.regularization, tolerance=ELIMINATION_TOLERANCE,

@@ -49,7 +49,6 @@ from dataclasses import replace
 from itertools import combinations
 from typing import ClassVar
 
-import gradmix.vocabulary as vocabulary
 import numpy as np
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.mixture import scores_to_mixture, standard_error
@@ -76,6 +75,8 @@ class Policy(ABC):
     estimates_subsets: ClassVar[bool] = True
     #: Whether that choice also considers the subset backward elimination keeps.
     searches_subsets: ClassVar[bool] = False
+    #: Whether its scores come from the subsets `draw_subsets` gives (`subsets_scored`).
+    draws_subsets: ClassVar[bool] = False
 
     @abstractmethod
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
@@ -107,6 +108,7 @@ class GradientSimilarityPolicy(Policy):
 
 class EnsemblePolicy(Policy):
     name = "ensemble"
+    draws_subsets = True
 
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
         subsets = draw_subsets(len(estimator.tasks), config)
@@ -130,6 +132,7 @@ class SubsetSearchPolicy(EnsemblePolicy):
 
 class SurrogatePolicy(Policy):
     name = "surrogate"
+    draws_subsets = True
 
     def scores(self, estimator: SubsetEstimator, config: PolicyConfig) -> np.ndarray:
         subsets = draw_subsets(len(estimator.tasks), config)
@@ -236,12 +239,12 @@ def bootstrap_config(config: PolicyConfig) -> PolicyConfig:
 def subsets_scored(n: int, config: PolicyConfig) -> int:
     """How many subset losses one scoring of `n` tasks under `config` estimates.
 
-    ``ensemble``/``surrogate``: the subsets `draw_subsets` gives (and n
-    singletons when a task is in all or none of them); ``simplex``: 0 (it
-    solves over the simplex, not subsets); the others: 0.
+    A policy that `draws_subsets` (``ensemble``, ``surrogate``,
+    ``subset_search``): the subsets `draw_subsets` gives (and n singletons
+    when a task is in all or none of them); ``simplex``: 0 (it solves over
+    the simplex, not subsets); the others: 0.
     """
-    if config.policy not in (vocabulary.Policy.ENSEMBLE, vocabulary.Policy.SURROGATE,
-                             vocabulary.Policy.SUBSET_SEARCH) or n == 0:
+    if not POLICIES[config.policy].draws_subsets or n == 0:
         return 0
     subsets = draw_subsets(n, config)
     counts = subsets.sum(axis=0)

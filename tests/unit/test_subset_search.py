@@ -90,3 +90,12 @@ def test_subset_search_gives_the_pair_the_blend_scores_alone_would_not() -> None
 
 def test_only_subset_search_searches() -> None:
     assert [name for name, p in POLICIES.items() if p.searches_subsets] == ["subset_search"]
+
+
+def test_subset_search_scores_count_the_subsets_ensemble_draws() -> None:
+    from gradmix.server.policies import subsets_scored
+
+    for n in (3, 12):
+        assert subsets_scored(n, PolicyConfig(policy="subset_search")) == \
+            subsets_scored(n, PolicyConfig(policy="ensemble")) > 0
+    assert subsets_scored(12, PolicyConfig(policy="gradient_similarity")) == 0
