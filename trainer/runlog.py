@@ -30,6 +30,7 @@ class RunLog:
         self.rank = rank
         self.path = log_path(output_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_tail(self.path)
         self._file = self.path.open("a", encoding="utf-8")
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -60,5 +61,28 @@ class RunLog:
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """All events of one rank's log, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All complete events of one rank's log, in order.
+
+    An event is complete once its newline is written: text after the last newline
+    is an event the rank is writing right now (or one a killed run left torn), so
+    a log can be read while its run goes on."""
+    text = Path(path).read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unfinished last event (a run killed mid-write) off `path`, so that the
+    events appended after it stay one per line."""
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            logger.warning(
+                "%s: dropping %d bytes of an event a previous run left unfinished",
+                path,
+                len(data) - keep,
+            )
+            f.truncate(keep)
