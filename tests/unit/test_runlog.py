@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from gradmix.trainer.runlog import RunLog, log_path, read_log
 
 
