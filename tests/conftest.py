@@ -25,6 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 CI = os.environ.get("GRADMIX_CI", "") not in ("", "0")
 
+# DeepSpeed's CPU accelerator JIT-builds its shared-memory comm op at the first
+# `deepspeed.initialize`; every trainer this suite starts (in process or as a
+# subprocess, which inherits this) shares one build per environment, not the
+# user-wide cache another checkout's build could hold the lock of.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(

@@ -648,11 +648,8 @@ def test_gradmix_train_upload_mode_needs_no_store(tmp_path: Path, certs: Any) ->
                               training="steps = 12", sketching="interval = 5")
         config.write_text(config.read_text().replace(
             "[model]", f'tls = true\nca_cert = "{certs.ca}"\n[model]', 1))
-        # DeepSpeed's CPU extensions build per environment, not in a cache shared
-        # with other checkouts (whose build would hold the lock).
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-               "GRADMIX_TOKEN": "trainer-token",
-               "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
+               "GRADMIX_TOKEN": "trainer-token"}
         train = [sys.executable, "-m", "gradmix.trainer.main", "--config", str(config),
                  "--upload"]
         refused = subprocess.run(train, cwd=data, env=env, capture_output=True, text=True,
