@@ -39,7 +39,12 @@ train_ms_per_example=<...> ratio=<...> ...` (ratio: sketch time per example /
 train time per example). What it leaves out, in both terms: evaluations,
 DeepSpeed's own overhead, the store writes and server calls of a sketch point.
 
-    python bench/sketch.py --demo-run [--threads 1] [--sketch-batch 128]
+    python bench/sketch.py --demo-run [--threads 1] [--sketch-batch 128] [--schedule defaults]
+
+`--schedule defaults` keeps the demo's model, tasks, steps and sketch settings
+but anchors as a job that leaves the re-anchor rule at the trainer's defaults
+does (one anchor at the first sketch point; later sketch points sketch only
+newly registered tasks): the share at the default interval.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import statistics
 import time
 
 import torch
+from gradmix.trainer.config import SketchingConfig
 from gradmix.trainer.data import TokenizedExample, collate
 from gradmix.trainer.projectors import build_projector
 from gradmix.trainer.sketch import sketch_examples
@@ -155,8 +161,10 @@ def demo_schedule(steps: int, first_anchor: int, interval: int, reanchor_every: 
     return anchors, sources
 
 
-def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3) -> None:
-    """Measure the sketching share of a `make demo` run (see the module docstring)."""
+def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3,
+             schedule: str = "demo") -> None:
+    """Measure the sketching share of a `make demo` run (see the module docstring);
+    `schedule` "defaults": the same run at the trainer's default anchor schedule."""
     import tempfile
     from pathlib import Path
 
@@ -183,6 +191,12 @@ def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3) -> None:
         config = write_job(Path(tmp) / "job.toml", job="bench", settings=run, files=files,
                            initial=initial_tasks(), server="127.0.0.1:1", store=tmp, policy={})
     sk = config.sketching
+    if schedule == "defaults":  # the trainer's own re-anchor rule, the rest as the demo's
+        defaults = SketchingConfig()
+        sk = dataclasses.replace(sk, first_anchor=defaults.first_anchor,
+                                 interval=defaults.interval,
+                                 reanchor_every=defaults.reanchor_every,
+                                 drift_bound=defaults.drift_bound)
     if sketch_batch:  # what another [sketching].batch_size would give (same sketches)
         sk = dataclasses.replace(sk, batch_size=sketch_batch)
     torch.manual_seed(config.training.seed)
@@ -198,6 +212,8 @@ def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3) -> None:
     sources.update({name: examples(TASKS[name], sk.examples_per_task) for name in TASKS})
     anchors, sketched = demo_schedule(run.steps, sk.first_anchor, sk.interval, sk.reanchor_every,
                                       len(initial_tasks()), len(late_tasks()), demo.late_at)
+    print(f"schedule: {schedule} (first_anchor={sk.first_anchor}, interval={sk.interval}, "
+          f"reanchor_every={sk.reanchor_every}, drift_bound={sk.drift_bound})")
     print(f"demo run: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{torch.get_num_threads()} threads; {run.steps} steps of {run.batch_size}; "
           f"{anchors} anchors, {sketched} sources x {sk.examples_per_task} examples sketched "
@@ -292,9 +308,13 @@ def main() -> None:
                         help="the sketching share of a `make demo` run instead")
     parser.add_argument("--sketch-batch", type=int, default=0,
                         help="--demo-run: sketch batch size (0: the demo job's)")
+    parser.add_argument("--schedule", choices=("demo", "defaults"), default="demo",
+                        help="--demo-run: the demo job's anchor schedule, or the trainer's "
+                             "default one ([sketching] first_anchor, interval, "
+                             "reanchor_every, drift_bound left unset)")
     args = parser.parse_args()
     if args.demo_run:
-        demo_run(args.threads, args.sketch_batch)
+        demo_run(args.threads, args.sketch_batch, schedule=args.schedule)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
