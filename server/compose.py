@@ -177,12 +177,17 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     A policy that `searches_subsets` (``subset_search``) puts one candidate
     first: the equal mixture of the tasks `backward_elimination` keeps
     (tolerance `ELIMINATION_TOLERANCE`), starting from the
-    `ELIMINATION_TASKS` best-scoring ones. It is taken
-    whenever its L̂ is within `SOFTENING_GAIN` of the best; it reaches
+    `ELIMINATION_TASKS` best-scoring ones, if it keeps at least two. It is
+    taken whenever its L̂ is within `SOFTENING_GAIN` of the best; it reaches
     mixtures no temperature of the scores can (two tasks that help only
     together), and it trusts the estimate more: where L̂ is wrong about a
     task, it follows the error further (the README's "How good are the
-    estimates?").
+    estimates?"). When elimination keeps one task, its one-hot mixture is
+    not a candidate: the sharpest the scores' evidence allows is already
+    one, and early anchors, where the estimate sees only the short-run
+    effect, are where a lone task was most often wrong (bench/outcome.py,
+    6 seeds: near-misses 0.679 with it, 0.602 without; complementary
+    0.892 both ways; sizes-and-noise 1.763 and 1.705).
     """
     floor = policy.floor_for(len(scores))
 
@@ -208,9 +213,11 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
             estimator, [t for t in scores if t in start], scales=scales,
             regularization=policy.regularization, tolerance=ELIMINATION_TOLERANCE,
             on_estimate=count))
-        equal = np.array([1.0 if t in kept else 0.0 for t in scores]) / len(kept)
-        candidates.insert(0, cap_weights(
-            dict(zip(scores, apply_floor(equal, floor).tolist(), strict=True)), thin, 1.0 / active))
+        if len(kept) >= 2:  # one task alone: the scores' own candidates reach it, hedged
+            equal = np.array([1.0 if t in kept else 0.0 for t in scores]) / len(kept)
+            candidates.insert(0, cap_weights(
+                dict(zip(scores, apply_floor(equal, floor).tolist(), strict=True)), thin,
+                1.0 / active))
     alpha = np.array([[mixture.get(t, 0.0) for t in columns] for mixture in candidates])
     alpha *= scales
     subsets = alpha > 0

@@ -99,3 +99,17 @@ def test_subset_search_scores_count_the_subsets_ensemble_draws() -> None:
         assert subsets_scored(n, PolicyConfig(policy="subset_search")) == \
             subsets_scored(n, PolicyConfig(policy="ensemble")) > 0
     assert subsets_scored(12, PolicyConfig(policy="gradient_similarity")) == 0
+
+
+def test_a_lone_task_kept_by_elimination_leaves_the_scores_mixture_as_it_is() -> None:
+    # The scores put `good` first; elimination keeps `fair` alone. Its one-hot mixture
+    # is no candidate: what the policy gives is the scores' own (ensemble's).
+    estimator = planted([("good", U1 + U2), ("fair", U1 + 0.7 * U2), ("against", -U1 - U2)])
+    assert eliminate(estimator, tolerance=0.15) == ["fair"]
+    ensemble = compose_mixture(estimator.tasks, estimator,
+                               PolicyConfig(policy="ensemble", regularization=LAMBDA))
+    search = compose_mixture(estimator.tasks, estimator,
+                             PolicyConfig(policy="subset_search", regularization=LAMBDA))
+    assert ensemble.weights["good"] > 0.9
+    assert search.weights == pytest.approx(ensemble.weights)
+    assert search.subsets_estimated > ensemble.subsets_estimated  # searched all the same
