@@ -53,9 +53,11 @@ from gradmix.demo.planted import planted_tasks
 from gradmix.proto.v1 import selection_pb2 as pb
 from gradmix.proto.v1 import selection_pb2_grpc as pb_grpc
 from gradmix.server.config import ServerConfig
+from gradmix.server.convert import policy_enum
 from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.policies import compute_scores
 from gradmix.store import SketchStore
+from gradmix.vocabulary import Policy
 from gradmix.vocabulary.policy_settings import PolicyConfig
 from grpc import aio
 
@@ -92,7 +94,7 @@ def p(values: list[float], q: float) -> float:
 
 
 def set_up(address: str, store_dir: Path, n_tasks: int, dim: int, rows: int,
-           subset_count: int) -> Setup:
+           subset_count: int, policy: str = "") -> Setup:
     """A job with every task and the target sketched at a complete anchor."""
     n_helpful = n_tasks // 3
     n_harmful = n_tasks // 3
@@ -101,7 +103,9 @@ def set_up(address: str, store_dir: Path, n_tasks: int, dim: int, rows: int,
     stub = pb_grpc.SelectionServiceStub(grpc.insecure_channel(address))
     stub.CreateJob(pb.CreateJobRequest(name=JOB, spec=pb.JobSpec(
         sketch=pb.SketchSpec(dim=dim, seed=1, dtype=pb.SKETCH_DTYPE_FLOAT32),
-        policy=pb.PolicySettings(subset_count=subset_count))))
+        policy=pb.PolicySettings(
+            subset_count=subset_count,
+            policy=policy_enum(policy) if policy else pb.POLICY_UNSPECIFIED))))
     for task in tasks:
         stub.RegisterTask(pb.RegisterTaskRequest(job=JOB, name=task))
     stub.DeclareAnchor(pb.DeclareAnchorRequest(job=JOB, anchor=ANCHOR, step=0))
@@ -386,6 +390,8 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=200)
     parser.add_argument("--watcher-processes", type=int, default=1,
                         help="client processes the watch streams are spread over")
+    parser.add_argument("--policy", choices=[p.value for p in Policy], default="",
+                        help="the job's policy (default: the server's)")
     parser.add_argument("--subset-count", type=int, default=0,
                         help="the job's ensemble subset count (0: the server default)")
     args = parser.parse_args()
@@ -395,7 +401,7 @@ def main() -> None:
         try:
             t0 = time.perf_counter()
             setup = set_up(address, Path(tmp) / "store", args.tasks, args.dim, args.rows,
-                           args.subset_count)
+                           args.subset_count, args.policy)
             print(f"setup: {args.tasks} tasks, d={args.dim}, {args.rows} rows each, "
                   f"first all-active mixture after {time.perf_counter() - t0:.1f} s", flush=True)
 

@@ -62,8 +62,10 @@ SOFTER = tuple(2.0**k for k in range(9))
 #: removes a task while L̂ stays within this share of its best.
 SOFTENING_GAIN = 0.05
 #: Backward elimination (``subset_search``) starts from at most this many
-#: tasks, the best-scoring ones: it estimates O(k²) subsets.
-ELIMINATION_TASKS = 32
+#: tasks, the best-scoring ones: it estimates O(k²) subsets, in k batched
+#: calls. At 100 tasks, d = 256, 64 rows each, a commit's composition took
+#: 0.08 s (median of 8 commits) at 16 against 0.20 s at 32; `ensemble` 0.05 s.
+ELIMINATION_TASKS = 16
 #: It removes a task while L̂ stays within this share of the best estimated
 #: gain. Wider than `SOFTENING_GAIN`: a task the estimate rates as adding a
 #: little to a subset is where it is most often wrong (bench/outcome.py's

@@ -103,8 +103,11 @@ LINEARIZE_TOLERANCE = 0.05
 #: `SubsetEstimator.last_fast_path` values.
 SYSTEMS = "systems"
 #: Fast-mode solves kept for reuse, one per (λ, number of subsets): the
-#: server's policies, its estimated-loss check and queries each have their own.
-SOLVES_KEPT = 4
+#: server's policies, its estimated-loss check, queries and each round of
+#: ``subset_search``'s backward elimination have their own (a commit's
+#: elimination then re-solves only the subsets holding the task that changed:
+#: 0.08 s per commit at 100 tasks, d = 256, against 0.22 s with 4 kept).
+SOLVES_KEPT = 64
 
 
 class SubsetEstimator:

@@ -116,7 +116,7 @@ VOCABULARY: tuple[type[StrEnum], ...] = (
 """Every enumeration of the vocabulary."""
 
 # Defaults are plain strings, so config dataclasses typed `str` take them as is.
-DEFAULT_POLICY: str = Policy.ENSEMBLE.value
+DEFAULT_POLICY: str = Policy.SUBSET_SEARCH.value
 DEFAULT_PROJECTOR: str = Projector.STRUCTURED.value
 DEFAULT_DTYPE: str = SketchDtype.FLOAT16.value
 DEFAULT_VALUE_KIND: str = ValueKind.GEOMETRIC_LOG_ODDS.value
@@ -128,7 +128,7 @@ DEFAULT_METHOD: str = SelectionMethod.THRESHOLD.value
 DEFAULT_EXAMPLES_PER_TASK: int = 256
 
 WIRE_UNSPECIFIED: dict[type[StrEnum], str] = {
-    Policy: Policy.ENSEMBLE.value,
+    Policy: DEFAULT_POLICY,
     Projector: Projector.DENSE.value,
     SketchDtype: SketchDtype.FLOAT16.value,
     ValueKind: ValueKind.LOG_ODDS.value,

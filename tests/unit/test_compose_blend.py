@@ -36,7 +36,9 @@ def planted() -> SubsetEstimator:
 
 def test_complementary_tasks_keep_a_blend_the_sharpest_mixture_would_drop() -> None:
     estimator = planted()
-    config = PolicyConfig(regularization=0.1)  # a horizon long enough to saturate one direction
+    # `ensemble`: its softer candidates (subset_search would give the pair 50/50 first)
+    config = PolicyConfig(policy="ensemble", regularization=0.1)  # a long horizon: one
+    # direction saturates
     tasks = list(estimator.tasks)
     scores = compute_scores(estimator, config)
     sharpest = scores_to_mixture(scores, temperature=config.temperature,

@@ -72,7 +72,8 @@ def test_a_new_version_only_when_weights_states_tasks_or_anchor_change() -> None
 
 def test_a_known_standard_error_skips_the_bootstrap_and_counts_what_was_estimated() -> None:
     estimator = estimator_with(["a", "b", "c", "d"])
-    config = PolicyConfig(subset_count=16, bootstrap=4)
+    # `ensemble`: subset_search adds its elimination's subsets (test_subset_search).
+    config = PolicyConfig(policy="ensemble", subset_count=16, bootstrap=4)
     fresh = compose_mixture(["a", "b", "c", "d"], estimator, config)
     # C(4, 2) = 6 subsets scored once, then 4 replicates of the same 6, L̂ of the
     # candidate mixtures (one per SOFTER step and the uniform one), and L̂ of the mixture.
