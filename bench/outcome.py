@@ -24,6 +24,10 @@ mixture is chosen:
 Scored seeds are 0..`--seeds`-1; the tuning seed is separate. A win or loss
 against a baseline counts only when the mean difference exceeds the seed
 spread (the larger of the two methods' standard deviations over seeds).
+Each suite also prints gradmix's per-seed difference from each baseline
+(mean ± standard deviation: a seed gives every method the same data and
+initial model), and the line before the last counts wins and losses beyond
+that paired spread: ``paired: beats_uniform=<k> ...``.
 
 Last line: ``outcome: suites=<n> beats_uniform=<k> beats_proportional=<k>
 beats_similarity=<k> loses_similarity=<k>`` over the suites run.
@@ -262,6 +266,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def paired_beyond(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean of a[i] − b[i], the standard deviation of those per-seed differences).
+
+    Seed i gives both methods the same data and the same initial model, so the
+    per-seed difference leaves out what the seed moves both by: the noise a
+    comparison of the two has, where `spread_beyond` takes each side's whole
+    spread."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+
+
 def spread_beyond(a: list[float], b: list[float]) -> tuple[float, float]:
     """(mean(a) − mean(b), the seed spread: the larger standard deviation)."""
     sd = max(statistics.stdev(a) if len(a) > 1 else 0.0, statistics.stdev(b) if len(b) > 1 else 0.0)
@@ -288,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.suite or list(SUITES)
     seeds = list(range(args.seeds))
     counts = dict.fromkeys(("uniform", "proportional", "similarity", "loses"), 0)
+    paired = dict(counts)
     started = time.monotonic()
     console.print(f"gradmix policy: {gradmix_policy}")
     console.print(f"sketching: {settings.sketch}")
@@ -336,14 +352,24 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[{suite_name}] stability: redrawing the sketched rows at one anchor "
                       f"moves gradmix's mixture by total variation ≤ {tv:.3f}")
         ours = results["gradmix"]
+        differences = []
         for key, name in (("uniform", "uniform"), ("proportional", "proportional"),
                           ("similarity", "gradient_similarity")):
-            diff, sd = spread_beyond(ours, results[name])
-            if diff < -sd:
-                counts[key] += 1
-            if key == "similarity" and diff > sd:
-                counts["loses"] += 1
+            for tally, beyond in ((counts, spread_beyond), (paired, paired_beyond)):
+                diff, sd = beyond(ours, results[name])
+                if diff < -sd:
+                    tally[key] += 1
+                if key == "similarity" and diff > sd:
+                    tally["loses"] += 1
+            diff, sd = paired_beyond(ours, results[name])
+            differences.append(f"{name} {diff:+.3f} ± {sd:.3f}")
+        console.print(f"[{suite_name}] gradmix − baseline, per seed (mean ± sd): "
+                      + ", ".join(differences))
         console.print(f"elapsed {time.monotonic() - started:.0f}s")
+    print(f"paired: beats_uniform={paired['uniform']} "
+          f"beats_proportional={paired['proportional']} "
+          f"beats_similarity={paired['similarity']} loses_similarity={paired['loses']} "
+          "(beyond the sd of the per-seed differences)")
     print(f"outcome: suites={len(chosen)} beats_uniform={counts['uniform']} "
           f"beats_proportional={counts['proportional']} "
           f"beats_similarity={counts['similarity']} loses_similarity={counts['loses']}")

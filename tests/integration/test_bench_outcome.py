@@ -30,6 +30,9 @@ def test_a_short_outcome_run_prints_its_tables_and_last_line(
     for name in ("gradmix", "gradient_similarity", "uniform", "proportional"):
         assert name in out
     assert "stability: redrawing the sketched rows" in out
+    assert "gradmix − baseline, per seed (mean ± sd): uniform" in out
+    assert re.search(r"^paired: beats_uniform=\d+ beats_proportional=\d+ beats_similarity=\d+ "
+                     r"loses_similarity=\d+", out, re.MULTILINE)
     match = LAST_LINE.search(out.strip().splitlines()[-1])
     assert match is not None
     suites, *counts = map(int, match.groups())
@@ -42,3 +45,14 @@ def test_a_win_counts_only_beyond_the_seed_spread() -> None:
     assert diff == pytest.approx(-1.0) and spread == pytest.approx(0.1414, abs=1e-3)
     diff, spread = bench.spread_beyond([1.0, 2.0], [1.2, 1.3])
     assert abs(diff) < spread  # inside the spread: neither a win nor a loss
+
+
+def test_a_paired_win_counts_beyond_the_spread_of_the_per_seed_differences() -> None:
+    bench = load_bench()
+    # Seeds move both methods together: apart, the spreads overlap; seed by seed, one
+    # method is better by 0.1 ± 0.01 every time.
+    ours, theirs = [1.0, 1.5, 2.0], [1.11, 1.6, 2.09]
+    diff, spread = bench.spread_beyond(ours, theirs)
+    assert abs(diff) < spread
+    diff, spread = bench.paired_beyond(ours, theirs)
+    assert diff == pytest.approx(-0.1) and spread == pytest.approx(0.01)

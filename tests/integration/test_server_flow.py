@@ -98,7 +98,7 @@ def test_tasks_anchors_and_jobs_report_what_was_committed(harness: Harness) -> N
     h = harness
     created = create_job(h.stub, temperature=0.5)
     assert created.spec.policy.temperature == 0.5
-    assert created.spec.policy.policy == pb.POLICY_ENSEMBLE  # server default filled in
+    assert created.spec.policy.policy == pb.POLICY_SUBSET_SEARCH  # server default filled in
     assert create_job(h.stub, temperature=0.5) == created   # idempotent
     register(h)
     sketch_anchor(h)
