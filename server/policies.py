@@ -28,10 +28,11 @@ into a mixture. Policies (DESIGN.md §4):
 * ``uniform`` — all scores 0 (the uniform mixture).
 * ``gradient_similarity`` — LESS-style baseline: score_t = -cos(b_t, b_target)
   with b the mean loss gradient of the task's and the target's rows.
-* ``subset_search`` — ``ensemble``'s scores, and a mixture searched among
-  subsets too: `gradmix.server.compose` adds the equal mixture of the
-  subset that backward elimination on L̂ keeps
-  (`gradmix.server.selection.backward_elimination`) as the first candidate.
+* ``subset_search`` (the default) — ``ensemble``'s scores, and a mixture
+  searched among subsets too: `gradmix.server.compose` adds the equal
+  mixture of the subset that backward elimination on L̂ keeps
+  (`gradmix.server.selection.backward_elimination`) as the first candidate
+  when it keeps two tasks or more.
   Per-task scores cannot express tasks that help only together; the search
   can (bench/outcome.py's complementary suite; the README's "How good are
   the estimates?" has what it gains and costs there and elsewhere).
