@@ -60,7 +60,7 @@ def _time(ts: Timestamp) -> float:
 
 
 def policy_name(value: int) -> str:
-    """Policy enum -> name (unspecified: `DEFAULT_POLICY`, a default-configured server's)."""
+    """Policy enum -> name ("ensemble" for unspecified, the server default)."""
     return _enum_name(pb.Policy, "POLICY_", value, WIRE_UNSPECIFIED[Policy])
 
 

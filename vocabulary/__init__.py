@@ -128,7 +128,7 @@ DEFAULT_METHOD: str = SelectionMethod.THRESHOLD.value
 DEFAULT_EXAMPLES_PER_TASK: int = 256
 
 WIRE_UNSPECIFIED: dict[type[StrEnum], str] = {
-    Policy: DEFAULT_POLICY,
+    Policy: Policy.ENSEMBLE.value,
     Projector: Projector.DENSE.value,
     SketchDtype: SketchDtype.FLOAT16.value,
     ValueKind: ValueKind.LOG_ODDS.value,

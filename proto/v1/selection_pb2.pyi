@@ -79,7 +79,7 @@ class _Policy:
 class _PolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Policy.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     POLICY_UNSPECIFIED: _Policy.ValueType  # 0
-    """the server's default policy (subset_search unless configured)"""
+    """ensemble"""
     POLICY_ENSEMBLE: _Policy.ValueType  # 1
     POLICY_SURROGATE: _Policy.ValueType  # 2
     POLICY_SIMPLEX: _Policy.ValueType  # 3
@@ -90,7 +90,7 @@ class _PolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Policy.ValueTy
 class Policy(_Policy, metaclass=_PolicyEnumTypeWrapper): ...
 
 POLICY_UNSPECIFIED: Policy.ValueType  # 0
-"""the server's default policy (subset_search unless configured)"""
+"""ensemble"""
 POLICY_ENSEMBLE: Policy.ValueType  # 1
 POLICY_SURROGATE: Policy.ValueType  # 2
 POLICY_SIMPLEX: Policy.ValueType  # 3
