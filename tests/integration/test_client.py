@@ -14,6 +14,7 @@ from client_support import (
     Planted,
     Served,
     create_job,
+    mixture_or_none,
     serve,
     sketch_job,
     wait_for,
@@ -32,8 +33,8 @@ def _ranked(client: SelectionClient, job: str = "job") -> Mixture:
     """Wait until the job's mixture has the sketched tasks active."""
 
     def probe() -> Mixture | None:
-        m = client.get_mixture(job)
-        active = m.states.get("help") == m.states.get("harm") == "active"
+        m = mixture_or_none(client, job)
+        active = m is not None and m.states.get("help") == m.states.get("harm") == "active"
         return m if active else None
 
     return wait_for(probe, "a mixture with help and harm active")

@@ -12,7 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from client_support import Served, create_job, serve, sketch_job, start_server, wait_for
+from client_support import (
+    Served,
+    create_job,
+    mixture_or_none,
+    serve,
+    sketch_job,
+    start_server,
+    wait_for,
+)
 from gradmix.client.errors import NotFound
 from gradmix.store.backend import url_identity
 
@@ -28,7 +36,7 @@ def test_a_failed_task_gets_weight_zero_until_cleared(served: Served) -> None:
     sketch_job(client)
     client.register_task("job", "broken", {"uri": "s3://nowhere"})
     pending = wait_for(
-        lambda: m if (m := client.get_mixture("job")).states.get("broken") == "pending" else None,
+        lambda: m if (m := mixture_or_none(client)) and m.states.get("broken") == "pending" else None,
         "the new task pending",
     )
     assert pending.weights["broken"] > 0  # the prior weight: loaders would draw it

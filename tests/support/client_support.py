@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from gradmix.client import SelectionClient, SketchSpec
+from gradmix.client import Mixture, SelectionClient, SketchSpec
+from gradmix.client.errors import NotFound
 from gradmix.client.retry import RetryPolicy
 from gradmix.server.app import RunningServer, build_server
 from gradmix.server.config import ServerConfig
@@ -96,6 +97,15 @@ def sketch_job(client: SelectionClient, job: str = "job", anchor: str = "a0") ->
     client.upload_sketch(job, anchor, "harm", "w0", *planted.rows("harmful"))
     client.complete_anchor(job, anchor)
     return planted
+
+
+def mixture_or_none(client: SelectionClient, job: str = "job") -> Mixture | None:
+    """The job's latest mixture, or None while the server has yet to publish its
+    first (a registration's version is published after the debounce, not at once)."""
+    try:
+        return client.get_mixture(job)
+    except NotFound:
+        return None
 
 
 def wait_for(probe: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
