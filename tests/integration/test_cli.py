@@ -155,7 +155,7 @@ def test_estimate_select_and_anchors(served: Served) -> None:
     sketch_job(served.client)
     def help_active() -> bool | None:
         mixture = mixture_or_none(served.client)
-        return mixture is not None and mixture.states.get("help") == "active" or None
+        return (mixture is not None and mixture.states.get("help") == "active") or None
 
     wait_for(help_active, "help to become active")
     anchors = run_json(served, "anchors", "job")

@@ -21,6 +21,7 @@ from client_support import (
     start_server,
     wait_for,
 )
+from gradmix.client import Mixture
 from gradmix.client.errors import NotFound
 from gradmix.store.backend import url_identity
 
@@ -35,10 +36,11 @@ def test_a_failed_task_gets_weight_zero_until_cleared(served: Served) -> None:
     create_job(client)
     sketch_job(client)
     client.register_task("job", "broken", {"uri": "s3://nowhere"})
-    pending = wait_for(
-        lambda: m if (m := mixture_or_none(client)) and m.states.get("broken") == "pending" else None,
-        "the new task pending",
-    )
+    def broken_pending() -> Mixture | None:
+        m = mixture_or_none(client)
+        return m if m is not None and m.states.get("broken") == "pending" else None
+
+    pending = wait_for(broken_pending, "the new task pending")
     assert pending.weights["broken"] > 0  # the prior weight: loaders would draw it
 
     task = client.report_task_failure("job", "broken", "no data file found")
