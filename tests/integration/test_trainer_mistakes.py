@@ -185,7 +185,10 @@ def test_a_refusal_after_set_up_ends_the_run_unless_told_to_continue(
     """The server comes back on another (empty) store: the job is NOT_FOUND there."""
     first, port = _start(tmp_path / "store")
     data = write_data(tmp_path / "data")
-    steps = 150 if policy == "stop" else 50  # a stopped run ends early; the other trains on
+    # Enough steps that the run outlives the switch of servers by seconds: the
+    # trainer learns of the refusal from its watch, which probes every second
+    # while the server is away (at 40 steps/s, 50 steps once ended first).
+    steps = 300
     config = write_config(
         data, job="gone", port=port, store=tmp_path / "store",
         training=f"steps = {steps}", sketching="interval = 10",
