@@ -113,3 +113,21 @@ def test_a_lone_task_kept_by_elimination_leaves_the_scores_mixture_as_it_is() ->
     assert ensemble.weights["good"] > 0.9
     assert search.weights == pytest.approx(ensemble.weights)
     assert search.subsets_estimated > ensemble.subsets_estimated  # searched all the same
+
+
+def test_a_set_some_task_alone_beats_leaves_the_scores_mixture_as_it_is() -> None:
+    # Elimination drifts: it drops `good` first (within its tolerance) and ends on
+    # {x, y}, whose equal mixture L̂ rates worse than `good` alone. No candidate then.
+    estimator = planted([("good", U1 + U2), ("x", 0.8 * U1 + 0.2 * U2 - 0.8 * U3),
+                         ("y", -0.2 * U1 + 1.1 * U2 + 0.4 * U4)])
+    assert eliminate(estimator, tolerance=0.15) == ["x", "y"]
+    scales = task_scales(estimator)
+    alpha = np.array([[scales[0], 0.0, 0.0], [0.0, scales[1] / 2, scales[2] / 2]])
+    good, pair = estimator.estimate(alpha > 0, alpha, regularization=LAMBDA)
+    assert good < pair
+    ensemble = compose_mixture(estimator.tasks, estimator,
+                               PolicyConfig(policy="ensemble", regularization=LAMBDA))
+    search = compose_mixture(estimator.tasks, estimator,
+                             PolicyConfig(policy="subset_search", regularization=LAMBDA))
+    assert search.weights == pytest.approx(ensemble.weights)
+    assert search.estimated_loss < pair
