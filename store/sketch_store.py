@@ -89,6 +89,9 @@ class SketchStore:
         self._tasks: dict[str, dict[str, TaskInfo]] = {}  # per job, by task name
         self._task_writes = 0  # writes of task documents through this instance
         self._tasks_lock = threading.Lock()  # guards the two above
+        #: Held around each read-modify-write of a task document, so that changes made
+        #: at once through this instance (failure reports, updates) all land.
+        self._task_update_lock = threading.Lock()
         self._docs.ensure("")
         self._docs.ensure(layout.jobs_dir())
 
@@ -186,11 +189,12 @@ class SketchStore:
         """Record why a task's data cannot be loaded ("" clears it); the task must exist."""
         self.get_job(job)
         validate_name(task, "task")
-        attrs = self._docs.read(layout.task_dir(job, task))
-        if attrs is None:
-            raise RecordNotFoundError(f"task {task!r} is not registered with job {job!r}")
-        self._docs.write(layout.task_dir(job, task), {**attrs, "failure": str(reason)})
-        return self._kept_task(job, _task_info(task, {**attrs, "failure": str(reason)}))
+        with self._task_update_lock:
+            attrs = self._docs.read(layout.task_dir(job, task))
+            if attrs is None:
+                raise RecordNotFoundError(f"task {task!r} is not registered with job {job!r}")
+            self._docs.write(layout.task_dir(job, task), {**attrs, "failure": str(reason)})
+            return self._kept_task(job, _task_info(task, {**attrs, "failure": str(reason)}))
 
     def list_tasks(self, job: str) -> list[TaskInfo]:
         """The job's tasks in registration order."""
@@ -456,23 +460,24 @@ class SketchStore:
             InvalidSpecError: metadata that is not strings.
         """
         self.get_job(job)
-        self._require_task(job, task)
         path = layout.task_dir(job, task)
-        info = _task_info(task, self._docs.read(path) or {})
-        meta = {**info.metadata, **dict(metadata or {})}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise InvalidSpecError("task metadata must map strings to strings")
-        for key in remove:
-            meta.pop(key, None)
-        retired_at = info.retired_at if retired is None else (
-            (info.retired_at or time.time()) if retired else 0.0)
-        doc: dict[str, Any] = {"metadata": meta, "registered_at": info.registered_at}
-        if info.failure:
-            doc["failure"] = info.failure
-        if retired_at:
-            doc["retired_at"] = retired_at
-        self._docs.write(path, doc)
-        return self._kept_task(job, _task_info(task, doc))
+        with self._task_update_lock:
+            self._require_task(job, task)
+            info = _task_info(task, self._docs.read(path) or {})
+            meta = {**info.metadata, **dict(metadata or {})}
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+                raise InvalidSpecError("task metadata must map strings to strings")
+            for key in remove:
+                meta.pop(key, None)
+            retired_at = info.retired_at if retired is None else (
+                (info.retired_at or time.time()) if retired else 0.0)
+            doc: dict[str, Any] = {"metadata": meta, "registered_at": info.registered_at}
+            if info.failure:
+                doc["failure"] = info.failure
+            if retired_at:
+                doc["retired_at"] = retired_at
+            self._docs.write(path, doc)
+            return self._kept_task(job, _task_info(task, doc))
 
     def job_control(self, job: str) -> JobControl:
         """The job's operator state (its pin, whether it is archived)."""

@@ -84,3 +84,36 @@ def test_a_write_shows_in_the_next_listing_while_other_threads_list(tmp_path: Pa
         done.set()
         for thread in listers:
             thread.join(timeout=30)
+
+
+def test_concurrent_changes_to_one_task_all_land(tmp_path: Path) -> None:
+    """A trainer's failure reports and an operator's metadata updates at once (the
+    server's RPC threads): each reads the task document and writes it whole, so
+    without one lock around that a change lands and is then written over."""
+    server, _ = _stores(tmp_path)
+    errors: list[BaseException] = []
+
+    def update() -> None:
+        try:
+            for i in range(ROUNDS):
+                server.update_task("job", "alpha", metadata={f"k{i}": str(i)})
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    def fail() -> None:
+        try:
+            for i in range(ROUNDS):
+                server.set_task_failure("job", "alpha", f"reason {i}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=update), threading.Thread(target=fail)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    for store in (server, SketchStore.open(str(tmp_path / "s"))):  # kept, and as written
+        alpha = next(t for t in store.list_tasks("job") if t.name == "alpha")
+        assert alpha.metadata == {"uri": "a", **{f"k{i}": str(i) for i in range(ROUNDS)}}
+        assert alpha.failure == f"reason {ROUNDS - 1}"
