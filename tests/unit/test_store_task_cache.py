@@ -97,14 +97,14 @@ def test_concurrent_changes_to_one_task_all_land(tmp_path: Path) -> None:
         try:
             for i in range(ROUNDS):
                 server.update_task("job", "alpha", metadata={f"k{i}": str(i)})
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
     def fail() -> None:
         try:
             for i in range(ROUNDS):
                 server.set_task_failure("job", "alpha", f"reason {i}")
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=update), threading.Thread(target=fail)]
