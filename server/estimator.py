@@ -14,7 +14,10 @@ S). L̂(∅) = mean softplus(-f_v) is the anchor's own target loss.
 Two modes:
 
 * ``fast``: one Newton step from w = 0, computed from per-task statistics
-  b_t = mean -σ(-f) g and H_t = mean σ(f)σ(-f) g gᵀ only, batched over subsets
+  b_t = mean -σ(-f) g and H_t = mean c g gᵀ only (c = σ(-f)·max(σ(f), σ(-f)):
+  the Hessian's σ(f)σ(-f) on the right side of a row's log-odds, σ(-f)² on the
+  wrong side, which keeps a confidently wrong row's step in its log-odds ≤ 2;
+  `gradmix.server.task_statistics`), batched over subsets
   (see `gradmix.server.batched_solve`). Cost per subset O(|S|·d² + d³),
   independent of the number of rows.
 * ``exact``: damped Newton on the rows of the subset, warm-started from the

@@ -52,7 +52,8 @@ class PolicyConfig:
     Attributes:
         policy: One of `gradmix.vocabulary.Policy`.
         regularization: λ of the estimator's ridge on w. In units of the
-            per-example Hessian σ(f)σ(-f)‖g‖²: λ = 1 keeps ‖w‖ moderate when
+            per-example curvature c‖g‖² (c = σ(-f)·max(σ(f), σ(-f)), the
+            fast mode's; `gradmix.server.task_statistics`): λ = 1 keeps ‖w‖ moderate when
             sketch rows have norm ≈ 1; calibrate against a few fine-tunes.
         temperature: τ of `scores_to_mixture`, in standard errors of the
             scores (their sampling noise, bootstrapped over the sketched
