@@ -38,6 +38,7 @@ from gradmix.server.mixture import (
     scores_to_mixture,
     smooth_mixture,
     standard_error,
+    task_errors,
 )
 from gradmix.server.policies import (
     POLICIES,
@@ -86,6 +87,8 @@ class Composition:
     estimated_loss: float
     subsets_estimated: int
     score_error: float = 0.0
+    #: Each active task's own σ_t (`gradmix.server.mixture.task_errors`).
+    score_errors: dict[str, float] = field(default_factory=dict)
     #: Pending tasks' complete anchors in a row without rows (`gradmix.server.staleness`).
     pending_anchors: dict[str, int] = field(default_factory=dict)
     #: Pending tasks whose weight decays for waiting too long.
@@ -95,7 +98,7 @@ class Composition:
 def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                     policy: PolicyConfig,
                     previous: Mapping[str, float] | None = None,
-                    error: float | None = None,
+                    error: float | Mapping[str, float] | None = None,
                     failed: Collection[str] = ()) -> Composition:
     """Weights over `tasks` (registration order) from what `estimator` holds.
 
@@ -105,7 +108,9 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
         policy: the job's policy settings.
         previous: the weights in force before the current anchor (None: none).
         error: the scores' standard error if already known for these rows
-            (the bootstrap, the costly part, is then skipped); None: bootstrap.
+            (the bootstrap, the costly part, is then skipped): one σ for every
+            task, or each task's own σ_t (a `Composition.score_errors`);
+            None: bootstrap.
         failed: tasks whose data cannot be loaded: weight 0, state failed.
     """
     if failed:
@@ -129,16 +134,21 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     all_scores = compute_scores(estimator, policy)
     scores = {t: float(all_scores[t]) for t in active}
     bootstraps = 0
+    errors: dict[str, float] = {}
     if error is None:
         replicates = bootstrap_scores(estimator, policy)
         columns = [estimator.tasks.index(t) for t in active]
         error = standard_error(replicates[:, columns])
+        errors = dict(zip(active, task_errors(replicates[:, columns]).tolist(), strict=True))
         bootstraps = len(replicates)
+    elif isinstance(error, Mapping):
+        errors = {t: float(error[t]) for t in active if t in error}
+        error = float(np.sqrt(np.mean(np.square(list(errors.values()))))) if errors else 0.0
     full = min(estimator.statistics(None).rows, max(rows[t] for t in active))
     enough_rows = max(THIN_ROWS, full)
     thin = {t for t in active if rows[t] < enough_rows}
     active_weights, searched = _best_estimated(estimator, policy, scores, error, thin,
-                                               len(active))
+                                               len(active), errors)
     if previous:
         before = {t: previous[t] for t in active if t in previous}
         total_before = sum(before.values())
@@ -156,12 +166,12 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
                        scores={t: scores.get(t, 0.0) for t in tasks}, states=states,
                        anchor_loss=estimator.anchor_loss(), estimated_loss=estimated,
                        subsets_estimated=counted + 1,
-                       score_error=error)
+                       score_error=error, score_errors=errors)
 
 
 def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
                     scores: Mapping[str, float], error: float, thin: Collection[str],
-                    active: int) -> tuple[dict[str, float], int]:
+                    active: int, errors: Mapping[str, float]) -> tuple[dict[str, float], int]:
     """The sharpest mixture from `scores` whose estimated gain is near the best,
     and how many subsets were estimated to find it.
 
@@ -201,7 +211,7 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
 
     def at(factor: float) -> dict[str, float]:
         mixture = scores_to_mixture(scores, temperature=policy.temperature * factor,
-                                    floor=floor, error=error)
+                                    floor=floor, error=error, errors=errors)
         return cap_weights(mixture, thin, 1.0 / active)
 
     if len(scores) < 2 or not POLICIES[policy.policy].estimates_subsets:

@@ -47,7 +47,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,13 +150,21 @@ class ScoreError:
     rows: int
     regularization: float
     error: float
+    #: Each task's own σ_t (empty: σ for all).
+    errors: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, anchor: str, estimator: SubsetEstimator, regularization: float,
-           error: float) -> ScoreError:
+           error: float, errors: Mapping[str, float] | None = None) -> ScoreError:
         rows = estimator.statistics(None).rows + sum(estimator.task_rows(t)
                                                     for t in estimator.tasks)
-        return cls(anchor, frozenset(estimator.tasks), rows, regularization, error)
+        return cls(anchor, frozenset(estimator.tasks), rows, regularization, error,
+                   dict(errors or {}))
+
+    @property
+    def known(self) -> float | Mapping[str, float]:
+        """What `compose_mixture` takes as its `error`."""
+        return self.errors or self.error
 
 
 class JobState:
@@ -250,11 +258,11 @@ class JobState:
             known = self._known_error(anchor, estimator, policy.regularization)
             composition = compose_mixture([t for t in tasks if t not in retired], estimator,
                                           policy, previous=previous,
-                                          error=known.error if known else None,
+                                          error=known.known if known else None,
                                           failed={t.name for t in infos if t.failure})
             if known is None and estimator is not None and composition.subsets_estimated:
                 self._error = ScoreError.of(anchor, estimator, policy.regularization,
-                                            composition.score_error)
+                                            composition.score_error, composition.score_errors)
             streaks = self._streaks(infos, anchors, anchor, composition, estimator)
             now = time.time()
             if self.stale is not None:

@@ -24,6 +24,15 @@ earlier version divided the scores by their spread across tasks instead of
 σ; that capped how sharp a mixture could get (the best of six tasks got
 ≈ 30% at τ = 0.5) and let noise between near-tied tasks swing it.
 
+Where each task's own σ_t is known (`task_errors`, from the same
+bootstrap), task t is behind the best task b by (score_t − score_b) /
+√((σ_t² + σ_b²)/2) instead: a task whose rows are noisy has a noisier
+score, and one σ for all, their root mean square, put such a task several
+σ behind the best where it was within the noise of it. bench/outcome.py's
+near-misses suite (with the fast mode's curvature bound,
+`gradmix.server.task_statistics`): stability at one anchor 0.199 with one
+σ, 0 with each task's own.
+
 When σ is 0 (a policy that does not read the sketches, or rows with no
 spread) the spread across tasks stands in for it; when all scores are equal
 (or there is one task) the mixture is uniform.
@@ -54,6 +63,7 @@ def scores_to_mixture(
     floor: float,
     error: float = 0.0,
     margin: float = TIE_MARGIN,
+    errors: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Maps scores to mixture weights that sum to 1 (see the module docstring).
 
@@ -63,6 +73,9 @@ def scores_to_mixture(
         floor: ε ≥ 0, the least weight of any task; ε·n < 1.
         error: σ ≥ 0, the scores' standard error; 0 uses their spread.
         margin: m ≥ 0, in units of σ: tasks this close to the best tie with it.
+        errors: each task's own standard error σ_t (`task_errors`), where known:
+            task t is then behind the best task b by (score_t − score_b) /
+            √((σ_t² + σ_b²)/2), in place of σ (σ where a pair's is 0).
 
     Raises:
         InvalidArgumentError: τ ≤ 0, ε < 0 or ε·n ≥ 1.
@@ -83,12 +96,18 @@ def scores_to_mixture(
         raise InvalidArgumentError(f"error must be finite and >= 0, got {error}")
     if not math.isfinite(margin) or margin < 0:
         raise InvalidArgumentError(f"margin must be finite and >= 0, got {margin}")
+    own = np.array([(errors or {}).get(name, 0.0) for name in names], dtype=np.float64)
+    if not np.isfinite(own).all() or (own < 0).any():
+        raise InvalidArgumentError("errors must be finite and >= 0")
     spread = float(values.std())
-    scale = error if error > 0 else spread
+    scale: float | np.ndarray = error if error > 0 else spread
+    if errors:
+        pair = np.sqrt((own**2 + own[int(values.argmin())] ** 2) / 2)
+        scale = np.where(pair > 0, pair, scale)
     if spread <= _EQUAL_SCORES * max(1.0, float(np.abs(values).max())):
         weights = np.full(n, 1.0 / n)
     else:
-        tied = margin if error > 0 else 0.0
+        tied = margin if error > 0 or (own > 0).any() else 0.0
         behind = np.maximum(0.0, (values - values.min()) / scale - tied)
         logits = -behind / temperature
         weights = np.exp(logits - logits.max())
@@ -111,6 +130,27 @@ def standard_error(replicates: np.ndarray) -> float:
         raise NonFiniteError("score replicates contain NaN or Inf")
     centred = samples - samples.mean(axis=1, keepdims=True)
     return float(np.sqrt(np.mean(centred.var(axis=0, ddof=1))))
+
+
+def task_errors(replicates: np.ndarray) -> np.ndarray:
+    """σ_t of each task's score from bootstrap replicates (B, n): the standard
+    deviation across replicates of its centred score (`standard_error` is their
+    root mean square); zeros with fewer than two replicates.
+
+    A task whose rows are noisy (a noisy label, few distinct examples) has a
+    noisier score than the others: one σ for all of them, the root mean square,
+    understates how far apart such a task and the best can be by chance
+    (bench/outcome.py's sizes-and-noise suite: redraws of the sketched rows
+    swapped the lead between two tasks several σ apart).
+    """
+    samples = np.asarray(replicates, dtype=np.float64)
+    if samples.ndim != 2 or samples.shape[0] < 2:
+        return np.zeros(samples.shape[-1] if samples.ndim == 2 else 0)
+    if not np.isfinite(samples).all():
+        raise NonFiniteError("score replicates contain NaN or Inf")
+    centred = samples - samples.mean(axis=1, keepdims=True)
+    deviations: np.ndarray = centred.std(axis=0, ddof=1)
+    return deviations
 
 
 def apply_floor(weights: np.ndarray, floor: float) -> np.ndarray:

@@ -9,7 +9,13 @@ import pytest
 from gradmix.demo.planted import HARMFUL, HELPFUL, planted_tasks
 from gradmix.server.errors import InvalidArgumentError, NonFiniteError, PreconditionError
 from gradmix.server.estimator import SubsetEstimator
-from gradmix.server.mixture import cap_weights, scores_to_mixture, smooth_mixture
+from gradmix.server.mixture import (
+    cap_weights,
+    scores_to_mixture,
+    smooth_mixture,
+    standard_error,
+    task_errors,
+)
 from gradmix.server.policies import (
     POLICIES,
     compute_mixture,
@@ -170,6 +176,27 @@ def test_temperature_is_in_standard_errors_of_the_scores():
     assert tied["c"] / tied["a"] == pytest.approx(math.exp(-(10 - 2) / 0.5))
     with pytest.raises(InvalidArgumentError, match="error"):
         scores_to_mixture(scores, temperature=1.0, floor=0.0, error=-1.0)
+
+
+def test_a_noisy_task_is_judged_by_its_own_standard_error():
+    scores = {"best": 0.0, "noisy": 0.5, "clean": 0.5}
+    # One σ for all (0.1): both 5σ behind the best, each gets e^(-2(5-2)) of its weight.
+    shared = scores_to_mixture(scores, temperature=0.5, floor=0.0, error=0.1)
+    assert shared["noisy"] == pytest.approx(shared["clean"])
+    assert shared["noisy"] < 0.01
+    # Per task: the noisy one (σ_t 0.4) is within the tie margin of the best.
+    own = scores_to_mixture(scores, temperature=0.5, floor=0.0, error=0.1,
+                            errors={"best": 0.1, "noisy": 0.4, "clean": 0.1})
+    assert own["noisy"] == pytest.approx(own["best"])
+    assert own["clean"] == pytest.approx(shared["clean"] / shared["best"] * own["best"])
+    with pytest.raises(InvalidArgumentError):
+        scores_to_mixture(scores, temperature=0.5, floor=0.0, errors={"noisy": -1.0})
+    # task_errors: each task's spread over replicates, their root mean square σ.
+    replicates = np.random.default_rng(0).normal(size=(200, 10)) * ([0.4] + [0.1] * 9)
+    each = task_errors(replicates)
+    assert each[0] > 2 * each[1:].max()
+    assert standard_error(replicates) == pytest.approx(float(np.sqrt(np.mean(each**2))))
+    assert task_errors(replicates[:1]).tolist() == [0.0] * 10
 
 
 def test_score_error_shrinks_with_more_sketched_rows():

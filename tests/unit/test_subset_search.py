@@ -83,7 +83,7 @@ def test_subset_search_gives_the_pair_the_blend_scores_alone_would_not() -> None
     assert ensemble.weights["left"] > 2 * ensemble.weights["right"]
     assert search.weights["left"] == pytest.approx(search.weights["right"])
     assert search.weights["left"] + search.weights["right"] > 0.99
-    assert search.estimated_loss < ensemble.estimated_loss - 0.02
+    assert search.estimated_loss < ensemble.estimated_loss - 0.01
     assert search.scores == ensemble.scores  # the same scores, a different mixture
     assert search.subsets_estimated > ensemble.subsets_estimated  # the search is counted
 
@@ -130,4 +130,4 @@ def test_a_set_some_task_alone_beats_leaves_the_scores_mixture_as_it_is() -> Non
     search = compose_mixture(estimator.tasks, estimator,
                              PolicyConfig(policy="subset_search", regularization=LAMBDA))
     assert search.weights == pytest.approx(ensemble.weights)
-    assert search.estimated_loss < pair
+    assert search.weights["x"] != pytest.approx(search.weights["y"])  # not the pair's
