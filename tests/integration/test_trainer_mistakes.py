@@ -185,10 +185,12 @@ def test_a_refusal_after_set_up_ends_the_run_unless_told_to_continue(
     """The server comes back on another (empty) store: the job is NOT_FOUND there."""
     first, port = _start(tmp_path / "store")
     data = write_data(tmp_path / "data")
-    # Enough steps that the run outlives the switch of servers by seconds: the
-    # trainer learns of the refusal from its watch, which probes every second
-    # while the server is away (at 40 steps/s, 50 steps once ended first).
-    steps = 300
+    # Enough steps that the run outlives the switch of servers by many seconds
+    # on a fast machine: the trainer learns of the refusal from its watch, which
+    # reconnects for up to 3 s and then probes every second while the server is
+    # away. At 40 steps/s 50 steps once ended first, and at 100 steps/s 300 did;
+    # a stopped run ends at the refusal, the other trains on (~15-40 s).
+    steps = 1500
     config = write_config(
         data, job="gone", port=port, store=tmp_path / "store",
         training=f"steps = {steps}", sketching="interval = 10",
