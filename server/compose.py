@@ -35,9 +35,9 @@ from gradmix.server.estimator import SubsetEstimator
 from gradmix.server.mixture import (
     apply_floor,
     cap_weights,
+    pooled_error,
     scores_to_mixture,
     smooth_mixture,
-    standard_error,
     task_errors,
 )
 from gradmix.server.policies import (
@@ -138,12 +138,12 @@ def compose_mixture(tasks: Sequence[str], estimator: SubsetEstimator | None,
     if error is None:
         replicates = bootstrap_scores(estimator, policy)
         columns = [estimator.tasks.index(t) for t in active]
-        error = standard_error(replicates[:, columns])
         errors = dict(zip(active, task_errors(replicates[:, columns]).tolist(), strict=True))
+        error = pooled_error(errors.values())
         bootstraps = len(replicates)
     elif isinstance(error, Mapping):
         errors = {t: float(error[t]) for t in active if t in error}
-        error = float(np.sqrt(np.mean(np.square(list(errors.values()))))) if errors else 0.0
+        error = pooled_error(errors.values())
     full = min(estimator.statistics(None).rows, max(rows[t] for t in active))
     enough_rows = max(THIN_ROWS, full)
     thin = {t for t in active if rows[t] < enough_rows}

@@ -123,13 +123,12 @@ def standard_error(replicates: np.ndarray) -> float:
     first; σ is the root mean square over tasks of each centred score's
     standard deviation across the replicates.
     """
-    samples = np.asarray(replicates, dtype=np.float64)
-    if samples.ndim != 2 or samples.shape[0] < 2 or samples.shape[1] == 0:
-        return 0.0
-    if not np.isfinite(samples).all():
-        raise NonFiniteError("score replicates contain NaN or Inf")
-    centred = samples - samples.mean(axis=1, keepdims=True)
-    return float(np.sqrt(np.mean(centred.var(axis=0, ddof=1))))
+    return pooled_error(task_errors(replicates).tolist())
+
+
+def pooled_error(errors: Collection[float]) -> float:
+    """σ from tasks' own σ_t: their root mean square (0 for none)."""
+    return float(np.sqrt(np.mean(np.square(list(errors))))) if errors else 0.0
 
 
 def task_errors(replicates: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ anchors. bench/outcome.py, gradmix runs only, seeds 0-5 against the Hessian's
 weight: near-misses 0.519 against 0.602, complementary 0.868 against 0.892,
 sizes-and-noise 1.701 against 1.705; seeds 6-11: 0.614 / 0.818 / 1.753
 against 0.643 / 0.885 / 1.735. In bench/fidelity.py's matched regime (small
-moves, where the two agree) skill 0.876 against 0.877.
+moves, where the two agree) skill 0.876 against 0.878.
 
 so adding rows costs O(rows·d²) and never revisits old rows. The rows
 themselves are needed only by the target loss, the estimator's exact mode and
