@@ -199,7 +199,15 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     one, and early anchors, where the estimate sees only the short-run
     effect, are where a lone task was most often wrong (bench/outcome.py,
     6 seeds: near-misses 0.679 with it, 0.602 without; complementary
-    0.892 both ways; sizes-and-noise 1.763 and 1.705). Nor is the mixture of
+    0.892 both ways; sizes-and-noise 1.763 and 1.705). The same goes for one
+    task kept with thin ones (evidence thin, see the module docstring):
+    capped at 1/n, the thin tasks hand the rest of their share to the one
+    task, and the candidate is that task alone by another name; in
+    bench/outcome.py's sizes-and-noise suite it was {add4-small,
+    add3-noise50} capped to 0.17 / 0.83, taken at one redraw of the rows and
+    not at the next (stability at seed 0's second anchor 0.431 with it,
+    0.084 without; gradmix over seeds 0-5 1.672 and 1.653, the other two
+    suites unchanged). Nor is the mixture of
     a set that some task of the start alone beats on L̂: elimination removes
     a task while L̂ stays within the tolerance of the best it has seen, so it
     can drift to a set worse than the best single task (a `make demo` run's
@@ -231,10 +239,12 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
             estimator, [t for t in scores if t in start], scales=scales,
             regularization=policy.regularization, tolerance=ELIMINATION_TOLERANCE,
             on_estimate=count))
-        # One task alone: the scores' own candidates reach it, hedged. A set that some
-        # task alone beats: elimination drifted (each removal within the tolerance).
-        if len(kept) >= 2 and _beats_every_single(estimator, kept, start, scales,
-                                                  policy.regularization, count):
+        # One task alone (or one and thin ones, which the cap turns into the one task
+        # with the cap's excess): the scores' own candidates reach it, hedged. A set
+        # that some task alone beats: elimination drifted (each removal within the
+        # tolerance).
+        if len(kept - set(thin)) >= 2 and _beats_every_single(
+                estimator, kept, start, scales, policy.regularization, count):
             equal = np.array([1.0 if t in kept else 0.0 for t in scores]) / len(kept)
             candidates.insert(0, cap_weights(
                 dict(zip(scores, apply_floor(equal, floor).tolist(), strict=True)), thin,

@@ -1,16 +1,18 @@
 """Per-task scores (lower = more helpful) turned into a mixture.
 
-Scores are compared in units of their *standard error* σ, their sampling
+Scores are compared in units of their *standard error*, their sampling
 noise (a bootstrap over the sketched rows, `gradmix.server.policies.
-bootstrap_scores`), so the mixture is sharp exactly where the evidence is:
+bootstrap_scores`), so the mixture is sharp exactly where the evidence is.
+With σ the standard error of one score, a task's gap to the best is a
+difference of two scores, whose standard error is √2·σ:
 
-    z_t = (score_t - min score) / σ
+    z_t = (score_t - min score) / (√2·σ)
     p_t ∝ exp(-max(0, z_t - m) / τ)
 
 Tasks within the margin m of the best score cannot be told apart from it
 and share the weight equally; each standard error beyond the margin costs a
 factor e^(1/τ). With the defaults (m = 2, τ = 0.5) a task 4 standard errors
-behind the best gets e⁻⁴ ≈ 2% of its weight, one 6 behind e⁻⁸.
+of the gap behind the best gets e⁻⁴ ≈ 2% of its weight, one 6 behind e⁻⁸.
 
 Why a margin: two equally helpful tasks' scores differ by noise alone, and
 a plain softmax at a temperature sharp enough to drop the harmful tasks
@@ -26,12 +28,24 @@ earlier version divided the scores by their spread across tasks instead of
 
 Where each task's own σ_t is known (`task_errors`, from the same
 bootstrap), task t is behind the best task b by (score_t − score_b) /
-√((σ_t² + σ_b²)/2) instead: a task whose rows are noisy has a noisier
+√(σ_t² + σ_b²) instead: a task whose rows are noisy has a noisier
 score, and one σ for all, their root mean square, put such a task several
 σ behind the best where it was within the noise of it. bench/outcome.py's
 near-misses suite (with the fast mode's curvature bound,
 `gradmix.server.task_statistics`): stability at one anchor 0.199 with one
 σ, 0 with each task's own.
+
+An earlier version divided the gap by √((σ_t² + σ_b²)/2), the noise of one
+score rather than of the gap, so its margin was 1.4 standard errors of the
+gap, not 2. A gap near the margin moves by about one of its standard errors
+between two draws of the rows, and beyond the margin each one costs a
+factor e² of the weight: bench/outcome.py's stability at the second anchor
+of seeds 0-3, near-misses 0 / 0.384 / 0.464 / 0.332 with the narrower
+margin and 0 / 0.068 / 0.266 / 0.006 with this one (sizes-and-noise 0.084 /
+0.226 / 0 / 0.470 and 0.140 / 0.279 / 0 / 0.488); gradmix over seeds 0-5
+near-misses 0.527 and 0.557, complementary 0.867 and 0.861,
+sizes-and-noise 1.653 and 1.672, and over seeds 6-11 0.580 and 0.584,
+0.818 both, 1.713 and 1.720: the same within the seeds' spread.
 
 When σ is 0 (a policy that does not read the sketches, or rows with no
 spread) the spread across tasks stands in for it; when all scores are equal
@@ -69,13 +83,13 @@ def scores_to_mixture(
 
     Args:
         scores: Task → score, lower is more helpful. Empty gives {}.
-        temperature: τ > 0, in units of `error`.
+        temperature: τ > 0, in standard errors of a gap to the best (√2·`error`).
         floor: ε ≥ 0, the least weight of any task; ε·n < 1.
         error: σ ≥ 0, the scores' standard error; 0 uses their spread.
         margin: m ≥ 0, in units of σ: tasks this close to the best tie with it.
         errors: each task's own standard error σ_t (`task_errors`), where known:
             task t is then behind the best task b by (score_t − score_b) /
-            √((σ_t² + σ_b²)/2), in place of σ (σ where a pair's is 0).
+            √(σ_t² + σ_b²), in place of √2·σ (√2·σ where a pair's is 0).
 
     Raises:
         InvalidArgumentError: τ ≤ 0, ε < 0 or ε·n ≥ 1.
@@ -100,9 +114,9 @@ def scores_to_mixture(
     if not np.isfinite(own).all() or (own < 0).any():
         raise InvalidArgumentError("errors must be finite and >= 0")
     spread = float(values.std())
-    scale: float | np.ndarray = error if error > 0 else spread
+    scale: float | np.ndarray = math.sqrt(2.0) * error if error > 0 else spread
     if errors:
-        pair = np.sqrt((own**2 + own[int(values.argmin())] ** 2) / 2)
+        pair = np.sqrt(own**2 + own[int(values.argmin())] ** 2)
         scale = np.where(pair > 0, pair, scale)
     if spread <= _EQUAL_SCORES * max(1.0, float(np.abs(values).max())):
         weights = np.full(n, 1.0 / n)

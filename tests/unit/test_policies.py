@@ -161,30 +161,35 @@ def test_mixture_sums_to_one_respects_the_floor_and_prefers_low_scores():
     assert weights["a"] > weights["b"] > weights["c"] >= weights["d"]
 
 
-def test_temperature_is_in_standard_errors_of_the_scores():
+def test_temperature_is_in_standard_errors_of_the_gap_to_the_best():
     scores = {"a": 0.0, "b": 0.02, "c": 0.10}
+    gap = math.sqrt(2) * 0.01  # the standard error of a difference of two scores of σ 0.01
     weights = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.01, margin=0.0)
-    # b is two standard errors behind a: e^-2 of its weight; c ten: e^-10.
-    assert weights["b"] / weights["a"] == pytest.approx(math.exp(-2))
-    assert weights["c"] / weights["a"] == pytest.approx(math.exp(-10))
+    # b is 0.02 behind a, √2 standard errors of the gap: e^-√2 of its weight.
+    assert weights["b"] / weights["a"] == pytest.approx(math.exp(-0.02 / gap))
+    assert weights["c"] / weights["a"] == pytest.approx(math.exp(-0.10 / gap))
     # The same score gaps with ten times the noise give a much flatter mixture.
     noisy = scores_to_mixture(scores, temperature=1.0, floor=0.0, error=0.1, margin=0.0)
-    assert noisy["b"] / noisy["a"] == pytest.approx(math.exp(-0.2))
-    # Within the margin a task ties with the best; beyond it, each σ costs e^(1/τ).
+    assert noisy["b"] / noisy["a"] == pytest.approx(math.exp(-0.02 / (10 * gap)))
+    # Within the margin a task ties with the best; beyond it, each standard error
+    # of the gap costs e^(1/τ).
     tied = scores_to_mixture(scores, temperature=0.5, floor=0.0, error=0.01, margin=2.0)
     assert tied["b"] == pytest.approx(tied["a"])
-    assert tied["c"] / tied["a"] == pytest.approx(math.exp(-(10 - 2) / 0.5))
+    assert tied["c"] / tied["a"] == pytest.approx(math.exp(-(0.10 / gap - 2) / 0.5))
     with pytest.raises(InvalidArgumentError, match="error"):
         scores_to_mixture(scores, temperature=1.0, floor=0.0, error=-1.0)
 
 
 def test_a_noisy_task_is_judged_by_its_own_standard_error():
     scores = {"best": 0.0, "noisy": 0.5, "clean": 0.5}
-    # One σ for all (0.1): both 5σ behind the best, each gets e^(-2(5-2)) of its weight.
+    # One σ for all (0.1): both 0.5/(√2·0.1) = 3.5 standard errors of the gap behind
+    # the best, each gets e^(-2(3.5-2)) of its weight.
     shared = scores_to_mixture(scores, temperature=0.5, floor=0.0, error=0.1)
     assert shared["noisy"] == pytest.approx(shared["clean"])
-    assert shared["noisy"] < 0.01
-    # Per task: the noisy one (σ_t 0.4) is within the tie margin of the best.
+    assert shared["noisy"] / shared["best"] == pytest.approx(
+        math.exp(-2 * (0.5 / (math.sqrt(2) * 0.1) - 2)))
+    # Per task: the gap's standard error is √(σ_t² + σ_b²); the noisy one (σ_t 0.4)
+    # is within the tie margin of the best, the clean one is where one σ put it.
     own = scores_to_mixture(scores, temperature=0.5, floor=0.0, error=0.1,
                             errors={"best": 0.1, "noisy": 0.4, "clean": 0.1})
     assert own["noisy"] == pytest.approx(own["best"])
