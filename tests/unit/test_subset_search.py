@@ -155,3 +155,29 @@ def test_a_pair_of_one_task_and_a_thin_one_is_no_candidate() -> None:
                                                              regularization=LAMBDA))
     assert search.weights == pytest.approx(ensemble.weights)
     assert search.weights["left"] <= 1 / 4 + 1e-9
+
+
+def test_a_set_without_the_best_scoring_task_leaves_the_scores_mixture_as_it_is() -> None:
+    # The scores put t0 first (t1 close behind); elimination ends on {t1, t3}, whose
+    # equal mixture L̂ rates better than every task alone. The estimates disagree
+    # about t0: no candidate, the mixture is the scores' own.
+    def direction(*c: float) -> np.ndarray:
+        return c[0] * U1 + c[1] * U2 + c[2] * U3 + c[3] * U4
+
+    estimator = planted([("t0", direction(0.9, 0.5, 0.6, 0.6)),
+                         ("t1", direction(1.6, -0.5, 0.1, 0.6)),
+                         ("t2", direction(1.0, -1.9, -0.4, -0.2)),
+                         ("t3", direction(-0.8, 0.7, 0.2, -0.3))])
+    ensemble = compose_mixture(estimator.tasks, estimator,
+                               PolicyConfig(policy="ensemble", regularization=LAMBDA))
+    assert min(ensemble.scores, key=lambda t: ensemble.scores[t]) == "t0"
+    assert sorted(eliminate(estimator, tolerance=0.15)) == ["t1", "t3"]
+    scales = task_scales(estimator)
+    alpha = np.zeros((5, 4))
+    alpha[np.arange(4), np.arange(4)] = scales
+    alpha[4, [1, 3]] = scales[[1, 3]] / 2
+    *alone, pair = estimator.estimate(alpha > 0, alpha, regularization=LAMBDA)
+    assert pair < min(alone)
+    search = compose_mixture(estimator.tasks, estimator,
+                             PolicyConfig(policy="subset_search", regularization=LAMBDA))
+    assert search.weights == pytest.approx(ensemble.weights)
