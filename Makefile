@@ -44,6 +44,7 @@ lint: $(STAMP)
 	mkdir -p $(MYPY_TREE)
 	for p in $(MYPY_PACKAGES); do ln -sfn ../../../$$p $(MYPY_TREE)/$$p; done
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy bench/*.py  # scripts, not a package: checked as files
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -108,11 +108,11 @@ class PreviousFastSolver:
     def __init__(self, estimator: SubsetEstimator) -> None:
         d = estimator.dim
         self.tasks = estimator.tasks
-        self.stack = np.empty((len(self.tasks) + 1, d, d), np.float32)
+        stack = np.empty((len(self.tasks) + 1, d, d), np.float32)
         for t, task in enumerate(self.tasks):
-            self.stack[t] = estimator.statistics(task).hessian()
-        self.stack[-1] = np.eye(d)
-        self.stack = self.stack.reshape(len(self.tasks) + 1, d * d)
+            stack[t] = estimator.statistics(task).hessian()
+        stack[-1] = np.eye(d)
+        self.stack = stack.reshape(len(self.tasks) + 1, d * d)
         self.gradients = np.array([estimator.statistics(t).loss_gradient() for t in self.tasks])
 
     def solve(self, alpha: np.ndarray, regularization: float) -> np.ndarray:
@@ -225,7 +225,9 @@ def main() -> None:
     # ones reuse the dropped estimator's pages, as a server's next anchor does).
     cold_rate = rows / loads["ingest"].wall[0]
     # On a shared machine wall time includes waiting for a core: the CPU rate beside it.
-    cpu_rate = rows / statistics.median(loads["ingest"].cpu)
+    # (A run too short for the process clock to tick counts one tick.)
+    cpu_rate = rows / max(statistics.median(loads["ingest"].cpu),
+                          time.get_clock_info("process_time").resolution)
     gemm_rate = args.tasks * args.rows / loads["gemm"].median
     print(f"ingest of {args.tasks} tasks x {args.rows} rows + {args.rows} target rows, "
           f"d={args.dim} (wall s): {loads['ingest'].describe()}: {ingest_rate:.0f} rows/s")

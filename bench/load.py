@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.clients, args.watchers, args.tasks) < 1 or args.seconds <= 0:
         parser.error("clients, watchers, tasks and seconds must be positive")
     runs = {}
-    for name, (tls, tokens) in MODES.items():
-        result = run(args, tls, tokens)
+    for name, (secure, tokens) in MODES.items():
+        result = run(args, secure, tokens)
         runs[name] = result
         print(f"{name:15s} qps={result.qps:.0f} p99_ms={result.p99_ms:.1f} "
               f"fanout_s={result.fanout_s:.3f} heavy_p99_ms={result.heavy_p99_ms:.0f} "

@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -169,8 +169,21 @@ def anchor_mixture(model: torch.nn.Module, data: SuiteData, policy: PolicyConfig
     return composition.weights
 
 
+Trace = list[tuple[int, dict[str, float], float]]
+
+
+@overload
 def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Settings,
-        trace: list[tuple[int, dict[str, float], float]] | None = None, *, stop: int | None = None
+        trace: Trace | None = None, *, stop: None = None) -> float: ...
+
+
+@overload
+def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Settings,
+        trace: Trace | None = None, *, stop: int) -> torch.nn.Module: ...
+
+
+def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Settings,
+        trace: Trace | None = None, *, stop: int | None = None
         ) -> float | torch.nn.Module:
     """Train one model under `method`'s mixture; the final target cross-entropy.
 
@@ -192,7 +205,7 @@ def run(suite: Suite, data: SuiteData, method: Method, seed: int, settings: Sett
             (step - settings.first_anchor) % settings.anchor_every == 0
         if method.policy is not None and anchor_due:
             weights = anchor_mixture(model, data, method.policy, settings, step, job,
-                                     schedule.get_last_lr()[0])
+                                     float(schedule.get_last_lr()[0]))
             if trace is not None and job.last is not None and job.last.calibration:
                 trace.append((step, weights, job.last.calibration.regularization))
         p = np.array([weights[n] for n in names])
@@ -217,7 +230,6 @@ def stability(suite: Suite, data: SuiteData, policy: PolicyConfig, settings: Set
     step = settings.first_anchor + settings.anchor_every
     uniform = Method("uniform", fixed=dict.fromkeys(suite.names, 1 / len(suite.names)))
     model = run(suite, data, uniform, seed, settings, stop=step)
-    assert isinstance(model, torch.nn.Module)
     mixtures = [anchor_mixture(model, data, policy, settings, 1000 + k, LiveJob(), settings.lr)
                 for k in range(draws)]
     return max(0.5 * sum(abs(a[t] - b[t]) for t in a)

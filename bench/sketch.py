@@ -53,6 +53,7 @@ import argparse
 import dataclasses
 import statistics
 import time
+from typing import Any, cast
 
 import torch
 from gradmix.trainer.config import SketchingConfig
@@ -75,7 +76,9 @@ def make_model(device: str) -> GPT2LMHeadModel:
         bos_token_id=1,
         eos_token_id=1,
     )
-    return GPT2LMHeadModel(cfg).to(device)
+    model = GPT2LMHeadModel(cfg)
+    torch.nn.Module.to(model, torch.device(device))  # transformers types `to` for dtypes only
+    return model
 
 
 def with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
@@ -224,7 +227,8 @@ def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3,
     opt = torch.optim.AdamW(model.parameters(), lr=run.lr)
     proj = build_projector(model, kind=sk.projector, dim=sk.dim, seed=sk.seed,
                            factor_dim=sk.factor_dim or None)
-    kwargs = {"batch_size": sk.batch_size, "pad_id": tokenizer.pad_id, "value_kind": sk.value_kind}
+    kwargs: dict[str, Any] = {"batch_size": sk.batch_size, "pad_id": tokenizer.pad_id,
+                              "value_kind": sk.value_kind}
     drawn = 0
 
     def train_step() -> float:
@@ -249,7 +253,7 @@ def demo_run(threads: int, sketch_batch: int = 0, rounds: int = 3,
     def bare_sources() -> float:
         """A sketch's floor: the forward and the backward to the input embeddings
         alone (no hooks, no projection, no weight gradient)."""
-        embed = model.get_input_embeddings()
+        embed = cast(torch.nn.Module, cast(Any, model).get_input_embeddings())
         start = time.perf_counter()
         model.eval()
         for rows in sources.values():
