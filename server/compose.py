@@ -207,7 +207,15 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     add3-noise50} capped to 0.17 / 0.83, taken at one redraw of the rows and
     not at the next (stability at seed 0's second anchor 0.431 with it,
     0.084 without; gradmix over seeds 0-5 1.672 and 1.653, the other two
-    suites unchanged). Nor is a set that leaves out the task the scores rate
+    suites unchanged). Elimination itself estimates each set's equal mixture
+    as it would be published, thin tasks capped: uncapped, it rated
+    {add4-small, add3-noise50} at 0.5 each, and kept it at three redraws of
+    the rows at seed 3's second anchor and {add2, add3-noise50} at the
+    fourth, whose equal mixture was taken (stability 0.488; capped, 0; seeds
+    0-5 of sizes-and-noise otherwise unchanged; gradmix over seeds 0-5
+    1.672 uncapped and 1.676 capped, over 6-11 1.720 and 1.726, one seed of
+    each set worse by 0.02-0.04 and the rest the same; the other two suites
+    have no thin tasks). Nor is a set that leaves out the task the scores rate
     best: the candidate is there for tasks that help only together, which
     the scores cannot see, and a set without their best task is instead a
     disagreement between the two estimates (the scores' random subsets dose
@@ -247,18 +255,26 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
             searched += subsets
 
         start = set(sorted(scores, key=lambda t: scores[t])[:ELIMINATION_TASKS])
+
+        def capped(kept: list[int]) -> np.ndarray:  # the equal mixture as published
+            names = [columns[c] for c in kept]
+            weights = cap_weights(dict.fromkeys(names, 1.0 / len(names)), thin, 1.0 / active)
+            return np.array([weights[t] for t in names])
+
         kept = set(backward_elimination(
             estimator, [t for t in scores if t in start], scales=scales,
             regularization=policy.regularization, tolerance=ELIMINATION_TOLERANCE,
-            on_estimate=count))
+            on_estimate=count, weigh=capped))
         # One task alone (or one and thin ones, which the cap turns into the one task
         # with the cap's excess): the scores' own candidates reach it, hedged. A set
         # without the task the scores rate best: the two estimates disagree, not a
         # set that helps only together. A set that some task alone beats: elimination
         # drifted (each removal within the tolerance).
         leader = min(scores, key=lambda t: scores[t])
+        mixture = dict(zip(kept, capped([columns.index(t) for t in kept]).tolist(),
+                           strict=True))
         if len(kept - set(thin)) >= 2 and leader in kept and _beats_every_single(
-                estimator, kept, start, scales, policy.regularization, count):
+                estimator, mixture, start, scales, policy.regularization, count):
             equal = np.array([1.0 if t in kept else 0.0 for t in scores]) / len(kept)
             candidates.insert(0, cap_weights(
                 dict(zip(scores, apply_floor(equal, floor).tolist(), strict=True)), thin,
@@ -272,14 +288,14 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
     return candidates[int(np.flatnonzero(losses <= enough)[0])], searched + len(candidates)
 
 
-def _beats_every_single(estimator: SubsetEstimator, kept: Collection[str],
+def _beats_every_single(estimator: SubsetEstimator, mixture: Mapping[str, float],
                         tasks: Collection[str], scales: np.ndarray, regularization: float,
                         count: Callable[[int], None]) -> bool:
-    """Whether L̂ rates the equal mixture of `kept` better than each of `tasks` alone
+    """Whether L̂ rates `mixture` (of the kept tasks) better than each of `tasks` alone
     (scale-normalised as every candidate is; `count` is told the subsets estimated)."""
     columns = estimator.tasks
-    rows = [[t] for t in tasks] + [list(kept)]
-    alpha = np.array([[scales[i] / len(r) if t in r else 0.0 for i, t in enumerate(columns)]
+    rows = [{t: 1.0} for t in tasks] + [mixture]
+    alpha = np.array([[scales[i] * r.get(t, 0.0) for i, t in enumerate(columns)]
                       for r in rows])
     count(len(rows))
     losses = estimator.estimate(alpha > 0, alpha, regularization=regularization)

@@ -96,11 +96,15 @@ def backward_elimination(
     regularization: float,
     tolerance: float,
     on_estimate: Callable[[int], None] | None = None,
+    weigh: Callable[[list[int]], np.ndarray] | None = None,
 ) -> list[str]:
     """The subset of `tasks` whose equal mixture L̂ rates best, preferring fewer tasks.
 
     A subset S is estimated with α_t = scales_t / |S| for t in S (`scales`
-    in `estimator.tasks` order, e.g. `gradmix.server.policies.task_scales`).
+    in `estimator.tasks` order, e.g. `gradmix.server.policies.task_scales`),
+    or α_t = scales_t · weigh(S)_t where the mixture of S is not the equal one
+    (`weigh` maps S's columns in `estimator.tasks` to their weights, summing
+    to 1: the mixture that would be published for S, e.g. with capped tasks).
     Each round estimates S minus each of its tasks in one batched call and
     keeps the lowest, while that L̂ is at most best + tolerance·(L̂(∅) − best),
     best the lowest L̂ seen so far (`tolerance` ≥ 0; 0: only removals that
@@ -118,7 +122,7 @@ def backward_elimination(
     def estimated(kept_sets: list[list[int]]) -> np.ndarray:
         alpha = np.zeros((len(kept_sets), width))
         for row, kept in enumerate(kept_sets):
-            alpha[row, kept] = 1.0 / len(kept)
+            alpha[row, kept] = 1.0 / len(kept) if weigh is None else weigh(kept)
         alpha *= scales
         if on_estimate is not None:
             on_estimate(len(kept_sets))

@@ -181,3 +181,27 @@ def test_a_set_without_the_best_scoring_task_leaves_the_scores_mixture_as_it_is(
     search = compose_mixture(estimator.tasks, estimator,
                              PolicyConfig(policy="subset_search", regularization=LAMBDA))
     assert search.weights == pytest.approx(ensemble.weights)
+
+
+def test_elimination_estimates_the_mixture_a_set_would_be_published_with() -> None:
+    # Equal mixtures: the pair that helps only together is kept. If `right` could get
+    # at most 0.05 of any published mixture (capped, as a thin task is), the pair is
+    # `left` alone by another name, which hurts: elimination does not keep it.
+    estimator = pair_only()
+    assert eliminate(estimator) == ["left", "right"]
+    right = estimator.tasks.index("right")
+
+    def right_capped(kept: list[int]) -> np.ndarray:
+        weights = np.full(len(kept), 1.0 / len(kept))
+        if right in kept and len(kept) > 1:
+            weights[:] = 0.95 / (len(kept) - 1)
+            weights[kept.index(right)] = 0.05
+        return weights
+
+    equal = backward_elimination(estimator, estimator.tasks, scales=task_scales(estimator),
+                                 regularization=LAMBDA, tolerance=0.05,
+                                 weigh=lambda kept: np.full(len(kept), 1.0 / len(kept)))
+    assert equal == ["left", "right"]
+    capped = backward_elimination(estimator, estimator.tasks, scales=task_scales(estimator),
+                                  regularization=LAMBDA, tolerance=0.05, weigh=right_capped)
+    assert capped != ["left", "right"]
