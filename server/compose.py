@@ -264,7 +264,7 @@ def _best_estimated(estimator: SubsetEstimator, policy: PolicyConfig,
         kept = set(backward_elimination(
             estimator, [t for t in scores if t in start], scales=scales,
             regularization=policy.regularization, tolerance=ELIMINATION_TOLERANCE,
-            on_estimate=count, weigh=capped))
+            on_estimate=count, weigh=capped if thin else None))
         # One task alone (or one and thin ones, which the cap turns into the one task
         # with the cap's excess): the scores' own candidates reach it, hedged. A set
         # without the task the scores rate best: the two estimates disagree, not a

@@ -42,7 +42,8 @@ between two draws of the rows, and beyond the margin each one costs a
 factor e² of the weight: bench/outcome.py's stability at the second anchor
 of seeds 0-3, near-misses 0 / 0.384 / 0.464 / 0.332 with the narrower
 margin and 0 / 0.068 / 0.266 / 0.006 with this one (sizes-and-noise 0.084 /
-0.226 / 0 / 0.470 and 0.140 / 0.279 / 0 / 0.488); gradmix over seeds 0-5
+0.226 / 0 / 0.470 and 0.140 / 0.279 / 0 / 0.488, before elimination capped
+thin tasks, `gradmix.server.compose`); gradmix over seeds 0-5
 near-misses 0.527 and 0.557, complementary 0.867 and 0.861,
 sizes-and-noise 1.653 and 1.672, and over seeds 6-11 0.580 and 0.584,
 0.818 both, 1.713 and 1.720: the same within the seeds' spread.
@@ -86,7 +87,8 @@ def scores_to_mixture(
         temperature: τ > 0, in standard errors of a gap to the best (√2·`error`).
         floor: ε ≥ 0, the least weight of any task; ε·n < 1.
         error: σ ≥ 0, the scores' standard error; 0 uses their spread.
-        margin: m ≥ 0, in units of σ: tasks this close to the best tie with it.
+        margin: m ≥ 0, in standard errors of the gap: tasks this close to the best tie
+            with it.
         errors: each task's own standard error σ_t (`task_errors`), where known:
             task t is then behind the best task b by (score_t − score_b) /
             √(σ_t² + σ_b²), in place of √2·σ (√2·σ where a pair's is 0).
